@@ -1,0 +1,234 @@
+"""The boot engine: an ordered list of named steps, each with a timeout and a policy.
+
+Overall state machine (the table is also in README.md and tests/unit/test_boot_engine.py)::
+
+    BOOTING  -> READY | DEGRADED | FAILED
+    READY | DEGRADED | FAILED -> STOPPING
+    BOOTING -> STOPPING            (shutdown requested while booting)
+    STOPPING -> STOPPED
+
+A step's ``run`` coroutine returns a one-line summary or raises :class:`StepError`
+(``reason`` and, where known, ``hint``: what the operator should do). A ``fatal`` step
+that fails makes boot FAILED and skips every later step; a ``degraded`` step that fails
+makes the final state DEGRADED and later steps that ``require`` it are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from codetainer.events import EventBus
+
+if TYPE_CHECKING:
+    from codetainer.settings import Settings
+
+log = structlog.get_logger("codetainer.boot")
+
+
+class BootState(enum.Enum):
+    BOOTING = "BOOTING"
+    READY = "READY"
+    DEGRADED = "DEGRADED"
+    FAILED = "FAILED"
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+
+
+BOOT_TRANSITIONS: dict[BootState, frozenset[BootState]] = {
+    BootState.BOOTING: frozenset(
+        {BootState.READY, BootState.DEGRADED, BootState.FAILED, BootState.STOPPING}
+    ),
+    BootState.READY: frozenset({BootState.STOPPING}),
+    BootState.DEGRADED: frozenset({BootState.STOPPING}),
+    BootState.FAILED: frozenset({BootState.STOPPING}),
+    BootState.STOPPING: frozenset({BootState.STOPPED}),
+    BootState.STOPPED: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):  # noqa: N818
+    pass
+
+
+class Policy(enum.Enum):
+    FATAL = "fatal"
+    DEGRADED = "degraded"
+
+
+class StepState(enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    OK = "OK"
+    FAILED = "FAILED"  # failed; with policy fatal this failed the boot
+    DEGRADED = "DEGRADED"  # failed under policy degraded
+    SKIPPED = "SKIPPED"
+
+
+class StepError(Exception):
+    """A step failed. ``reason`` is one line; ``hint`` says what to do next."""
+
+    def __init__(self, reason: str, hint: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+
+@dataclass
+class BootContext:
+    """What steps share. ``state`` carries objects from one step to later ones."""
+
+    settings: Settings
+    events: EventBus
+    secrets: dict[str, str] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    # Filled by the daemon: services manager, network controller, ... (typed at use).
+    services: Any = None
+    daemon: Any = None
+
+
+StepFn = Callable[[BootContext], Awaitable[str | None]]
+
+
+@dataclass
+class Step:
+    name: str
+    run: StepFn
+    timeout: float
+    policy: Policy = Policy.FATAL
+    requires: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass
+class StepRecord:
+    name: str
+    policy: Policy
+    description: str
+    state: StepState = StepState.PENDING
+    started_at: float | None = None  # wall clock, for display
+    duration_s: float | None = None
+    reason: str = ""
+    hint: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "policy": self.policy.value,
+            "state": self.state.value,
+            "started_at": self.started_at,
+            "duration_s": None if self.duration_s is None else round(self.duration_s, 4),
+            "reason": self.reason,
+            "hint": self.hint,
+            "description": self.description,
+        }
+
+
+class BootEngine:
+    def __init__(self, steps: Sequence[Step], ctx: BootContext) -> None:
+        names = [s.name for s in steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate boot step names in {names}")
+        self.steps = list(steps)
+        self.ctx = ctx
+        self.records = {
+            s.name: StepRecord(s.name, s.policy, s.description or s.name) for s in steps
+        }
+        self.state = BootState.BOOTING
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        self.done = asyncio.Event()
+
+    def change_state(self, new: BootState) -> None:
+        if new not in BOOT_TRANSITIONS[self.state]:
+            raise InvalidTransition(f"boot state {self.state.value} -> {new.value} is not allowed")
+        old, self.state = self.state, new
+        log.info("boot_state", old=old.value, new=new.value)
+        self.ctx.events.publish("boot.state", old=old.value, state=new.value)
+
+    def _emit(self, rec: StepRecord) -> None:
+        self.ctx.events.publish("boot.step", **rec.as_dict())
+
+    async def run(self) -> BootState:
+        failed_fatal = False
+        degraded = False
+        ok: set[str] = set()
+        for step in self.steps:
+            rec = self.records[step.name]
+            if self.state is not BootState.BOOTING:
+                break  # shutdown requested
+            missing = [r for r in step.requires if r not in ok and r in self.records]
+            if failed_fatal or missing:
+                rec.state = StepState.SKIPPED
+                rec.reason = (
+                    "skipped: an earlier fatal step failed"
+                    if failed_fatal
+                    else f"skipped: needs {', '.join(missing)}"
+                )
+                self._emit(rec)
+                continue
+            rec.state = StepState.RUNNING
+            rec.started_at = time.time()
+            t0 = time.monotonic()
+            self._emit(rec)
+            log.info("boot_step_start", step=step.name)
+            try:
+                summary = await asyncio.wait_for(step.run(self.ctx), step.timeout)
+            except StepError as exc:
+                rec.reason, rec.hint = exc.reason, exc.hint
+                rec.state = StepState.FAILED if step.policy is Policy.FATAL else StepState.DEGRADED
+            except TimeoutError:
+                rec.reason = f"timed out after {step.timeout:g}s"
+                rec.state = StepState.FAILED if step.policy is Policy.FATAL else StepState.DEGRADED
+            except asyncio.CancelledError:
+                rec.duration_s = time.monotonic() - t0
+                rec.state = StepState.FAILED
+                rec.reason = "cancelled (shutdown)"
+                self._emit(rec)
+                raise
+            except Exception as exc:  # a bug in a step must not kill the daemon
+                rec.reason = f"internal error: {type(exc).__name__}: {exc}"
+                rec.state = StepState.FAILED if step.policy is Policy.FATAL else StepState.DEGRADED
+                log.exception("boot_step_crash", step=step.name)
+            else:
+                rec.state = StepState.OK
+                rec.reason = summary or ""
+                ok.add(step.name)
+            rec.duration_s = time.monotonic() - t0
+            if rec.state is StepState.FAILED:
+                failed_fatal = True
+                log.error("boot_step_failed", step=step.name, reason=rec.reason, hint=rec.hint)
+            elif rec.state is StepState.DEGRADED:
+                degraded = True
+                log.warning("boot_step_degraded", step=step.name, reason=rec.reason, hint=rec.hint)
+            else:
+                log.info("boot_step_ok", step=step.name, duration_s=round(rec.duration_s, 4),
+                         reason=rec.reason)
+            self._emit(rec)
+        self.finished = time.monotonic()
+        if self.state is BootState.BOOTING:
+            if failed_fatal:
+                self.change_state(BootState.FAILED)
+            elif degraded:
+                self.change_state(BootState.DEGRADED)
+            else:
+                self.change_state(BootState.READY)
+        self.done.set()
+        return self.state
+
+    def reasons(self) -> list[str]:
+        """One line per step that did not succeed, for status and attach."""
+        return [
+            f"{r.name}: {r.reason}" + (f" ({r.hint})" if r.hint else "")
+            for r in self.records.values()
+            if r.state in (StepState.FAILED, StepState.DEGRADED)
+        ]
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in self.records.values()]
