@@ -23,7 +23,7 @@ class ExitCode(enum.IntEnum):
     FORCED = 130
 
 
-class DaemonHalt(BaseException):  # noqa: N818 - named for what it does, like gunicorn's HaltServer
+class DaemonHalt(BaseException):
     """Raised to stop the daemon at once with a reserved exit code; caught only at the top."""
 
     def __init__(self, reason: str, code: ExitCode) -> None:

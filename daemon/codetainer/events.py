@@ -51,7 +51,7 @@ class EventBus:
         self._seq = itertools.count(1)
         self.history: deque[Event] = deque(maxlen=history)
 
-    def publish(self, name: str, **fields: Any) -> Event:
+    def publish(self, name: str, /, **fields: Any) -> Event:
         event: Event = {"event": name, "ts": round(time.time(), 3), "seq": next(self._seq)}
         event.update(fields)
         self.history.append(event)

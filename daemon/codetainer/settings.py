@@ -24,7 +24,7 @@ def _source_root() -> Path:
 
 
 def _opt(doc: str, default: str) -> str:
-    return field(default=default, metadata={"doc": doc})  # type: ignore[no-any-return]
+    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass(frozen=True)

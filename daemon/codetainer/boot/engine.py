@@ -53,7 +53,7 @@ BOOT_TRANSITIONS: dict[BootState, frozenset[BootState]] = {
 }
 
 
-class InvalidTransition(RuntimeError):  # noqa: N818
+class InvalidTransition(RuntimeError):
     pass
 
 

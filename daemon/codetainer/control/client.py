@@ -11,14 +11,14 @@ from typing import Any
 from codetainer.control import protocol
 
 
-class DaemonUnreachable(Exception):  # noqa: N818
+class DaemonUnreachable(Exception):
     def __init__(self, path: str, why: str) -> None:
         super().__init__(f"cannot reach codetainerd at {path}: {why}")
         self.path = path
         self.why = why
 
 
-class RequestFailed(Exception):  # noqa: N818
+class RequestFailed(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -50,7 +50,7 @@ class Client:
             sock.connect(self.path)
         except FileNotFoundError:
             sock.close()
-            raise DaemonUnreachable(self.path, "no socket there (is the daemon running?)") from None
+            raise DaemonUnreachable(self.path, "no socket there") from None
         except ConnectionRefusedError:
             sock.close()
             raise DaemonUnreachable(self.path, "connection refused (daemon not running)") from None

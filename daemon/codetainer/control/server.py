@@ -109,7 +109,7 @@ class ControlServer:
             self._on_client, path=self.path, limit=protocol.MAX_REQUEST_BYTES
         )
         # Anyone local may read; privileged ops are gated per request on SO_PEERCRED.
-        os.chmod(self.path, 0o666)
+        os.chmod(self.path, 0o666)  # noqa: S103
         log.info("control_listening", path=self.path)
 
     async def close(self) -> None:

@@ -1,0 +1,84 @@
+"""Human-readable rendering of ``status`` (coloured on a TTY, plain otherwise)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLORS = {"green": "32", "yellow": "33", "red": "31", "dim": "2", "bold": "1", "cyan": "36"}
+STATE_COLOR = {
+    "READY": "green", "RUNNING": "green", "OK": "green",
+    "DEGRADED": "yellow", "BACKOFF": "yellow", "STARTING": "yellow", "STOPPING": "yellow",
+    "BOOTING": "cyan", "PENDING": "dim", "SKIPPED": "dim", "STOPPED": "dim", "EXITED": "yellow",
+    "FAILED": "red", "FATAL": "red",
+}
+
+
+def paint(text: str, color: str | None, enabled: bool) -> str:
+    if not enabled or not color:
+        return text
+    return f"\x1b[{COLORS[color]}m{text}\x1b[0m"
+
+
+def _state(s: str, color: bool) -> str:
+    return paint(s, STATE_COLOR.get(s), color)
+
+
+def _dur(v: Any) -> str:
+    if v is None:
+        return ""
+    v = float(v)
+    return f"{v * 1000:.0f}ms" if v < 1 else f"{v:.2f}s"
+
+
+def _uptime(v: Any) -> str:
+    if v is None:
+        return "-"
+    s = int(v)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def step_line(step: dict[str, Any], color: bool = False) -> str:
+    state = str(step.get("state", "?"))
+    line = f"  {_state(f'{state:<8}', color)} {step.get('name', '?'):<16} {_dur(step.get('duration_s')):>8}"
+    if step.get("reason"):
+        line += f"  {step['reason']}"
+    if step.get("hint") and state in ("FAILED", "DEGRADED"):
+        line += "\n" + " " * 36 + paint(f"-> {step['hint']}", "bold", color)
+    return line
+
+
+def render_status(st: dict[str, Any], color: bool = False) -> str:
+    out: list[str] = []
+    d = st.get("daemon", {})
+    rss = (d.get("rss_bytes") or 0) + (d.get("init_rss_bytes") or 0)
+    out.append(
+        f"codetainer {st.get('version', '')}: {_state(str(st.get('state')), color)}"
+        f"  (pid {d.get('pid')}, up {_uptime(d.get('uptime_s'))}, rss {rss / 2**20:.0f} MiB"
+        + (f", boot {_dur(d.get('boot_s'))}" if d.get("boot_s") is not None else "") + ")"
+    )
+    out.append(paint("boot", "bold", color))
+    for step in st.get("steps", []):
+        out.append(step_line(step, color))
+    out.append(paint("services", "bold", color))
+    for s in st.get("services", []):
+        sstate = str(s["state"])
+        line = (f"  {_state(f'{sstate:<8}', color)} {s['name']:<16} "
+                f"pid {s.get('pid') or '-':<7} up {_uptime(s.get('uptime_s')):<6} "
+                f"restarts {s.get('restarts', 0)}")
+        if s.get("last_exit"):
+            line += f"  last: {s['last_exit']}"
+        if s.get("spawnerr"):
+            line += f"  ({s['spawnerr']})"
+        out.append(line)
+        for t in s.get("tail") or []:
+            out.append(paint(f"      | {t}", "dim", color))
+    for section in ("network", "session"):
+        text = st.get(section)
+        if isinstance(text, dict) and text.get("text"):
+            out.append(paint(section, "bold", color))
+            out.extend("  " + ln for ln in str(text["text"]).splitlines())
+    return "\n".join(out)

@@ -1,0 +1,361 @@
+"""The asyncio daemon: ``startup -> main_loop -> shutdown``.
+
+Signal handlers only enqueue; the main task acts and logs:
+
+* SIGTERM, SIGINT: orderly shutdown; a second one while stopping: forced (exit 130)
+* SIGQUIT: forced shutdown at once
+* SIGHUP: reload the services file (and the network policy when it is active)
+* SIGUSR1: log a status snapshot
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from codetainer import __version__
+from codetainer.boot import plan
+from codetainer.boot.engine import BootContext, BootEngine, BootState, Step
+from codetainer.control import protocol
+from codetainer.control.server import ControlServer, Request, RequestError, Send
+from codetainer.errors import DaemonHalt, ExitCode
+from codetainer.events import EventBus
+from codetainer.services.config import ServiceConfigError
+from codetainer.services.manager import ServiceManager, UnknownService
+from codetainer.settings import Settings
+
+log = structlog.get_logger("codetainer.daemon")
+
+FINAL = {BootState.READY, BootState.DEGRADED, BootState.FAILED}
+
+
+class Daemon:
+    def __init__(self, settings: Settings, steps: list[Step], phases: set[str]) -> None:
+        self.settings = settings
+        self.events = EventBus()
+        self.services = ServiceManager(settings.services_file, self.events)
+        self.ctx = BootContext(settings=settings, events=self.events, services=None, daemon=self)
+        self.ctx.services = self.services
+        self.engine = BootEngine(steps, self.ctx)
+        self.phases = phases
+        self.control = ControlServer(settings.socket)
+        self.started = time.time()
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.boot_task: asyncio.Task[BootState] | None = None
+        self.stopping = False
+        self.session: Any = None  # SessionManager when the session phase is on
+        self.extra_status: dict[str, Any] = {}  # name -> callable returning a dict
+
+    # -- startup -----------------------------------------------------------------------
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+            loop.add_signal_handler(sig, self.queue.put_nowait, ("signal", sig))
+        try:
+            self.services.load()
+        except ServiceConfigError as exc:
+            raise DaemonHalt(str(exc), ExitCode.CONFIG) from None
+        try:
+            Path(self.settings.run_dir).mkdir(parents=True, exist_ok=True)
+            await self.control.start()
+        except OSError as exc:
+            raise DaemonHalt(f"cannot create control socket {self.settings.socket}: {exc}",
+                             ExitCode.RUNTIME) from None
+        self._register_ops()
+        log.info("daemon_started", version=__version__, pid=os.getpid(), ppid=os.getppid(),
+                 steps=[s.name for s in self.engine.steps], socket=self.settings.socket)
+
+    def _register_ops(self) -> None:
+        c = self.control
+        c.register("status", self.op_status)
+        c.register("ping", self.op_ping)
+        c.register_stream("events", self.op_events)
+        c.register_stream("wait", self.op_wait)
+        c.register("start", self.op_start, privileged=True)
+        c.register("stop", self.op_stop, privileged=True)
+        c.register("restart", self.op_restart, privileged=True)
+        c.register("reload", self.op_reload, privileged=True)
+        c.register("shutdown", self.op_shutdown, privileged=True)
+
+    # -- main loop ---------------------------------------------------------------------
+    async def boot(self) -> BootState:
+        try:
+            state = await self.engine.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug in the engine itself: the daemon stays up and says so.
+            log.exception("boot_crashed")
+            if self.engine.state is BootState.BOOTING:
+                self.engine.change_state(BootState.FAILED)
+            self.engine.done.set()
+            return self.engine.state
+        if state in (BootState.READY, BootState.DEGRADED) and self.session is not None:
+            try:
+                await self.session.start()
+            except Exception as exc:
+                log.exception("session_start_failed")
+                self.events.publish("session.failed", reason=str(exc))
+        return state
+
+    async def main_loop(self) -> int:
+        self.boot_task = asyncio.create_task(self.boot(), name="boot")
+        while True:
+            kind, arg = await self.queue.get()
+            if kind == "signal":
+                if arg in (signal.SIGTERM, signal.SIGINT):
+                    log.info("signal_received", signal=signal.Signals(arg).name)
+                    return ExitCode.OK
+                if arg == signal.SIGQUIT:
+                    return ExitCode.FORCED
+                if arg == signal.SIGHUP:
+                    await self.reload()
+                elif arg == signal.SIGUSR1:
+                    log.info("status_snapshot", **self.status(tail=False))
+            elif kind == "shutdown":
+                return ExitCode.OK
+
+    async def shutdown(self, code: int) -> int:
+        """Agent session, then services in reverse priority; a 2nd signal forces it."""
+        self.stopping = True
+        if self.engine.state is not BootState.STOPPING:
+            self.engine.change_state(BootState.STOPPING)
+        log.info("shutdown_begin", forced=code == ExitCode.FORCED)
+        if self.boot_task is not None and not self.boot_task.done():
+            self.boot_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.boot_task
+        if code == ExitCode.FORCED:
+            await self._force()
+            return code
+        orderly = asyncio.create_task(self._orderly(), name="shutdown")
+        forced = asyncio.create_task(self._second_signal(), name="second-signal")
+        deadline = self.settings.number("shutdown_timeout")
+        done, _ = await asyncio.wait({orderly, forced}, timeout=deadline,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if orderly in done:
+            forced.cancel()
+            orderly.result()
+            self.engine.change_state(BootState.STOPPED)
+            log.info("shutdown_complete")
+            await self.control.close()
+            return code
+        orderly.cancel()
+        forced.cancel()
+        log.warning("shutdown_forced", reason="second signal" if forced in done else "deadline")
+        await self._force()
+        return ExitCode.FORCED
+
+    async def _second_signal(self) -> None:
+        while True:
+            kind, arg = await self.queue.get()
+            if kind == "signal" and arg in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                return
+
+    async def _orderly(self) -> None:
+        errors: list[str] = []
+        if self.session is not None:
+            try:
+                await self.session.stop()
+            except Exception as exc:
+                errors.append(f"session: {exc}")
+        for name, stop in list(self.ctx.state.get("teardown", {}).items())[::-1]:
+            try:
+                await stop()
+            except Exception as exc:
+                errors.append(f"{name}: {exc}")
+        await self.services.stop_all()
+        for err in errors:
+            log.error("shutdown_error", error=err)
+
+    async def _force(self) -> None:
+        await self.services.kill_all()
+        if self.session is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.session.stop(), 2.0)
+        await self.control.close()
+
+    async def reload(self) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = dict(await self.services.reload())
+        except ServiceConfigError as exc:
+            log.error("reload_failed", error=str(exc))
+            raise RequestError(protocol.FAILED, f"reload failed, nothing changed: {exc}") from None
+        reloaders = self.ctx.state.get("reloaders", {})
+        for name, fn in reloaders.items():
+            try:
+                result[name] = await fn()
+            except Exception as exc:
+                log.error("reload_failed", part=name, error=str(exc))
+                result[name] = {"error": str(exc)}
+        return result
+
+    # -- status --------------------------------------------------------------------------
+    def status(self, tail: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "state": self.engine.state.value,
+            "version": __version__,
+            "reasons": self.engine.reasons(),
+            "steps": self.engine.snapshot(),
+            "services": self.services.snapshot(tail=tail),
+            "daemon": self._daemon_info(),
+        }
+        if self.session is not None:
+            out["session"] = self.session.status()
+        for name, fn in self.extra_status.items():
+            try:
+                out[name] = fn()
+            except Exception as exc:
+                out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        return out
+
+    def _daemon_info(self) -> dict[str, Any]:
+        import psutil
+
+        me = psutil.Process()
+        info: dict[str, Any] = {
+            "pid": me.pid,
+            "uptime_s": round(time.time() - self.started, 1),
+            "rss_bytes": me.memory_info().rss,
+            "socket": self.settings.socket,
+            "boot_s": None if self.engine.finished is None
+            else round(self.engine.finished - self.engine.started, 3),
+        }
+        with contextlib.suppress(psutil.Error):
+            parent = me.parent()
+            if parent is not None and parent.name().startswith(("codetainerd", "python")):
+                info["init_pid"] = parent.pid
+                info["init_rss_bytes"] = parent.memory_info().rss
+        return info
+
+    # -- control handlers ----------------------------------------------------------------
+    async def op_ping(self, req: Request) -> dict[str, Any]:
+        return {"pong": True, "state": self.engine.state.value}
+
+    async def op_status(self, req: Request) -> dict[str, Any]:
+        return self.status(tail=bool(req.args.get("tail", True)))
+
+    async def op_events(self, req: Request, send: Send) -> dict[str, Any]:
+        sub = self.events.subscribe(replay=bool(req.args.get("replay", False)))
+        try:
+            async for ev in sub:
+                await send(ev)
+        finally:
+            sub.close()
+        raise RequestError(protocol.BUSY, "event stream closed: you were not reading fast enough"
+                           if sub.overflowed else "event stream closed: daemon stopping")
+
+    async def op_wait(self, req: Request, send: Send) -> dict[str, Any]:
+        """Replay the boot so far, stream until it ends, then give the outcome."""
+        sub = self.events.subscribe()
+        try:
+            for rec in self.engine.snapshot():
+                if rec["state"] != "PENDING":
+                    await send({"event": "boot.step", **rec})
+            while not self.engine.done.is_set():
+                get = asyncio.ensure_future(sub.queue.get())
+                done_wait = asyncio.ensure_future(self.engine.done.wait())
+                await asyncio.wait({get, done_wait}, return_when=asyncio.FIRST_COMPLETED)
+                done_wait.cancel()
+                if get.done():
+                    ev = get.result()
+                    if ev is None:
+                        raise RequestError(protocol.BUSY, "too slow reading the event stream")
+                    await send(ev)
+                else:
+                    get.cancel()
+            while not sub.queue.empty():
+                ev = sub.queue.get_nowait()
+                if ev is not None:
+                    await send(ev)
+        finally:
+            sub.close()
+        return {"state": self.engine.state.value, "reasons": self.engine.reasons()}
+
+    def _service(self, req: Request) -> str:
+        name = req.args.get("name")
+        if not isinstance(name, str) or not name:
+            raise RequestError(protocol.BAD_REQUEST, f"{req.op!r} needs args.name (a service)")
+        try:
+            self.services.get(name)
+        except UnknownService as exc:
+            raise RequestError(protocol.NOT_FOUND, exc.message) from None
+        return name
+
+    async def op_start(self, req: Request) -> dict[str, Any]:
+        name = self._service(req)
+        svc = self.services.start(name)
+        await svc.wait_state({svc.state.RUNNING, svc.state.FATAL, svc.state.BACKOFF},
+                             svc.config.startsecs + 2)
+        return svc.snapshot()
+
+    async def op_stop(self, req: Request) -> dict[str, Any]:
+        name = self._service(req)
+        svc = self.services.get(name)
+        await svc.stop_and_wait()
+        return svc.snapshot()
+
+    async def op_restart(self, req: Request) -> dict[str, Any]:
+        await self.op_stop(req)
+        return await self.op_start(req)
+
+    async def op_reload(self, req: Request) -> dict[str, Any]:
+        return await self.reload()
+
+    async def op_shutdown(self, req: Request) -> dict[str, Any]:
+        self.queue.put_nowait(("shutdown", None))
+        return {"state": "STOPPING"}
+
+    # -- top -----------------------------------------------------------------------------
+    async def run(self) -> int:
+        try:
+            await self.startup()
+        except DaemonHalt as halt:
+            log.error("daemon_halt", reason=halt.reason, exit_code=int(halt.code))
+            await self.control.close()
+            return int(halt.code)
+        code = await self.main_loop()
+        return int(await self.shutdown(code))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="codetainerd",
+        description="codetainer init daemon (container entrypoint). "
+        "Settings are CODETAINER_* environment variables; see README.md.",
+    )
+    p.add_argument("--services", help="supervisord-format services file")
+    p.add_argument("--socket", help="control socket path (also CODETAINER_SOCKET)")
+    p.add_argument("--steps", help="comma-separated boot steps to run (default: all)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = Settings.from_env(socket=args.socket or "", services=args.services or "")
+        settings.number("shutdown_timeout")
+    except (ValueError, TypeError) as exc:
+        print(f"codetainerd: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    from codetainer import log as logsetup
+
+    logsetup.configure(settings.log_level, settings.log_format)
+    names = [n.strip() for n in args.steps.split(",") if n.strip()] if args.steps else None
+    try:
+        steps = plan.select(plan.all_steps(), names)
+    except ValueError as exc:
+        print(f"codetainerd: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    phases = set(plan.PHASES) if names is None else {n for n in names if n in plan.PHASES}
+    daemon = Daemon(settings, steps, phases)
+    return asyncio.run(daemon.run())

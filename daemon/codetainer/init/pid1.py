@@ -1,0 +1,161 @@
+"""``codetainerd``: the entrypoint. A tiny synchronous init around the asyncio daemon.
+
+The shape tini and dumb-init take. The process that starts (PID 1 under Docker, or a
+child of Fly's init, where it makes itself a child subreaper) forks *before importing
+anything heavy*. The parent stays a small synchronous loop: it blocks the signals it
+cares about and takes them one at a time with ``sigwaitinfo``; SIGCHLD means "reap
+everything" (``waitpid(-1)`` is safe here, because this process runs nothing else);
+every other signal is forwarded to the daemon child. When the daemon exits, the init
+kills what is left of the tree, reaps it, and exits with the daemon's status.
+
+The child runs the asyncio daemon, which waits only for its own children, by pid, so
+no exit status is ever stolen (the pitfall described in DESIGN.md).
+
+Only the standard library's ``os``, ``signal`` and ``sys`` are imported at module level.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import NoReturn
+
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+             signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
+WAITED = (*FORWARDED, signal.SIGCHLD)
+
+
+def _prctl(option: int, arg: int) -> bool:
+    import ctypes  # only when needed: keeps the PID-1 init small
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(option, arg, 0, 0, 0)) == 0
+
+
+def _noop(signum: int, frame: object) -> None:
+    """Explicit handler: as PID 1 the kernel drops signals whose disposition is SIG_DFL."""
+
+
+def _exit_code(status: int) -> int:
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return 1
+
+
+def _reap() -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return out
+        if pid == 0:
+            return out
+        out.append((pid, status))
+
+
+def _orphans(me: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ... ; comm may contain spaces and parens
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == me:
+            pids.append(int(entry))
+    return pids
+
+
+def _sweep(is_pid1: bool) -> None:
+    """Kill and reap whatever outlived the daemon (orphans re-parented to us)."""
+    me = os.getpid()
+    for _ in range(100):  # bounded: at most ~5 s
+        if is_pid1:
+            # In our own PID namespace, -1 means "every process but us".
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            for pid in _orphans(me):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        _reap()
+        try:
+            if os.waitpid(-1, os.WNOHANG) != (0, 0):
+                continue
+        except ChildProcessError:
+            return  # no children left
+        signal.sigtimedwait([signal.SIGCHLD], 0.05)
+
+
+def _run_daemon(argv: list[str]) -> NoReturn:
+    code = 1
+    try:
+        from codetainer.daemon import main as daemon_main
+
+        code = daemon_main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("CODETAINER_INIT", "1") == "0" or "-h" in argv or "--help" in argv:
+        # No init wanted (or just --help): run the daemon in this process.
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        _run_daemon(argv)
+    is_pid1 = os.getpid() == 1
+    if not is_pid1 and not _prctl(PR_SET_CHILD_SUBREAPER, 1):
+        sys.stderr.write("codetainerd: cannot become a child subreaper; orphans will not be "
+                         "reaped by us\n")
+    for sig in WAITED:
+        signal.signal(sig, _noop)
+    signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
+    child = os.fork()
+    if child == 0:
+        # The daemon: own process group (a terminal's ^C reaches it only through us),
+        # clean signal state, and it dies if the init is ever gone.
+        os.setpgid(0, 0)
+        for sig in WAITED:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if not is_pid1:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _run_daemon(argv)
+
+    status: int | None = None
+    while status is None:
+        info = signal.sigwaitinfo(WAITED)
+        if info.si_signo == signal.SIGCHLD:
+            for pid, st in _reap():
+                if pid == child:
+                    status = st
+        else:
+            try:
+                os.kill(child, info.si_signo)
+            except ProcessLookupError:
+                pass
+    _sweep(is_pid1)
+    os._exit(_exit_code(status))
+
+
+if __name__ == "__main__":
+    main()
