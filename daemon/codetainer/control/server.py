@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,10 @@ class ControlServer:
         self.routes: dict[str, Route] = {}
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        # Clients that connected but have not sent a request yet, oldest first.
+        self._idle: dict[asyncio.Task[None], float] = {}
         self.rejected_busy = 0
+        self.evicted_idle = 0
 
     def register(self, op: str, handler: Handler, *, privileged: bool = False) -> None:
         self.routes[op] = Route(handler, None, privileged)
@@ -128,7 +132,14 @@ class ControlServer:
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._clients) >= self.max_clients:
+        if len(self._clients) >= self.max_clients and self._idle:
+            # Full: make room by dropping the oldest client that has said nothing, so a
+            # crowd of silent connections can never lock out `status`.
+            oldest = min(self._idle, key=self._idle.__getitem__)
+            del self._idle[oldest]
+            oldest.cancel()
+            self.evicted_idle += 1
+        elif len(self._clients) >= self.max_clients:
             self.rejected_busy += 1
             with contextlib.suppress(Exception):
                 writer.write(protocol.encode(protocol.error(
@@ -137,14 +148,24 @@ class ControlServer:
             writer.close()
             return
         self._clients.add(task)
+        self._idle[task] = time.monotonic()
         try:
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, BrokenPipeError):
             pass
         except Exception:
             log.exception("control_client_crash")
+        except asyncio.CancelledError:
+            if self._server is None or not self._server.is_serving():
+                raise
+            # evicted to make room: tell the client why, then let the task end
+            with contextlib.suppress(Exception):
+                writer.write(protocol.encode(protocol.error(
+                    protocol.BUSY, "closed to make room for other control clients: send "
+                    "your request right after connecting")))
         finally:
             self._clients.discard(task)
+            self._idle.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
@@ -173,6 +194,7 @@ class ControlServer:
                 return
             if not line.strip():
                 continue
+            self._idle.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             keep_open = await self._dispatch(line, peer, writer)
             if not keep_open:
                 return

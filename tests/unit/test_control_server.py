@@ -1,0 +1,203 @@
+"""The control socket against hostile and broken clients (real Unix sockets, in-process daemon)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from codetainer.boot.engine import Step
+from codetainer.control import protocol
+from codetainer.daemon import Daemon
+from codetainer.settings import Settings
+
+CONF = """[supervisord]
+[program:idle]
+command=/bin/sleep 1000
+startsecs=0
+"""
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    conf = tmp_path / "s.conf"
+    conf.write_text(CONF)
+    settings = Settings(socket=str(tmp_path / "c.sock"), services=str(conf),
+                        run_dir=str(tmp_path / "run"))
+    d = Daemon(settings, [], set())
+    d.control.idle_timeout = 0.5
+    await d.startup()
+    yield d
+    await d._orderly()
+    await d.control.close()
+
+
+async def roundtrip(path: str, payload: bytes, timeout: float = 5.0) -> list[dict[str, object]]:
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(payload)
+    await writer.drain()
+    out = []
+    line = await asyncio.wait_for(reader.readline(), timeout)
+    if line:
+        out.append(json.loads(line))
+    writer.close()
+    return out
+
+
+async def status_latency(path: str) -> float:
+    t0 = time.perf_counter()
+    reply = await roundtrip(path, protocol.request("status"))
+    assert reply[0]["ok"] is True
+    return time.perf_counter() - t0
+
+
+async def test_status_reply_shape(daemon: Daemon) -> None:
+    [reply] = await roundtrip(daemon.settings.socket, protocol.request("status"))
+    assert reply["v"] == 1 and reply["ok"] is True
+    result = reply["result"]
+    assert isinstance(result, dict)
+    assert set(result) >= {"state", "steps", "services", "daemon"}
+    assert [s["name"] for s in result["services"]] == ["idle"]
+    assert set(result["services"][0]) >= {"name", "state", "pid", "restarts", "last_exit"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"{not json\n", "bad_request"),
+        (b"[1,2,3]\n", "bad_request"),
+        (b'{"args": {}}\n', "bad_request"),
+        (b'{"op": "frobnicate"}\n', "unknown_op"),
+        (b'{"op": "status", "v": 99}\n', "bad_request"),
+        (b'{"op": "status", "args": []}\n', "bad_request"),
+        (b"\xff\xfe\n", "bad_request"),
+        (b'{"op": "restart", "args": {}}\n', "bad_request"),
+        (b'{"op": "restart", "args": {"name": "nope"}}\n', "not_found"),
+    ],
+)
+async def test_bad_requests_get_clear_errors(daemon: Daemon, payload: bytes, code: str) -> None:
+    [reply] = await roundtrip(daemon.settings.socket, payload)
+    assert reply["ok"] is False
+    err = reply["error"]
+    assert isinstance(err, dict)
+    assert err["code"] == code
+    assert err["message"]
+    assert await status_latency(daemon.settings.socket) < 0.5
+
+
+async def test_ten_megabyte_line_is_refused(daemon: Daemon) -> None:
+    reader, writer = await asyncio.open_unix_connection(daemon.settings.socket)
+    writer.write(b"x" * (10 * 1024 * 1024) + b"\n")
+    with pytest.raises((ConnectionError, BrokenPipeError)):
+        # The daemon answers too_large and closes; our write may hit the closed socket.
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5)
+        assert json.loads(line)["error"]["code"] == "too_large"
+        raise ConnectionError("closed as expected")
+    writer.close()
+    assert await status_latency(daemon.settings.socket) < 0.5
+
+
+async def test_silent_client_is_disconnected(daemon: Daemon) -> None:
+    reader, writer = await asyncio.open_unix_connection(daemon.settings.socket)
+    t0 = time.monotonic()
+    line = await asyncio.wait_for(reader.readline(), 5)
+    assert json.loads(line)["error"]["code"] == "timeout"
+    assert await reader.read() == b""  # closed
+    assert time.monotonic() - t0 < 2
+    writer.close()
+
+
+async def test_five_hundred_clients_at_once(daemon: Daemon) -> None:
+    conns = [await asyncio.open_unix_connection(daemon.settings.socket) for _ in range(500)]
+    # With 500 idle connections open, status still answers quickly (busy or served).
+    latencies = [await status_latency(daemon.settings.socket) for _ in range(5)]
+    assert max(latencies) < 0.5
+    served = closed = 0
+    for _reader, writer in conns:
+        writer.write(protocol.request("ping"))
+    for reader, _writer in conns:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+        except ConnectionError:
+            line = b""
+        if not line:
+            closed += 1  # evicted while silent, to make room
+            continue
+        msg = json.loads(line)
+        if msg["ok"] is True:
+            served += 1
+        else:
+            assert msg["error"]["code"] in ("busy", "timeout")
+            closed += 1
+    assert served + closed == 500
+    assert served >= 200  # the ones still connected were all answered
+    for _reader, writer in conns:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert daemon.control.evicted_idle > 0  # the cap really applied
+
+
+async def test_stalled_event_reader_is_cut_off(daemon: Daemon) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(daemon.settings.socket)
+    sock.sendall(protocol.request("events"))
+    await asyncio.sleep(0.05)
+    assert daemon.events.subscribers == 1
+    big = "x" * 2000
+    for i in range(5000):  # far more than the subscriber queue holds
+        daemon.events.publish("test.flood", i=i, pad=big)
+        if i % 100 == 0:
+            await asyncio.sleep(0)
+            assert await status_latency(daemon.settings.socket) < 0.5
+    for _ in range(100):
+        if daemon.events.subscribers == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert daemon.events.subscribers == 0
+    sock.close()
+
+
+async def test_privileged_op_accepted_for_root(daemon: Daemon) -> None:
+    [reply] = await roundtrip(daemon.settings.socket,
+                              protocol.request("restart", name="idle"))
+    assert reply["ok"] is True, reply
+    result = reply["result"]
+    assert isinstance(result, dict) and result["state"] == "RUNNING"
+
+
+async def test_wait_streams_boot_and_returns_outcome(tmp_path: Path) -> None:
+    conf = tmp_path / "s.conf"
+    conf.write_text("[supervisord]\n")
+    settings = Settings(socket=str(tmp_path / "c.sock"), services=str(conf))
+
+    async def slow(ctx: object) -> str:
+        await asyncio.sleep(0.3)
+        return "done"
+
+    d = Daemon(settings, [Step("slow", slow, timeout=5)], set())
+    await d.startup()
+    boot = asyncio.create_task(d.boot())
+    reader, writer = await asyncio.open_unix_connection(settings.socket)
+    writer.write(protocol.request("wait"))
+    msgs = []
+    while True:
+        msg = json.loads(await asyncio.wait_for(reader.readline(), 5))
+        msgs.append(msg)
+        if "ok" in msg:
+            break
+    await boot
+    writer.close()
+    await d.control.close()
+    events = [m["event"] for m in msgs if "event" in m]
+    assert any(e["event"] == "boot.step" and e["state"] == "OK" and e["name"] == "slow"
+               for e in events)
+    assert msgs[-1]["result"]["state"] == "READY"
