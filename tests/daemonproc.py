@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 from codetainer.control.client import Client, DaemonUnreachable
 
 BIN = Path(sys.executable).parent

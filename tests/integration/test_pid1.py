@@ -147,7 +147,7 @@ def test_works_when_started_with_sigint_ignored(tmp_path: Path, pid1: bool) -> N
     d.proc.kill()  # restart it below with the hostile signal state
     d.proc.wait()
     d.log_file.close()
-    argv = ["/usr/bin/env"] + d.proc.args[:]  # type: ignore[operator]
+    argv = ["/usr/bin/env", *d.proc.args]  # type: ignore[misc]
     env = {"PATH": os.environ["PATH"], "CODETAINER_RUN_DIR": str(tmp_path / "run")}
     with open(d.log_path, "wb") as log:
         d.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from codetainer.services.config import load_services
+
 from tests.daemonproc import running
 from tests.integration.test_pid1 import LOOPER, conf, prog
 
@@ -56,10 +55,6 @@ def test_backoff_then_fatal_real(tmp_path: Path) -> None:
         d.wait_until(lambda: d.service("crash")["state"] == "FATAL", timeout=15, what="FATAL")
         # backoff delays 1 s + 2 s between the three attempts
         assert 2.5 <= time.monotonic() - t0 <= 5.0
-        states = [e["state"] for e in d.events()
-                  if e.get("event") in ("service_backoff", "service_gave_up")
-                  for _ in [0] if True and "state" in e] or None
-        assert states is None  # log lines carry reasons, not states
         gave_up = [e for e in d.events() if e.get("event") == "service_gave_up"]
         assert gave_up and gave_up[0]["attempts"] == 3
         assert d.service("crash")["restarts"] == 2
@@ -81,7 +76,7 @@ def test_user_environment_directory(open_tmp: Path) -> None:
     p = prog("who", cmd, user="nobody", environment='FOO="bar baz"', directory="/tmp")
     with running(tmp_path, conf(p)) as d:
         d.wait_until(lambda: out.exists() and out.read_text(), what="output")
-        uid, gid, *rest = out.read_text().split()
+        uid, _gid, *rest = out.read_text().split()
         assert int(uid) == NOBODY
         assert rest[-3:] == ["bar", "baz", "/tmp"]
 

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
 from codetainer.boot.engine import Step
 from codetainer.control import protocol
 from codetainer.daemon import Daemon

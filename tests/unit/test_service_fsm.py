@@ -7,14 +7,15 @@ import os
 import signal
 
 import pytest
-
 from codetainer.services.config import ServiceConfig
 from codetainer.services.fsm import Kill, ServiceFSM, Spawn
 from codetainer.services.states import (
     TRANSITIONS,
     InvalidTransition,
-    ProcessState as S,
     decode_wait_status,
+)
+from codetainer.services.states import (
+    ProcessState as S,
 )
 
 

@@ -110,7 +110,7 @@ class ControlServer:
         if path.is_socket():
             path.unlink()
         self._server = await asyncio.start_unix_server(
-            self._on_client, path=self.path, limit=protocol.MAX_REQUEST_BYTES
+            self._on_client, path=self.path, limit=protocol.MAX_REQUEST_BYTES, backlog=1024
         )
         # Anyone local may read; privileged ops are gated per request on SO_PEERCRED.
         os.chmod(self.path, 0o666)  # noqa: S103

@@ -1,0 +1,141 @@
+"""Boot step ``credentials``: git, gh and npm configured without a token on disk in git's
+or npm's config, on a command line or in a log.
+
+- System git config (``/etc/gitconfig``; ``CODETAINER_GIT_CONFIG`` or git's own
+  ``GIT_CONFIG_SYSTEM`` moves it): identity from ``GIT_USER_NAME``/``GIT_USER_EMAIL``,
+  ``git@github.com:`` rewritten to HTTPS, and the credential helper ``gh auth
+  git-credential`` for github.com only.
+- ``gh`` for the agent: ``~/.config/gh/hosts.yml`` (0600, owned by the agent, on the
+  home tmpfs) holds the token, so ``gh`` (and git through it) works even in a
+  subprocess whose ``GH_TOKEN`` was stripped. Exposure: see docs/credentials.md.
+- ``~/.npmrc`` for GitHub Packages refers to ``${GH_TOKEN}``, never the token itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import structlog
+
+from codetainer.boot.engine import BootContext, Policy, Step, StepError
+from codetainer.boot.filesystem import opt, write_file
+from codetainer.boot.privileges import AgentUser
+
+log = structlog.get_logger("codetainer.boot")
+
+DEFAULT_GIT_NAME = "Claude"
+DEFAULT_GIT_EMAIL = "noreply@anthropic.com"
+GITHUB_URL = "https://github.com"
+NPM_REGISTRY = "https://npm.pkg.github.com"
+
+#: used when gh is not installed: the same credential, from the environment
+ENV_HELPER = ('!f() { test "$1" = get || exit 0; echo username=x-access-token; '
+              'echo "password=${GH_TOKEN:-$GITHUB_TOKEN}"; }; f')
+
+
+def git_quote(value: str, what: str) -> str:
+    """A git-config value, double-quoted; newlines and NULs are refused."""
+    if any(c in value for c in "\n\r\0"):
+        raise StepError(f"{what} contains a line break", f"set {what} to a single line")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def credential_helper(gh: str | None) -> str:
+    return f"!{gh} auth git-credential" if gh else ENV_HELPER
+
+
+def render_gitconfig(name: str, email: str, helper: str, github_url: str = GITHUB_URL) -> str:
+    base = github_url.rstrip("/")
+    return (
+        "# Written by codetainer at boot. Tokens never live here: the credential helper\n"
+        "# asks gh, which reads GH_TOKEN or ~/.config/gh/hosts.yml.\n"
+        "[user]\n"
+        f"\tname = {git_quote(name, 'GIT_USER_NAME')}\n"
+        f"\temail = {git_quote(email, 'GIT_USER_EMAIL')}\n"
+        f'[url "{base}/"]\n'
+        "\tinsteadOf = git@github.com:\n"
+        "\tinsteadOf = ssh://git@github.com/\n"
+        f'[credential "{base}"]\n'
+        "\thelper =\n"
+        f"\thelper = {git_quote(helper, 'credential helper')}\n"
+        "[init]\n"
+        "\tdefaultBranch = main\n"
+        "[push]\n"
+        "\tautoSetupRemote = true\n"
+    )
+
+
+def render_gh_hosts(token: str, host: str = "github.com") -> str:
+    # A JSON string is a valid YAML double-quoted scalar: no value can break the file.
+    return (
+        f"{host}:\n"
+        f"    oauth_token: {json.dumps(token)}\n"
+        "    git_protocol: https\n"
+    )
+
+
+def render_npmrc(scopes: Iterable[str]) -> str:
+    lines = ["# Written by codetainer at boot. The token comes from the environment."]
+    for scope in scopes:
+        s = scope.strip().lstrip("@")
+        if s:
+            if not all(c.isalnum() or c in "-_." for c in s):
+                raise StepError(f"npm scope {scope!r} is not a valid scope name",
+                                "fix CODETAINER_NPM_SCOPES (comma-separated, e.g. @my-org)")
+            lines.append(f"@{s.lower()}:registry={NPM_REGISTRY}/")
+    lines.append(f"//{NPM_REGISTRY.removeprefix('https://')}/:_authToken=${{GH_TOKEN}}")
+    return "\n".join(lines) + "\n"
+
+
+def git_config_path(settings: object, environ: Mapping[str, str]) -> Path:
+    explicit = getattr(settings, "git_config", "") or environ.get("CODETAINER_GIT_CONFIG", "")
+    return Path(explicit or environ.get("GIT_CONFIG_SYSTEM") or "/etc/gitconfig")
+
+
+def _own_tree(top: Path, stop: Path, uid: int, gid: int) -> None:
+    """chown ``top`` and its parents up to (not including) ``stop``."""
+    p = top
+    while p != stop and stop in p.parents:
+        os.lchown(p, uid, gid)
+        p = p.parent
+
+
+async def _run(ctx: BootContext) -> str:
+    settings = ctx.settings
+    token = ctx.secrets.get("GH_TOKEN")
+    if not token:
+        raise StepError("no GitHub token in the boot context", "the secrets step must run first")
+    user: AgentUser = ctx.state.get("agent_user") or AgentUser.lookup(
+        settings.agent_user, settings.home)
+    home = Path(settings.home)
+
+    gh = shutil.which("gh")
+    if gh is None:
+        log.warning("gh_missing", reason="gh is not installed; git uses GH_TOKEN from the env")
+    name = os.environ.get("GIT_USER_NAME") or DEFAULT_GIT_NAME
+    email = os.environ.get("GIT_USER_EMAIL") or DEFAULT_GIT_EMAIL
+    gitconfig = git_config_path(settings, os.environ)
+    write_file(gitconfig, render_gitconfig(name, email, credential_helper(gh)),
+           0o644, 0, 0)
+
+    hosts = home / ".config" / "gh" / "hosts.yml"
+    write_file(hosts, render_gh_hosts(token), 0o600, user.uid, user.gid)
+    _own_tree(hosts.parent, home, user.uid, user.gid)
+    os.chmod(hosts.parent, 0o700)
+
+    scopes = [s for s in opt(settings, "npm_scopes", "").split(",") if s.strip()]
+    write_file(home / ".npmrc", render_npmrc(scopes), 0o644, user.uid, user.gid)
+
+    log.info("credentials_configured", gitconfig=str(gitconfig), gh=bool(gh),
+             git_user=name, npm_scopes=scopes)
+    return f"git {gitconfig} ({'gh' if gh else 'env'} helper), gh hosts.yml, .npmrc"
+
+
+def credentials_step() -> Step:
+    return Step("credentials", _run, timeout=10.0, policy=Policy.FATAL,
+                requires=("secrets", "filesystem"),
+                description="git identity and credential helper, gh auth, .npmrc")

@@ -1,0 +1,155 @@
+"""Boot step ``secrets``: read the tokens once, take them out of the daemon's environment.
+
+``GH_PAT`` and ``CLAUDE_CODE_OAUTH_TOKEN`` must be set and non-empty. They are read
+once into ``ctx.secrets`` (plus ``GH_TOKEN``, the name ``gh`` and the agent use), then
+removed from ``os.environ`` so no service or helper the daemon starts inherits them,
+and their bytes in the process's original environment block are zeroed so
+``/proc/<daemon>/environ`` no longer shows them. From then on a secret reaches only
+the processes that need it, through their environment or a file, never an argv, a
+log line, a status reply or an error message (see :func:`redact`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import structlog
+
+from codetainer.boot.engine import BootContext, Policy, Step, StepError
+
+log = structlog.get_logger("codetainer.boot")
+
+REQUIRED = ("GH_PAT", "CLAUDE_CODE_OAUTH_TOKEN")
+#: Also taken out of the daemon's environment: services must not inherit a token.
+ALSO_REMOVED = ("GH_TOKEN", "GITHUB_TOKEN", "NODE_AUTH_TOKEN")
+REDACTED = "[redacted]"
+#: values shorter than this are not redacted (they would mangle ordinary text)
+MIN_REDACT_LEN = 6
+
+
+def read_secrets(environ: MutableMapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Take the secrets out of ``environ``: (values found, one problem line per bad one)."""
+    found: dict[str, str] = {}
+    problems: list[str] = []
+    for name in REQUIRED:
+        raw = environ.pop(name, None)
+        if raw is None:
+            problems.append(f"{name} is not set")
+        elif not raw.strip():
+            problems.append(f"{name} is empty")
+        else:
+            found[name] = raw.strip()
+    for name in ALSO_REMOVED:
+        environ.pop(name, None)
+    return found, problems
+
+
+def missing_error(problems: list[str], environ: Mapping[str, str]) -> StepError:
+    """The operator-facing failure: what is missing and the command that fixes it."""
+    app = environ.get("FLY_APP_NAME") or "<app>"
+    names = [p.split(" ", 1)[0] for p in problems]
+    hint = "; ".join(f"fly secrets set {n}=<value> -a {app}" for n in names)
+    return StepError("; ".join(problems), f"run {hint} (or pass it with docker run -e {names[0]})")
+
+
+def scrub_process_environ(names: Iterable[str]) -> int:
+    """Zero the values of ``names`` in this process's original environment block.
+
+    ``os.environ.pop`` only drops the pointer; the bytes stay in the block the kernel
+    shows as ``/proc/self/environ`` (readable by root). Returns how many were zeroed.
+    Call it after the variables are gone from ``os.environ`` (the PID-1 init should call
+    it too: it holds the same block).
+    """
+    wanted = {n.encode() + b"=" for n in names}
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/self/environ", "rb") as f:
+            block = f.read()
+    except OSError:
+        return 0
+    # fields after "pid (comm)" start at field 3; env_start is field 50
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        env_start = int(fields[50 - 3])
+    except (IndexError, ValueError):
+        return 0
+    zeroed = 0
+    offset = 0
+    for entry in block.split(b"\0"):
+        for prefix in wanted:
+            if entry.startswith(prefix) and len(entry) > len(prefix):
+                ctypes.memset(env_start + offset + len(prefix), 0, len(entry) - len(prefix))
+                zeroed += 1
+        offset += len(entry) + 1
+    return zeroed
+
+
+def strip_credentials(url: str) -> str:
+    """``url`` without user:password (scheme URLs); scp-like ``user@host:path`` is kept."""
+    parts = urlsplit(url)
+    if not parts.scheme or "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def url_credentials(url: str) -> tuple[str, str] | None:
+    parts = urlsplit(url)
+    if not parts.scheme or "@" not in parts.netloc:
+        return None
+    return unquote(parts.username or ""), unquote(parts.password or "")
+
+
+def redact(text: str, secrets: Mapping[str, str]) -> str:
+    """``text`` with every secret value replaced (for messages built from tool output)."""
+    for value in sorted(set(secrets.values()), key=len, reverse=True):
+        if len(value) >= MIN_REDACT_LEN:
+            text = text.replace(value, REDACTED)
+    return text
+
+
+def redacting_processor(
+    secrets: Mapping[str, str],
+) -> Any:
+    """A structlog processor that redacts secret values from every string field.
+
+    Defence in depth for the logging setup; no code path should log a secret.
+    """
+
+    def processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        if secrets:
+            for key, value in event_dict.items():
+                if isinstance(value, str):
+                    event_dict[key] = redact(value, secrets)
+        return event_dict
+
+    return processor
+
+
+async def _run(ctx: BootContext) -> str:
+    found, problems = read_secrets(os.environ)
+    scrub_process_environ((*REQUIRED, *ALSO_REMOVED))
+    if problems:
+        raise missing_error(problems, os.environ)
+    ctx.secrets.update(found)
+    ctx.secrets["GH_TOKEN"] = found["GH_PAT"]
+    repo_url = os.environ.get("REPO_URL", "").strip()
+    if url_credentials(repo_url):
+        # Credentials embedded in REPO_URL are a secret too: services and the agent
+        # (REPO_URL is passed through to it) get the stripped URL.
+        ctx.secrets["REPO_URL"] = repo_url
+        os.environ["REPO_URL"] = strip_credentials(repo_url)
+        scrub_process_environ(("REPO_URL",))
+        log.warning("repo_url_credentials_stripped", url=os.environ["REPO_URL"])
+    log.info("secrets_loaded", names=sorted(found))
+    return f"{', '.join(REQUIRED)} present"
+
+
+def secrets_step() -> Step:
+    return Step("secrets", _run, timeout=5.0, policy=Policy.FATAL,
+                description="read GH_PAT and CLAUDE_CODE_OAUTH_TOKEN once, out of the environment")

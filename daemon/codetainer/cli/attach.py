@@ -1,0 +1,378 @@
+"""``codetainer attach`` (also ``attach-claude``): put the operator in the agent's session.
+
+Root's shell profile in the image ends with ``exec codetainer attach``, so this is what
+``fly ssh console`` runs. The cases, each tested through a pseudo-terminal:
+
+* session up: ``exec tmux -S SOCK attach-session -t $ID ; select-pane -t %AGENT`` at once;
+* boot in progress: stream the daemon's ``wait`` op, print every step as it starts and
+  finishes (a spinner only on a capable terminal), attach the moment the session exists;
+  Ctrl-C drops to a login shell;
+* boot FAILED or the session cannot start: print what failed and the fix, then exec a
+  login shell so the SSH session stays usable;
+* daemon unreachable: say so, exec a login shell;
+* stdin not a terminal: print the status and exit non-zero (never wait, never hang).
+
+The fallback shell gets ``CODETAINER_NO_ATTACH=1`` so a profile that runs ``exec
+codetainer attach`` must skip it when that is set (otherwise the shell would loop back
+here). Only the standard library and the control client are imported: start-up time is
+the attach latency (see bench/bench_attach.py).
+
+Exit codes (only when nothing was exec'd): 2 no terminal, 69 daemon unreachable and no
+terminal, 1 neither tmux nor a shell could be started.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any, NoReturn, TextIO
+
+NO_TTY = 2
+UNREACHABLE = 69
+EXEC_FAILED = 1
+
+#: How long to wait for the session after boot finished READY/DEGRADED.
+SESSION_DEADLINE_S = 60.0
+NO_ATTACH_VAR = "CODETAINER_NO_ATTACH"
+
+_MARKS = {"OK": "[ OK ]", "FAILED": "[FAIL]", "DEGRADED": "[WARN]", "SKIPPED": "[SKIP]",
+          "RUNNING": "[ .. ]", "PENDING": "[    ]"}
+_FINAL = frozenset({"OK", "FAILED", "DEGRADED", "SKIPPED"})
+_USAGE = """usage: codetainer attach [--socket PATH]
+
+Attach to the agent's tmux session; while the machine boots, show its progress.
+If boot failed or the daemon is unreachable, explain why and open a login shell.
+"""
+
+
+def _say(text: str, stream: TextIO | None = None) -> None:
+    out = stream or sys.stdout
+    out.write(text + "\n")
+    out.flush()
+
+
+# -- exec targets --------------------------------------------------------------------------
+
+
+def tmux_attach_argv(info: dict[str, Any]) -> list[str]:
+    tmux = os.environ.get("CODETAINER_TMUX") or "tmux"
+    argv = [tmux, "-u", "-S", str(info["socket"]), "attach-session", "-t", str(info["id"])]
+    if info.get("agent_pane"):
+        argv += [";", "select-pane", "-t", str(info["agent_pane"])]
+    return argv
+
+
+_TERMINFO_DIRS = ("/etc/terminfo", "/lib/terminfo", "/usr/share/terminfo", "/usr/lib/terminfo")
+
+
+def _known_terminal(term: str) -> bool:
+    """Is there a terminfo entry for ``term``? (tmux refuses to attach without one.)"""
+    if not term or "/" in term:
+        return False
+    dirs = [os.path.expanduser("~/.terminfo"), *_TERMINFO_DIRS]
+    extra = os.environ.get("TERMINFO")
+    if extra:
+        dirs.insert(0, extra)
+    for d in dirs:
+        for sub in (term[0], f"{ord(term[0]):x}"):
+            if os.path.exists(os.path.join(d, sub, term)):
+                return True
+    return False
+
+
+def exec_tmux(info: dict[str, Any]) -> NoReturn:
+    argv = tmux_attach_argv(info)
+    os.environ.pop("TMUX", None)  # we are not nesting: attach even from inside tmux
+    term = os.environ.get("TERM", "")
+    if not _known_terminal(term):
+        # An exotic $TERM (xterm-kitty, ...) would make tmux exit and close the SSH session.
+        _say(f"codetainer: terminal type {term!r} is unknown here; using xterm-256color")
+        os.environ["TERM"] = "xterm-256color"
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)  # noqa: S606 - argv, no shell, on purpose
+    except OSError as exc:
+        _say(f"codetainer: cannot run {argv[0]}: {exc.strerror}")
+        exec_shell()
+
+
+def exec_shell() -> NoReturn:
+    """Replace this process with a login shell (the SSH session stays usable)."""
+    os.environ[NO_ATTACH_VAR] = "1"
+    candidates = [os.environ.get("SHELL") or "", "/bin/bash", "/bin/sh"]
+    sys.stdout.flush()
+    for shell in candidates:
+        if shell and os.access(shell, os.X_OK):
+            try:
+                os.execv(shell, [shell, "-l"])  # noqa: S606
+            except OSError:
+                continue
+    _say("codetainer: no shell could be started (tried $SHELL, /bin/bash, /bin/sh)")
+    os._exit(EXEC_FAILED)
+
+
+# -- progress ------------------------------------------------------------------------------
+
+
+def _fmt_step(ev: dict[str, Any]) -> str:
+    state = str(ev.get("state", ""))
+    line = f"{_MARKS.get(state, '[ ?? ]')} {ev.get('name', '?')}"
+    if ev.get("duration_s") is not None and state in _FINAL - {"SKIPPED"}:
+        line += f" {float(ev['duration_s']):.2f}s"
+    if ev.get("reason"):
+        line += f"  {ev['reason']}"
+    if ev.get("hint") and state in ("FAILED", "DEGRADED"):
+        line += f"\n       fix: {ev['hint']}"
+    return line
+
+
+class Progress:
+    """Prints boot steps live. With ``spinner`` one line animates while a step runs."""
+
+    def __init__(self, out: TextIO, spinner: bool) -> None:
+        self.out = out
+        self.spinner = spinner
+        self._lock = threading.Lock()
+        self._running: dict[str, float] = {}  # step name -> monotonic start
+        self._final: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        utf8 = (getattr(out, "encoding", "") or "").lower().replace("-", "") == "utf8"
+        self._frames = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏" if utf8 else "|/-\\"
+        if spinner:
+            self._thread = threading.Thread(target=self._spin, daemon=True)
+            self._thread.start()
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def _clear(self) -> None:
+        if self.spinner:
+            self._write("\r\x1b[K")
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            self._clear()
+            self._write(text + "\n")
+
+    def step(self, ev: dict[str, Any]) -> None:
+        name = str(ev.get("name", "?"))
+        state = str(ev.get("state", ""))
+        with self._lock:
+            if state == "RUNNING":
+                if name in self._running or name in self._final:
+                    return
+                self._running[name] = time.monotonic()
+                if not self.spinner:
+                    self._write(_fmt_step(ev) + "\n")
+            elif state in _FINAL:
+                if name in self._final:
+                    return
+                self._final.add(name)
+                self._running.pop(name, None)
+                self._clear()
+                self._write(_fmt_step(ev) + "\n")
+
+    def _spin(self) -> None:
+        i = 0
+        while not self._stop.wait(0.1):
+            with self._lock:
+                if not self._running:
+                    continue
+                name, t0 = next(reversed(self._running.items()))
+                frame = self._frames[i % len(self._frames)]
+                self._write(f"\r\x1b[K{frame} {name} {time.monotonic() - t0:.1f}s")
+                i += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
+        with self._lock:
+            self._clear()
+
+
+def _spinner_capable() -> bool:
+    return sys.stdout.isatty() and os.environ.get("TERM", "dumb") not in ("", "dumb")
+
+
+# -- status (no terminal) ------------------------------------------------------------------
+
+
+def render_status(status: dict[str, Any] | None, session: dict[str, Any] | None) -> str:
+    lines: list[str] = []
+    if status is not None:
+        lines.append(f"boot: {status.get('state', '?')}")
+        lines.extend("  " + _fmt_step(s) for s in status.get("steps") or [])
+        session = status.get("session") or session
+    if session:
+        if session.get("exists"):
+            lines.append(f"session: {session.get('id')} ({session.get('name')}) on "
+                         f"{session.get('socket')}; attach from a terminal with "
+                         f"`codetainer attach`")
+        else:
+            lines.append("session: not running" +
+                         (f" ({session['reason']})" if session.get("reason") else ""))
+    return "\n".join(lines)
+
+
+def _print_status(path: str) -> None:
+    from codetainer.control.client import DaemonUnreachable, RequestFailed, call
+
+    status: dict[str, Any] | None = None
+    session: dict[str, Any] | None = None
+    try:
+        status = call("status", path, timeout=3.0)
+    except (DaemonUnreachable, RequestFailed):
+        pass
+    if status is None:
+        try:
+            session = call("session", path, timeout=3.0)
+        except (DaemonUnreachable, RequestFailed):
+            pass
+    text = render_status(status, session)
+    if text:
+        _say(text)
+
+
+# -- main flow -----------------------------------------------------------------------------
+
+
+def _failed(reasons: list[str], headline: str) -> NoReturn:
+    _say(f"codetainer: {headline}")
+    for r in reasons:
+        _say(f"  - {r}")
+    _say("codetainer: opening a shell; `codetainer status` shows details, "
+         "`codetainer attach` tries again.")
+    exec_shell()
+
+
+def _await_session(path: str) -> NoReturn:
+    """Boot finished READY/DEGRADED: the session follows shortly; poll for it."""
+    from codetainer.control.client import DaemonUnreachable, RequestFailed, call
+
+    deadline = time.monotonic() + SESSION_DEADLINE_S
+    while True:
+        try:
+            info = call("session", path, timeout=3.0)
+        except DaemonUnreachable as exc:
+            _failed([exc.why], f"lost the daemon at {exc.path} while waiting for the session")
+        except RequestFailed as exc:
+            _failed([exc.message], "the daemon could not report the session")
+        if info and info.get("exists"):
+            exec_tmux(info)
+        if info and info.get("state") == "FAILED":
+            reason = str(info.get("reason") or "unknown reason")
+            if info.get("hint"):
+                reason += f" (fix: {info['hint']})"
+            _failed([reason], "the agent session could not start")
+        if time.monotonic() >= deadline:
+            _failed([str((info or {}).get("reason") or "no session yet")],
+                     f"the agent session did not appear within {SESSION_DEADLINE_S:g}s")
+        time.sleep(0.1)
+
+
+def _follow_boot(path: str) -> NoReturn:
+    from codetainer.control.client import Client, DaemonUnreachable, RequestFailed
+
+    progress = Progress(sys.stdout, _spinner_capable())
+    progress.line("codetainer: boot progress (Ctrl-C for a shell):")
+    result: dict[str, Any] = {}
+    try:
+        with Client(path, timeout=None) as client:
+            for msg in client.stream("wait"):
+                if "__result__" in msg:
+                    result = msg["__result__"] or {}
+                    break
+                name = msg.get("event")
+                if name == "boot.step":
+                    progress.step(msg)
+                elif name == "session.ready" and msg.get("exists", True):
+                    progress.close()
+                    exec_tmux(msg)
+                elif name == "session.failed":
+                    progress.close()
+                    reason = str(msg.get("reason") or "unknown reason")
+                    if msg.get("hint"):
+                        reason += f" (fix: {msg['hint']})"
+                    _failed([reason], "the agent session could not start")
+    except KeyboardInterrupt:
+        progress.close()
+        _say("\ncodetainer: interrupted; opening a shell (`codetainer attach` to come back)")
+        exec_shell()
+    except DaemonUnreachable as exc:
+        progress.close()
+        _failed([exc.why], f"lost the daemon at {exc.path} during boot")
+    except RequestFailed as exc:
+        progress.close()
+        _failed([exc.message], "the daemon refused to report boot progress")
+    progress.close()
+    state = str(result.get("state", "?"))
+    reasons = [str(r) for r in result.get("reasons") or []]
+    if state == "FAILED":
+        _failed(reasons, "boot FAILED; the agent was not started:")
+    if state == "DEGRADED":
+        _say("codetainer: boot finished DEGRADED:")
+        for r in reasons:
+            _say(f"  - {r}")
+    try:
+        _await_session(path)
+    except KeyboardInterrupt:
+        _say("\ncodetainer: interrupted; opening a shell (`codetainer attach` to come back)")
+        exec_shell()
+
+
+def _parse(argv: list[str]) -> str | None:
+    socket: str | None = None
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-h", "--help"):
+            _say(_USAGE.rstrip())
+            raise SystemExit(0)
+        if arg == "--socket":
+            socket = next(it, None)
+            if socket is None:
+                raise SystemExit("codetainer attach: --socket needs a path")
+        elif arg.startswith("--socket="):
+            socket = arg.split("=", 1)[1]
+        else:
+            raise SystemExit(f"codetainer attach: unknown argument {arg!r}\n{_USAGE}")
+    return socket
+
+
+def run(argv: list[str] | None = None, socket: str | None = None) -> int:
+    """Entry point. Returns only when nothing was exec'd (see the module's exit codes)."""
+    from codetainer.control.client import DaemonUnreachable, RequestFailed, call, socket_path
+
+    path = socket_path(_parse(list(sys.argv[1:] if argv is None else argv)) or socket)
+    interactive = sys.stdin.isatty()
+    try:
+        info: dict[str, Any] | None = call("session", path, timeout=3.0)
+    except DaemonUnreachable as exc:
+        _say(f"codetainer: {exc}")
+        if not interactive:
+            return UNREACHABLE
+        _say("codetainer: the agent session is managed by codetainerd; check `fly logs`. "
+             "Opening a shell.")
+        exec_shell()
+    except RequestFailed:
+        info = None  # an older daemon without the op: follow boot instead
+    if not interactive:
+        _say("codetainer: stdin is not a terminal; not attaching. Status:")
+        _print_status(path)
+        return NO_TTY
+    if info and info.get("exists"):
+        exec_tmux(info)
+    if info and info.get("state") == "FAILED":
+        reason = str(info.get("reason") or "unknown reason")
+        if info.get("hint"):
+            reason += f" (fix: {info['hint']})"
+        _failed([reason], "the agent session could not start")
+    _follow_boot(path)
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:], None))

@@ -1,0 +1,471 @@
+"""Configs for the local DNS server (dnsmasq or CoreDNS), generated from an Allowlist.
+
+Only validated allowlist entries (``[a-z0-9.-]`` names) and values parsed here
+(addresses, ports, user names) are written; nothing else reaches a config.
+
+dnsmasq (verified with 2.90 real queries, ``tests/integration/test_dnsmasq_real.py``):
+
+* ``address=/#/`` answers NXDOMAIN for every name no more specific line claims;
+* exact ``N``: ``server=/N/UP`` forwards N *and its subdomains*, so
+  ``local=/*.N/`` (``*.`` = subdomains only, dnsmasq >= 2.86) takes the subdomains
+  back to NXDOMAIN, unless a wildcard entry allows them;
+* wildcard ``*.W``: ``server=/*.W/UP`` forwards subdomains, the apex stays NXDOMAIN;
+* ``nftset=``/``ipset=`` do not understand ``*.``: they use ``/D/`` and the
+  longest match wins, so the dynamic set of a domain gets the union of the ports of
+  the entries that meet there (an exact name and a wildcard over it). Refused names
+  never get an answer, hence never an address in a set;
+* AAAA: ``filter-AAAA`` (dnsmasq >= 2.90) empties AAAA answers unless IPv6 is on;
+* dnsmasq fills the set only when it asks upstream (cache miss), and re-adding an
+  existing element does not refresh its timeout. Clients are told at most
+  ``max_ttl`` (= ``max-cache-ttl``), so an address answered at t0 is used until
+  t0 + 2*max_ttl at the latest; the set timeout is that plus a minute. The refresh
+  task's static sets (with their grace period) cover addresses that stay in use.
+* refused names: ``log-queries=extra`` to stderr; :func:`parse_dnsmasq_log_line`
+  turns ``config NAME is NXDOMAIN`` lines into :class:`RefusedQuery`.
+
+CoreDNS: one server block per domain (zones match subdomains, so an exact entry's
+block starts with a ``template`` that answers NXDOMAIN for ``^.+[.]N[.]$`` and falls
+through otherwise; a wildcard-only block refuses its apex the same way), a catch-all
+``.`` block answering NXDOMAIN, ``template IN AAAA`` (empty NOERROR) unless IPv6 is
+on, ``cache MAX_TTL``, and ``forward`` to the upstreams or, for the zero-race path, to
+the daemon's forwarding hook. Denials are logged as ``CT_DENIAL <kind> <zone> ...``.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from codetainer.network.allowlist import Allowlist, Entry, EntryKind, IPAddress
+from codetainer.network.model import FAMILY, TABLE, dynamic_set, ipset_name
+
+DEFAULT_LISTEN = "127.0.0.53"
+DEFAULT_MAX_TTL = 300
+DNSMASQ_BIN = "/usr/sbin/dnsmasq"
+COREDNS_BIN = "coredns"
+#: every character a generated config line may contain (comments included)
+CONFIG_CHARS = re.compile(r"[A-Za-z0-9 =/#*.:,_\-\[\]{}\"^$+()@?]*\Z")
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}\Z")
+
+
+class Engine(enum.StrEnum):
+    DNSMASQ = "dnsmasq"
+    COREDNS = "coredns"
+
+
+class SetBackend(enum.StrEnum):
+    NFTSET = "nftset"  # nftables backend: dnsmasq nftset=
+    IPSET = "ipset"  # iptables backend: dnsmasq ipset=
+
+
+@dataclass(frozen=True)
+class Upstream:
+    ip: IPAddress
+    port: int = 53
+
+    @property
+    def dnsmasq(self) -> str:
+        return f"{self.ip}#{self.port}"
+
+    @property
+    def hostport(self) -> str:
+        return f"[{self.ip}]:{self.port}" if self.ip.version == 6 else f"{self.ip}:{self.port}"
+
+
+def parse_upstream(text: str) -> Upstream:
+    """``1.1.1.1``, ``1.1.1.1:53``, ``1.1.1.1#53``, ``2606:4700::1111``, ``[…]:53``."""
+    raw = text.strip()
+    host, port = raw, "53"
+    if raw.startswith("["):
+        host, _, rest = raw[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ("53" if not rest else "x")
+    elif "#" in raw:
+        host, _, port = raw.partition("#")
+    elif raw.count(":") == 1:
+        host, _, port = raw.partition(":")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"upstream resolver {raw[:60]!r} is not an IP address") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"upstream resolver {raw[:60]!r} has a bad port")
+    if ip.is_unspecified or ip.is_multicast:
+        raise ValueError(f"upstream resolver {ip} cannot be queried")
+    return Upstream(ip, int(port))
+
+
+def parse_upstreams(value: str | Iterable[str]) -> tuple[Upstream, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    ups = tuple(parse_upstream(i) for i in items if i.strip())
+    if not ups:
+        raise ValueError("no upstream resolvers: set CODETAINER_UPSTREAMS=8.8.8.8,1.1.1.1")
+    return ups
+
+
+@dataclass(frozen=True)
+class DnsOptions:
+    listen: str = DEFAULT_LISTEN
+    port: int = 53
+    upstreams: tuple[Upstream, ...] = field(
+        default_factory=lambda: parse_upstreams("8.8.8.8,1.1.1.1")
+    )
+    ipv6: bool = False
+    #: cap of the DNS cache and of the TTL told to clients, seconds
+    max_ttl: int = DEFAULT_MAX_TTL
+    #: dnsmasq drops root to this user after binding (it keeps CAP_NET_ADMIN for sets)
+    user: str | None = None
+    group: str | None = None
+    #: CoreDNS: forward allowlisted zones here (the daemon's hook) instead of upstreams
+    hook: str | None = None
+
+    def __post_init__(self) -> None:
+        ipaddress.ip_address(self.listen)  # raises ValueError naming the text
+        if not 0 < self.port < 65536:
+            raise ValueError(f"DNS listen port {self.port} out of range")
+        if not 1 <= self.max_ttl <= 86400:
+            raise ValueError(f"DNS max TTL {self.max_ttl} must be 1..86400 seconds")
+        for name in (self.user, self.group):
+            if name is not None and not _USER.match(name):
+                raise ValueError(f"{name[:40]!r} is not a valid user or group name")
+        if self.hook is not None:
+            parse_upstream(self.hook)
+        if not self.upstreams:
+            raise ValueError("no upstream resolvers")
+
+
+@dataclass(frozen=True)
+class DynamicSet:
+    """A kernel set the DNS server writes; it must exist before the server starts."""
+
+    family: int
+    ports: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        """nftables set name in table ``inet codetainer`` (``d4_80_443``)."""
+        return dynamic_set(self.family, self.ports)
+
+    @property
+    def ipset(self) -> str:
+        """The iptables backend's ipset name (``ct-d4_80_443``)."""
+        return ipset_name(self.name)
+
+
+@dataclass(frozen=True)
+class GeneratedConfig:
+    engine: Engine
+    text: str
+    #: element timeout, seconds, the dynamic sets must be created with
+    set_timeout: int
+    #: the dynamic sets referenced by the config (dnsmasq) or owed by the hook (CoreDNS)
+    dynamic_sets: tuple[DynamicSet, ...]
+
+
+def set_timeout_for(max_ttl: int) -> int:
+    return 2 * max_ttl + 60
+
+
+def _safe_comment(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9 ._:/-]", "?", text)[:200]
+
+
+@dataclass
+class _Domain:
+    """Everything the allowlist says about one DNS domain (exact and/or wildcard)."""
+
+    name: str
+    entries: list[Entry] = field(default_factory=list)
+    ports: set[int] = field(default_factory=set)
+    #: the name itself is allowed (exact entry, or a wider wildcard covers it)
+    apex: bool = False
+    #: its subdomains are allowed (wildcard entry here or above)
+    subs: bool = False
+
+    def where(self) -> str:
+        return ", ".join(_safe_comment(e.where) for e in self.entries)
+
+
+def _domains(allowlist: Allowlist) -> list[_Domain]:
+    """Domains in allowlist order, with what is allowed there and dynamic-set ports."""
+    by_name: dict[str, _Domain] = {}
+    for e in allowlist.entries:
+        if e.kind not in (EntryKind.HOST, EntryKind.WILDCARD):
+            continue
+        d = by_name.setdefault(e.domain, _Domain(e.domain))
+        d.entries.append(e)
+        d.ports.update(e.ports)
+        if e.kind is EntryKind.HOST:
+            d.apex = True
+        else:
+            d.subs = True
+    for d in by_name.values():
+        cover = allowlist.covering_wildcard(d.name)
+        if cover is not None:
+            # Names under d (and d itself) are routed to d's lines, the longest
+            # match, even when the wider wildcard is what allows them: forward them
+            # and give d's set that wildcard's ports too.
+            d.apex = d.subs = True
+            d.ports.update(cover.ports)
+    return list(by_name.values())
+
+
+def _sets_for(d: _Domain, ipv6: bool) -> list[DynamicSet]:
+    ports = tuple(sorted(d.ports))
+    sets = [DynamicSet(4, ports)]
+    if ipv6:
+        sets.append(DynamicSet(6, ports))
+    return sets
+
+
+def generate_dnsmasq(
+    allowlist: Allowlist, options: DnsOptions, sets: SetBackend = SetBackend.NFTSET
+) -> GeneratedConfig:
+    lines = [
+        "# generated by codetainer from the allowlist: do not edit, edit domains.conf",
+        "pid-file=",
+        "no-resolv",
+        "no-hosts",
+        f"listen-address={ipaddress.ip_address(options.listen)}",
+        f"port={options.port}",
+        "bind-interfaces",
+        "cache-size=10000",
+        f"max-cache-ttl={options.max_ttl}",
+        f"max-ttl={options.max_ttl}",
+        "neg-ttl=60",
+        "log-queries=extra",
+        "log-facility=-",
+        "log-async=100",
+        # everything not claimed by a more specific line below: NXDOMAIN
+        "address=/#/",
+    ]
+    if options.user:
+        lines.append(f"user={options.user}")
+    if options.group:
+        lines.append(f"group={options.group}")
+    if not options.ipv6:
+        lines.append("filter-AAAA")
+    used: dict[str, DynamicSet] = {}
+    for d in _domains(allowlist):
+        lines.append(f"# {d.name} ({d.where()})")
+        # server=/N/ forwards N and its subdomains; /*.N/ only the subdomains
+        pattern = d.name if d.apex else f"*.{d.name}"
+        lines.extend(f"server=/{pattern}/{up.dnsmasq}" for up in options.upstreams)
+        if not d.subs:
+            lines.append(f"local=/*.{d.name}/")
+        targets = _sets_for(d, options.ipv6)
+        for s in targets:
+            used[s.name] = s
+        if sets is SetBackend.NFTSET:
+            spec = ",".join(f"{s.family}#{FAMILY}#{TABLE}#{s.name}" for s in targets)
+            lines.append(f"nftset=/{d.name}/{spec}")
+        else:
+            lines.append(f"ipset=/{d.name}/{','.join(s.ipset for s in targets)}")
+    text = "\n".join(lines) + "\n"
+    _check_chars(text)
+    return GeneratedConfig(
+        Engine.DNSMASQ, text, set_timeout_for(options.max_ttl), tuple(used.values())
+    )
+
+
+def _zone_regex(name: str) -> str:
+    return name.replace(".", "[.]")
+
+
+def generate_corefile(allowlist: Allowlist, options: DnsOptions) -> GeneratedConfig:
+    bind = ipaddress.ip_address(options.listen)
+    if options.hook:
+        forward = parse_upstream(options.hook).hostport
+    else:
+        forward = " ".join(up.hostport for up in options.upstreams)
+    out = ["# generated by codetainer from the allowlist: do not edit, edit domains.conf"]
+    used: dict[str, DynamicSet] = {}
+    for d in _domains(allowlist):
+        for s in _sets_for(d, options.ipv6):
+            used[s.name] = s
+        if not d.subs:
+            kind, refuse = "exact", f"^.+[.]{_zone_regex(d.name)}[.]$"
+        elif not d.apex:
+            kind, refuse = "wild", f"^{_zone_regex(d.name)}[.]$"
+        else:
+            kind, refuse = "both", ""
+        out.append(f"# {d.name} ({d.where()})")
+        out.append(f"{d.name}:{options.port} {{")
+        out.append(f"    bind {bind}")
+        out.append("    errors")
+        if refuse:
+            out += [
+                "    template ANY ANY {",
+                f'        match "{refuse}"',
+                "        rcode NXDOMAIN",
+                "        fallthrough",
+                "    }",
+            ]
+        if not options.ipv6:
+            out += ["    template IN AAAA {", "        rcode NOERROR", "    }"]
+        out.append(f"    forward . {forward}")
+        out.append(f"    cache {options.max_ttl}")
+        out += [
+            f'    log . "CT_DENIAL {kind} {d.name} {{remote}} {{type}} {{name}} {{rcode}}" {{',
+            "        class denial",
+            "    }",
+            "}",
+        ]
+    out += [
+        "# everything else",
+        f".:{options.port} {{",
+        f"    bind {bind}",
+        "    errors",
+        "    template ANY ANY {",
+        "        rcode NXDOMAIN",
+        "    }",
+        '    log . "CT_DENIAL all . {remote} {type} {name} {rcode}"',
+        "}",
+    ]
+    text = "\n".join(out) + "\n"
+    _check_chars(text)
+    return GeneratedConfig(
+        Engine.COREDNS, text, set_timeout_for(options.max_ttl), tuple(used.values())
+    )
+
+
+def generate(
+    engine: Engine,
+    allowlist: Allowlist,
+    options: DnsOptions,
+    sets: SetBackend = SetBackend.NFTSET,
+) -> GeneratedConfig:
+    if engine is Engine.COREDNS:
+        return generate_corefile(allowlist, options)
+    return generate_dnsmasq(allowlist, options, sets)
+
+
+def _check_chars(text: str) -> None:
+    """Defence in depth: a generator bug must not write an unexpected character."""
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not CONFIG_CHARS.match(line):
+            raise RuntimeError(f"generated DNS config line {n} has an unexpected character")
+
+
+def exec_script(engine: Engine, config_path: str, binary: str | None = None) -> str:
+    """The tiny ``/bin/sh`` wrapper the supervised service runs."""
+    if engine is Engine.DNSMASQ:
+        exe = binary or DNSMASQ_BIN
+        args = f"--keep-in-foreground --conf-file={shlex.quote(config_path)}"
+    else:
+        exe = binary or shutil.which(COREDNS_BIN) or COREDNS_BIN
+        args = f"-conf {shlex.quote(config_path)}"
+    return f"#!/bin/sh\nexec {shlex.quote(exe)} {args}\n"
+
+
+def dnsmasq_version(binary: str = DNSMASQ_BIN) -> tuple[int, int]:
+    """``(2, 90)`` from ``dnsmasq --version``; ``filter-AAAA`` needs 2.90 or later."""
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+    m = re.search(r"Dnsmasq version (\d+)\.(\d+)", out)
+    if not m:
+        raise RuntimeError(f"cannot tell the version of {binary}: is dnsmasq-base installed?")
+    return int(m[1]), int(m[2])
+
+
+def detect_engine(
+    setting: str, which: Callable[[str], str | None] = shutil.which
+) -> Engine:
+    """``auto``: CoreDNS when a ``coredns`` binary is on PATH, else dnsmasq."""
+    value = setting.strip().lower()
+    if value == "auto":
+        return Engine.COREDNS if which(COREDNS_BIN) else Engine.DNSMASQ
+    try:
+        return Engine(value)
+    except ValueError:
+        raise ValueError(
+            f"CODETAINER_DNS_ENGINE={setting[:40]!r} is not auto, coredns or dnsmasq"
+        ) from None
+
+
+# --- refused names -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefusedQuery:
+    name: str
+    client: str = ""
+    qtype: str = ""
+
+
+_SAFE_NAME = re.compile(r"[\x21-\x7e]{1,255}\Z")
+_DNSMASQ_REFUSED = re.compile(
+    r"(?:^|\s)(?P<serial>\d+) (?P<client>[0-9a-fA-F.:]+)/\d+ config (?P<name>\S+) is NXDOMAIN\s*$"
+)
+_DNSMASQ_QUERY = re.compile(
+    r"(?:^|\s)(?P<serial>\d+) [0-9a-fA-F.:]+/\d+ query\[(?P<qtype>[A-Za-z0-9]+)\] "
+)
+_COREDNS = re.compile(
+    r"CT_DENIAL (?P<kind>exact|wild|both|all) (?P<zone>\S+) (?P<remote>\S+) "
+    r"(?P<qtype>\S+) (?P<name>\S+) (?P<rcode>[A-Z]+)\s*$"
+)
+
+
+def _clean(name: str) -> str | None:
+    name = name.rstrip(".").lower()
+    return name if _SAFE_NAME.match(name) else None
+
+
+def parse_dnsmasq_log_line(line: str) -> RefusedQuery | None:
+    """A name our config refused (``N client/port config NAME is NXDOMAIN``), or None.
+
+    Upstream NXDOMAIN answers are logged as ``reply`` and are not refusals.
+    """
+    m = _DNSMASQ_REFUSED.search(line)
+    if not m:
+        return None
+    name = _clean(m["name"])
+    return RefusedQuery(name, m["client"]) if name else None
+
+
+class DnsmasqLogParser:
+    """Stateful variant that also reports the query type (from the ``query[T]`` line
+    with the same serial number)."""
+
+    def __init__(self, remember: int = 256) -> None:
+        self._types: dict[str, str] = {}
+        self._remember = remember
+
+    def feed(self, line: str) -> RefusedQuery | None:
+        q = _DNSMASQ_QUERY.search(line)
+        if q:
+            self._types[q["serial"]] = q["qtype"]
+            if len(self._types) > self._remember:
+                del self._types[next(iter(self._types))]
+            return None
+        m = _DNSMASQ_REFUSED.search(line)
+        if not m:
+            return None
+        name = _clean(m["name"])
+        qtype = self._types.pop(m["serial"], "")
+        return RefusedQuery(name, m["client"], qtype) if name else None
+
+
+def parse_coredns_log_line(line: str) -> RefusedQuery | None:
+    """A refusal from the generated Corefile's ``CT_DENIAL`` log lines, or None."""
+    m = _COREDNS.search(line)
+    if not m or m["rcode"] != "NXDOMAIN":
+        return None
+    name = _clean(m["name"])
+    if name is None:
+        return None
+    zone = m["zone"].rstrip(".")
+    kind = m["kind"]
+    refused = (
+        kind == "all"
+        or (kind == "exact" and name != zone)
+        or (kind == "wild" and name == zone)
+    )
+    client = m["remote"].strip("[]")
+    return RefusedQuery(name, client, m["qtype"]) if refused else None

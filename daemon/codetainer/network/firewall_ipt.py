@@ -1,0 +1,310 @@
+"""iptables fallback backend, for kernels without nf_tables.
+
+Our rules live in our own chains ``CODETAINER-OUT`` (jumped to from ``OUTPUT``) and
+``CODETAINER-DENY``, written with ``iptables-restore --noflush``: one commit per family
+replaces both chains at once, nothing else in the table is touched. Addresses live in
+ipsets named ``ct-<set>`` (:func:`codetainer.network.model.ipset_name`); a static set is
+refreshed by filling a temporary set and ``ipset swap``-ing it in, which is atomic per
+set. ``iptables-legacy`` is preferred when installed (a kernel without nf_tables cannot
+run the nft-based ``iptables``).
+
+Denied destinations go into ``ct-denied4/6`` (``hash:ip,port`` with counters): the rule
+order "count if present, then add if absent" keeps counts exact; the element's timeout
+is not refreshed by later packets, so ``seen_ago`` is the *first* time seen here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import shutil
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+
+from codetainer.network import model
+from codetainer.network.firewall import (
+    Denied,
+    FirewallBackend,
+    FirewallError,
+    FirewallPolicy,
+    FirewallStatus,
+    IPNetwork,
+    member_of,
+    parse_address,
+    rendered,
+)
+
+log = structlog.get_logger("codetainer.network")
+
+CHAIN = "CODETAINER-OUT"
+DENY = "CODETAINER-DENY"
+PREFIX = "ct-"
+_MULTIPORT_MAX = 15
+
+
+def iptables_tools() -> tuple[str, str, str, str]:
+    """(iptables, iptables-restore, ip6tables, ip6tables-restore), legacy when installed."""
+    if shutil.which("iptables-legacy-restore") and shutil.which("ip6tables-legacy-restore"):
+        return ("iptables-legacy", "iptables-legacy-restore",
+                "ip6tables-legacy", "ip6tables-legacy-restore")  # fmt: skip
+    return ("iptables", "iptables-restore", "ip6tables", "ip6tables-restore")
+
+
+def _fam(version: int) -> str:
+    return "inet" if version == 4 else "inet6"
+
+
+def ipset_definitions(policy: FirewallPolicy) -> dict[str, tuple[str, str]]:
+    """ipset name -> (model set name, ``create`` arguments)."""
+    out: dict[str, tuple[str, str]] = {}
+
+    def add(name: str, spec: str) -> None:
+        ipset = model.ipset_name(name)
+        if ipset in out:
+            raise FirewallError(
+                f"ipset name {ipset} is used twice (port lists too long for 31 characters): "
+                "shorten the port lists in the allowlist"
+            )
+        out[ipset] = (name, spec)
+
+    for v in (4, 6):
+        add(f"upstream{v}", f"hash:ip family {_fam(v)}")
+    for g in policy.groups:
+        s4, d4, s6, d6 = g.set_names()
+        add(s4, "hash:net family inet")
+        add(s6, "hash:net family inet6")
+        add(d4, f"hash:ip family inet timeout {policy.dynamic_timeout}")
+        add(d6, f"hash:ip family inet6 timeout {policy.dynamic_timeout}")
+    for v in (4, 6):
+        add(f"denied{v}", f"hash:ip,port family {_fam(v)} timeout {policy.denied_timeout} "
+            f"counters maxelem {policy.denied_size}")  # fmt: skip
+    return out
+
+
+def _swap_in(ipset: str, spec: str, values: Iterable[Any]) -> list[str]:
+    tmp = ipset[:29] + "-n"
+    lines = [f"create {tmp} {spec} -exist", f"flush {tmp}"]
+    lines += [f"add {tmp} {rendered(v)} -exist" for v in values]
+    lines += [f"swap {tmp} {ipset}", f"destroy {tmp}"]
+    return lines
+
+
+def render_ipsets(policy: FirewallPolicy, *, static_only: bool = False) -> str:
+    """``ipset restore`` script: create every set, then swap in the static contents."""
+    defs = ipset_definitions(policy)
+    lines = [] if static_only else [f"create {s} {spec} -exist" for s, (_n, spec) in defs.items()]
+    contents: dict[str, tuple[Any, ...]] = {}
+    if not static_only:
+        contents["upstream4"] = policy.upstreams_of(4)
+        contents["upstream6"] = policy.upstreams_of(6)
+    for g in policy.groups:
+        s4, _d4, s6, _d6 = g.set_names()
+        contents[s4] = g.v4
+        contents[s6] = g.v6
+    for name, values in contents.items():
+        ipset = model.ipset_name(name)
+        lines += _swap_in(ipset, defs[ipset][1], values)
+    return "\n".join(lines) + "\n"
+
+
+def _multiport(ports: tuple[int, ...]) -> list[str]:
+    chunks = [ports[i : i + _MULTIPORT_MAX] for i in range(0, len(ports), _MULTIPORT_MAX)]
+    return [
+        f"--dport {c[0]}" if len(c) == 1 else "-m multiport --dports " + ",".join(map(str, c)) for c in chunks
+    ]
+
+
+def render_rules(policy: FirewallPolicy, version: int, *, add_jump: bool) -> str:
+    """``iptables-restore --noflush`` input for one family."""
+    uid = policy.dns_uid
+    v = version
+    out = ["*filter", f":{CHAIN} - [0:0]", f":{DENY} - [0:0]"]
+    if add_jump:
+        out.append(f"-I OUTPUT 1 -j {CHAIN}")
+
+    def rule(text: str, chain: str = CHAIN) -> None:
+        out.append(f"-A {chain} {text}")
+
+    rule("-o lo -j ACCEPT")
+    fly = v == 6 and policy.ipv6 == "fly"
+    if v == 6:
+        for t in ("neighbour-solicitation", "neighbour-advertisement", "router-solicitation"):
+            rule(f"-p ipv6-icmp --icmpv6-type {t} -m hl --hl-eq 255 -j ACCEPT")
+        for t in ("130", "131", "132", "143"):  # multicast listener reports (MLD v1/v2)
+            rule(f"-d ff02::/16 -p ipv6-icmp --icmpv6-type {t} -m hl --hl-eq 1 -j ACCEPT")
+    if fly:
+        # Stateless: Fly's kernel has no IPv6 conntrack, so no conntrack match in this family.
+        rule(f"-d {rendered(policy.fly_network)} -p tcp --sport 22 -j ACCEPT")
+        for proto in ("udp", "tcp"):
+            rule(f"-d {rendered(policy.fly_resolver)} -p {proto} --dport 53 "
+                 f"-m owner --uid-owner {uid} -j ACCEPT")  # fmt: skip
+    else:
+        rule("-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT")
+        rule("-m conntrack --ctstate INVALID -j DROP")
+    if v == 4 or policy.ipv6 != "deny":
+        up = model.ipset_name(f"upstream{v}")
+        for proto in ("udp", "tcp"):
+            rule(f"-p {proto} --dport 53 -m owner --uid-owner {uid} "
+                 f"-m set --match-set {up} dst -j ACCEPT")  # fmt: skip
+    rule(f"-p tcp --dport 22 -j {DENY}")
+    if v == 4 or policy.ipv6 == "allowlist":
+        for g in policy.groups:
+            s4, d4, s6, d6 = g.set_names()
+            sets = (s4, d4) if v == 4 else (s6, d6)
+            for ports in _multiport(g.ports):
+                for name in sets:
+                    rule(f"-p tcp {ports} -m set --match-set {model.ipset_name(name)} dst -j ACCEPT")
+    rule(f"-j {DENY}")
+    if policy.log_denied:
+        denied = model.ipset_name(f"denied{v}")
+        for proto in ("tcp", "udp"):
+            # Count first (no-op for a new destination), then add: "add --exist" would
+            # reset the counters.
+            rule(f"-p {proto} -m set --match-set {denied} dst,dst", DENY)
+            rule(f"-p {proto} -j SET --add-set {denied} dst,dst", DENY)
+    rule("-p tcp -j REJECT --reject-with tcp-reset", DENY)
+    icmp = "icmp-admin-prohibited" if v == 4 else "adm-prohibited"
+    rule(f"-j REJECT --reject-with {icmp}", DENY)
+    out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def parse_ipset_save(text: str) -> dict[str, list[str]]:
+    """``ipset save`` -> {ipset name: [element text, ...]} for sets named ``ct-*``."""
+    sets: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].startswith(PREFIX) and not parts[1].endswith("-n"):
+            if parts[0] == "create":
+                sets.setdefault(parts[1], [])
+            elif parts[0] == "add" and len(parts) >= 3:
+                sets.setdefault(parts[1], []).append(parts[2])
+    return sets
+
+
+def parse_denied_list(text: str, timeout: float) -> list[Denied]:
+    """``ipset list ct-deniedN`` members: ``ADDR,tcp:443 timeout N packets P bytes B``."""
+    out: list[Denied] = []
+    members = False
+    for line in text.splitlines():
+        if line.startswith("Members:"):
+            members = True
+            continue
+        parts = line.split()
+        if not members or not parts or "," not in parts[0]:
+            continue
+        addr, _, service = parts[0].rpartition(",")
+        proto, _, port = service.partition(":")
+        opts = dict(zip(parts[1::2], parts[2::2], strict=False))
+        try:
+            expires = float(opts.get("timeout", 0))
+            out.append(
+                Denied(
+                    addr=str(ipaddress.ip_address(addr)),
+                    proto=proto,
+                    port=int(port),
+                    packets=int(opts.get("packets", 0)),
+                    expires_in=expires,
+                    seen_ago=max(0.0, timeout - expires),
+                )
+            )
+        except ValueError:
+            continue
+    return out
+
+
+class IptablesBackend(FirewallBackend):
+    name = "iptables"
+
+    def _tools(self, version: int) -> tuple[str, str]:
+        t = iptables_tools()
+        return (t[0], t[1]) if version == 4 else (t[2], t[3])
+
+    async def _ipset(self, script: str, what: str) -> None:
+        await self.runner.run(["ipset", "restore"], script, what=what)
+
+    async def _has_jump(self, version: int) -> bool:
+        ipt, _ = self._tools(version)
+        rc, _o, _e = await self.runner.run([ipt, "-w", "-C", "OUTPUT", "-j", CHAIN], check=False)
+        return rc == 0
+
+    async def apply(self, policy: FirewallPolicy) -> None:
+        defs = ipset_definitions(policy)
+        await self._ipset(render_ipsets(policy), "create and fill the ipsets")
+        for v in (4, 6):
+            _ipt, restore = self._tools(v)
+            rules = render_rules(policy, v, add_jump=not await self._has_jump(v))
+            await self.runner.run([restore, "-w", "--noflush"], rules, what=f"apply IPv{v} rules")
+        # Sets the new rules no longer reference: best effort, a leftover set is harmless.
+        for name in set(await self._ours()) - set(defs):
+            await self.runner.run(["ipset", "destroy", name], check=False)
+        self.applied = policy
+        log.info(
+            "firewall_applied",
+            backend=self.name,
+            groups=len(policy.groups),
+            v4=sum(len(g.v4) for g in policy.groups),
+            v6=sum(len(g.v6) for g in policy.groups),
+            ipv6=policy.ipv6,
+        )
+
+    async def _ours(self) -> dict[str, list[str]]:
+        rc, out, err = await self.runner.run(["ipset", "save"], check=False)
+        if rc != 0:
+            raise FirewallError(f"ipset save failed: {err.strip()[:500]}; is ipset installed?")
+        return parse_ipset_save(out)
+
+    async def _replace_static(self, policy: FirewallPolicy) -> None:
+        await self._ipset(render_ipsets(policy, static_only=True), "refresh the allowed sets")
+        log.debug("firewall_sets_replaced", backend=self.name, groups=len(policy.groups))
+
+    async def read_denied(self) -> list[Denied]:
+        timeout = float(self.applied.denied_timeout) if self.applied else 3600.0
+
+        async def one(v: int) -> list[Denied]:
+            name = model.ipset_name(f"denied{v}")
+            rc, out, _e = await self.runner.run(["ipset", "list", name], check=False)
+            return parse_denied_list(out, timeout) if rc == 0 else []
+
+        a, b = await asyncio.gather(one(4), one(6))
+        return sorted(a + b, key=lambda d: (-d.packets, d.addr, d.port))
+
+    async def status(self) -> FirewallStatus:
+        ipt, _ = self._tools(4)
+        rc, _o, _e = await self.runner.run([ipt, "-w", "-S", CHAIN], check=False)
+        sets = await self._ours()
+        counts = {k.removeprefix(PREFIX): len(v) for k, v in sets.items()}
+        active = rc == 0 and await self._has_jump(4)
+        return FirewallStatus(self.name, active, counts, detail=f"{ipt}: chains {CHAIN}, {DENY}")
+
+    async def contains(self, addr: str) -> list[str]:
+        ip = parse_address(addr)
+        hits = []
+        for name, elems in sorted((await self._ours()).items()):
+            if "denied" in name:
+                continue
+            nets: list[IPNetwork] = []
+            for e in elems:
+                try:
+                    nets.append(ipaddress.ip_network(e))
+                except ValueError:
+                    continue
+            if member_of(ip, nets):
+                hits.append(name.removeprefix(PREFIX))
+        return hits
+
+    async def teardown(self) -> None:
+        for v in (4, 6):
+            ipt, _ = self._tools(v)
+            while await self._has_jump(v):
+                await self.runner.run([ipt, "-w", "-D", "OUTPUT", "-j", CHAIN], what="unhook")
+            for chain in (CHAIN, DENY):
+                await self.runner.run([ipt, "-w", "-F", chain], check=False)
+            for chain in (CHAIN, DENY):
+                await self.runner.run([ipt, "-w", "-X", chain], check=False)
+        for name in await self._ours():
+            await self.runner.run(["ipset", "destroy", name], check=False)
+        self.applied = None
+        log.info("firewall_removed", backend=self.name)

@@ -1,0 +1,359 @@
+"""nftables backend: our own table ``inet codetainer`` and nothing else.
+
+Apply is one ``nft -f`` transaction that creates or updates the table in place: chains
+are flushed and refilled, static sets flushed and refilled, the dynamic sets (filled by
+the DNS server) and the denied-destination set are declared with ``add`` and keep their
+elements. So a reload neither opens a window nor forgets an address the DNS server
+handed out, and conntrack entries (hence established connections) are untouched. Only
+when the table in the kernel cannot be updated in place (a set of ours with another
+type, left by an older version) is it deleted and recreated, still in one transaction,
+carrying the dynamic sets' elements over with their remaining lifetime.
+
+A refresh touches the static sets only: ``flush set`` + ``add element`` for every set,
+one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+
+from codetainer.network import model
+from codetainer.network.firewall import (
+    Denied,
+    FirewallBackend,
+    FirewallError,
+    FirewallPolicy,
+    FirewallStatus,
+    IPNetwork,
+    member_of,
+    parse_address,
+    rendered,
+)
+
+log = structlog.get_logger("codetainer.network")
+
+T = f"{model.FAMILY} {model.TABLE}"
+CHAINS = ("output", "deny")
+DENIED_SETS = {4: "denied4", 6: "denied6"}
+UPSTREAM_SETS = {4: "upstream4", 6: "upstream6"}
+_ND = "{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }"
+_MLD = "{ mld-listener-report, mld-listener-done, mld2-listener-report }"
+
+
+def _type(version: int) -> str:
+    return "ipv4_addr" if version == 4 else "ipv6_addr"
+
+
+def _elements(values: Iterable[Any]) -> str:
+    return ", ".join(rendered(v) for v in values)
+
+
+def _ports(ports: tuple[int, ...]) -> str:
+    return str(ports[0]) if len(ports) == 1 else "{ " + ", ".join(str(p) for p in ports) + " }"
+
+
+def set_definitions(policy: FirewallPolicy) -> dict[str, str]:
+    """Every set of the policy: name -> its ``{ ... }`` declaration (without elements)."""
+    defs: dict[str, str] = {}
+    for v in (4, 6):
+        defs[UPSTREAM_SETS[v]] = f"{{ type {_type(v)}; }}"
+    for g in policy.groups:
+        s4, d4, s6, d6 = g.set_names()
+        for name, v in ((s4, 4), (s6, 6)):
+            defs[name] = f"{{ type {_type(v)}; flags interval; }}"
+        for name, v in ((d4, 4), (d6, 6)):
+            defs[name] = f"{{ type {_type(v)}; flags timeout; timeout {policy.dynamic_timeout}s; }}"
+    for v in (4, 6):
+        defs[DENIED_SETS[v]] = (
+            f"{{ type {_type(v)} . inet_proto . inet_service; flags dynamic,timeout; "
+            f"timeout {policy.denied_timeout}s; counter; size {policy.denied_size}; }}"
+        )
+    return defs
+
+
+def static_contents(policy: FirewallPolicy) -> dict[str, tuple[Any, ...]]:
+    """Sets that are flushed and refilled from the policy on apply."""
+    out: dict[str, tuple[Any, ...]] = {
+        UPSTREAM_SETS[4]: policy.upstreams_of(4),
+        UPSTREAM_SETS[6]: policy.upstreams_of(6),
+    }
+    for g in policy.groups:
+        s4, _d4, s6, _d6 = g.set_names()
+        out[s4] = g.v4
+        out[s6] = g.v6
+    return out
+
+
+def _fill(name: str, values: tuple[Any, ...]) -> list[str]:
+    lines = [f"flush set {T} {name}"]
+    if values:
+        lines.append(f"add element {T} {name} {{ {_elements(values)} }}")
+    return lines
+
+
+def render_rules(policy: FirewallPolicy) -> list[str]:
+    """The ``add rule`` lines of both chains, in evaluation order."""
+    uid = policy.dns_uid
+    out: list[str] = []
+
+    def rule(chain: str, text: str) -> None:
+        out.append(f"add rule {T} {chain} {text}")
+
+    rule("output", 'oif "lo" accept')
+    # Neighbour discovery and multicast listener reports are link-local plumbing that
+    # any IPv6 reply (even to inbound ssh) needs; their hop limits keep them on the link.
+    rule("output", f"ip6 hoplimit 255 icmpv6 type {_ND} accept")
+    rule("output", f"ip6 hoplimit 1 ip6 daddr ff02::/16 icmpv6 type {_MLD} accept")
+    if policy.ipv6 == "fly":
+        # Stateless on purpose: Fly's kernel has no IPv6 conntrack.
+        rule("output", f"ip6 daddr {rendered(policy.fly_network)} tcp sport 22 accept")
+        rule(
+            "output",
+            f"meta skuid {uid} ip6 daddr {rendered(policy.fly_resolver)} "
+            "meta l4proto { tcp, udp } th dport 53 accept",
+        )
+    rule("output", "ct state established,related accept")
+    rule("output", "ct state invalid drop")
+    rule("output", f"meta skuid {uid} meta l4proto {{ tcp, udp }} th dport 53 ip daddr @upstream4 accept")
+    if policy.ipv6 != "deny":
+        rule(
+            "output",
+            f"meta skuid {uid} meta l4proto {{ tcp, udp }} th dport 53 ip6 daddr @upstream6 accept",
+        )
+    # Before any allow rule: outbound ssh stays denied even to an allowlisted address.
+    rule("output", "tcp dport 22 goto deny")
+    for g in policy.groups:
+        s4, d4, s6, d6 = g.set_names()
+        ports = _ports(g.ports)
+        rule("output", f"tcp dport {ports} ip daddr @{s4} accept")
+        rule("output", f"tcp dport {ports} ip daddr @{d4} accept")
+        if policy.ipv6 == "allowlist":
+            rule("output", f"tcp dport {ports} ip6 daddr @{s6} accept")
+            rule("output", f"tcp dport {ports} ip6 daddr @{d6} accept")
+    rule("output", "goto deny")
+    if policy.log_denied:
+        for v, daddr in ((4, "ip daddr"), (6, "ip6 daddr")):
+            rule("deny", f"meta l4proto {{ tcp, udp }} update @{DENIED_SETS[v]} "
+                 f"{{ {daddr} . meta l4proto . th dport }}")  # fmt: skip
+            rule("deny", f"meta l4proto != {{ tcp, udp }} update @{DENIED_SETS[v]} "
+                 f"{{ {daddr} . meta l4proto . 0 }}")  # fmt: skip
+    rule("deny", "meta l4proto tcp reject with tcp reset")
+    rule("deny", "reject with icmpx type admin-prohibited")
+    return out
+
+
+def render_apply(
+    policy: FirewallPolicy,
+    existing: dict[str, Any] | None = None,
+    *,
+    replace_table: bool = False,
+    carry: dict[str, list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]] | None = None,
+) -> str:
+    """The ``nft -f`` transaction that installs ``policy``.
+
+    ``existing`` is the parsed current table (:func:`parse_table`) so obsolete sets and
+    chains are removed; ``replace_table`` deletes and recreates the table, re-adding the
+    ``carry`` elements (set -> [(address, seconds left)]) to the dynamic sets.
+    """
+    lines = [f"add table {T}"]
+    if replace_table:
+        lines += [f"delete table {T}", f"add table {T}"]
+    lines += [
+        f"add chain {T} output {{ type filter hook output priority filter; policy drop; }}",
+        f"flush chain {T} output",
+        f"add chain {T} deny",
+        f"flush chain {T} deny",
+    ]
+    defs = set_definitions(policy)
+    for name, decl in defs.items():
+        lines.append(f"add set {T} {name} {decl}")
+    for name, values in static_contents(policy).items():
+        lines += _fill(name, values)
+    for name, elems in (carry or {}).items():
+        if name in defs and name[0] == "d" and elems:
+            text = ", ".join(f"{rendered(a)} timeout {max(1, int(s))}s" for a, s in elems)
+            lines.append(f"add element {T} {name} {{ {text} }}")
+    lines += render_rules(policy)
+    if existing and not replace_table:
+        for name in sorted(set(existing["sets"]) - set(defs)):
+            lines.append(f"delete set {T} {name}")
+        for chain in sorted(set(existing["chains"]) - set(CHAINS)):
+            lines.append(f"delete chain {T} {chain}")
+    return "\n".join(lines) + "\n"
+
+
+def render_update(policy: FirewallPolicy) -> str:
+    """The refresh transaction: every static set flushed and refilled, nothing else."""
+    lines: list[str] = []
+    for g in policy.groups:
+        s4, _d4, s6, _d6 = g.set_names()
+        lines += _fill(s4, g.v4)
+        lines += _fill(s6, g.v6)
+    return "\n".join(lines) + "\n"
+
+
+# -- reading the kernel's view -------------------------------------------------------------
+
+
+def _networks(value: Any) -> list[IPNetwork]:
+    """Networks of one JSON set element (plain, prefix, range, or wrapped in ``elem``)."""
+    if isinstance(value, dict) and "elem" in value:
+        value = value["elem"].get("val")
+    try:
+        if isinstance(value, str):
+            return [ipaddress.ip_network(value)]
+        if isinstance(value, dict) and "prefix" in value:
+            p = value["prefix"]
+            return [ipaddress.ip_network(f"{p['addr']}/{p['len']}")]
+        if isinstance(value, dict) and "range" in value:
+            lo, hi = (ipaddress.ip_address(x) for x in value["range"])
+            return list(ipaddress.summarize_address_range(lo, hi))
+    except (ValueError, KeyError, TypeError):
+        pass
+    return []
+
+
+def parse_table(text: str) -> dict[str, Any]:
+    """``nft -j list table`` output -> {"sets": {name: set json}, "chains": [names]}."""
+    sets: dict[str, Any] = {}
+    chains: list[str] = []
+    for item in json.loads(text).get("nftables", []):
+        if "set" in item:
+            sets[item["set"]["name"]] = item["set"]
+        elif "chain" in item:
+            chains.append(item["chain"]["name"])
+    return {"sets": sets, "chains": chains}
+
+
+def parse_denied(set_json: dict[str, Any], timeout: float) -> list[Denied]:
+    out = []
+    for elem in set_json.get("elem", []):
+        body = elem.get("elem", {}) if isinstance(elem, dict) else {}
+        concat = body.get("val", {}).get("concat") if isinstance(body.get("val"), dict) else None
+        if not concat or len(concat) != 3:
+            continue
+        try:
+            addr = str(ipaddress.ip_address(concat[0]))
+            expires = float(body.get("expires", 0))
+            out.append(
+                Denied(
+                    addr=addr,
+                    proto=str(concat[1]),
+                    port=int(concat[2]),
+                    packets=int((body.get("counter") or {}).get("packets", 0)),
+                    expires_in=expires,
+                    seen_ago=max(0.0, timeout - expires),
+                )
+            )
+        except (ValueError, TypeError):
+            continue
+    return out
+
+
+class NftablesBackend(FirewallBackend):
+    name = "nftables"
+
+    async def _nft(self, script: str, what: str) -> None:
+        await self.runner.run(["nft", "-f", "-"], script, what=what)
+
+    async def _table(self) -> dict[str, Any] | None:
+        rc, out, err = await self.runner.run(["nft", "-j", "list", "table", T], check=False)
+        if rc != 0:
+            if "No such file" in err or "does not exist" in err:
+                return None
+            raise FirewallError(f"nft could not list table {T}: {err.strip()[:500]}")
+        return parse_table(out)
+
+    async def apply(self, policy: FirewallPolicy) -> None:
+        existing = await self._table()
+        try:
+            await self._nft(render_apply(policy, existing), "apply the firewall")
+            mode = "update" if existing else "create"
+        except FirewallError as first:
+            if existing is None:
+                raise
+            # The table in the kernel cannot be updated in place (e.g. a set of ours with
+            # another type): recreate it in one transaction, keeping DNS-filled addresses.
+            carry = self._carry(existing)
+            log.warning("firewall_replace_table", reason=str(first)[:300])
+            await self._nft(
+                render_apply(policy, existing, replace_table=True, carry=carry),
+                "replace the firewall table",
+            )
+            mode = "replace"
+        self.applied = policy
+        log.info(
+            "firewall_applied",
+            backend=self.name,
+            mode=mode,
+            groups=len(policy.groups),
+            v4=sum(len(g.v4) for g in policy.groups),
+            v6=sum(len(g.v6) for g in policy.groups),
+            ipv6=policy.ipv6,
+        )
+
+    @staticmethod
+    def _carry(
+        existing: dict[str, Any],
+    ) -> dict[str, list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]]:
+        carry: dict[str, list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]] = {}
+        for name, s in existing["sets"].items():
+            if not name.startswith("d"):
+                continue
+            for elem in s.get("elem", []):
+                left = elem.get("elem", {}).get("expires", 0) if isinstance(elem, dict) else 0
+                for net in _networks(elem):
+                    if net.num_addresses == 1 and int(left) >= 1:
+                        carry.setdefault(name, []).append((net.network_address, int(left)))
+        return carry
+
+    async def _replace_static(self, policy: FirewallPolicy) -> None:
+        await self._nft(render_update(policy), "refresh the allowed sets")
+        log.debug("firewall_sets_replaced", backend=self.name, groups=len(policy.groups))
+
+    async def read_denied(self) -> list[Denied]:
+        timeout = float(self.applied.denied_timeout) if self.applied else 3600.0
+
+        async def one(name: str) -> list[Denied]:
+            rc, out, _err = await self.runner.run(["nft", "-j", "list", "set", T, name], check=False)
+            if rc != 0:
+                return []
+            for item in json.loads(out).get("nftables", []):
+                if "set" in item:
+                    return parse_denied(item["set"], timeout)
+            return []
+
+        found = await asyncio.gather(one(DENIED_SETS[4]), one(DENIED_SETS[6]))
+        return sorted(found[0] + found[1], key=lambda d: (-d.packets, d.addr, d.port))
+
+    async def status(self) -> FirewallStatus:
+        table = await self._table()
+        if table is None:
+            return FirewallStatus(self.name, False, detail=f"table {T} is not installed")
+        counts = {name: len(s.get("elem", [])) for name, s in table["sets"].items()}
+        return FirewallStatus(self.name, True, counts, detail=f"table {T}")
+
+    async def contains(self, addr: str) -> list[str]:
+        ip = parse_address(addr)
+        table = await self._table()
+        if table is None:
+            return []
+        hits = []
+        for name, s in sorted(table["sets"].items()):
+            if name in DENIED_SETS.values():
+                continue
+            nets = [n for e in s.get("elem", []) for n in _networks(e)]
+            if member_of(ip, nets):
+                hits.append(name)
+        return hits
+
+    async def teardown(self) -> None:
+        await self._nft(f"add table {T}\ndelete table {T}\n", "remove the firewall table")
+        self.applied = None
+        log.info("firewall_removed", backend=self.name)

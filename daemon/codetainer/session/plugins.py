@@ -1,0 +1,151 @@
+"""Boot step ``plugins``: install the configured Claude Code plugins before the session.
+
+``CODETAINER_PLUGINS`` is a comma-separated list of two kinds of entries, in any order:
+
+* a marketplace source: anything with a ``/`` or ``:`` in it (``anthropics/claude-code``,
+  ``https://example.com/marketplace.json``, ``git@host:org/repo.git``), added with
+  ``claude plugin marketplace add SOURCE``;
+* a plugin: ``name@marketplace`` (or a bare ``name``), installed with
+  ``claude plugin install ENTRY`` after every marketplace was added.
+
+Every command runs as the agent user (setpriv, agent environment) with its own timeout.
+The step's policy is ``degraded``: a failing command is a warning with its reason, the
+others still run, and the agent starts anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from codetainer.boot.engine import BootContext, Policy, Step, StepError
+from codetainer.boot.privileges import AgentUser, agent_env, setpriv_argv
+
+log = structlog.get_logger("codetainer.session")
+
+_PLUGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~:/@%+=-]*$")
+
+
+@dataclass(frozen=True)
+class PluginPlan:
+    marketplaces: tuple[str, ...]
+    plugins: tuple[str, ...]
+
+    def commands(self) -> list[list[str]]:
+        """Arguments after ``claude``, marketplaces first."""
+        return [["plugin", "marketplace", "add", m] for m in self.marketplaces] + [
+            ["plugin", "install", p] for p in self.plugins
+        ]
+
+
+def parse_plugins(spec: str) -> PluginPlan:
+    """Split ``CODETAINER_PLUGINS``; raise ValueError naming the bad entry."""
+    markets: list[str] = []
+    plugins: list[str] = []
+    for raw in spec.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        if "/" in entry or ":" in entry:
+            if not _SOURCE_RE.match(entry):
+                raise ValueError(f"CODETAINER_PLUGINS: {entry!r} is not a valid marketplace "
+                                 "source (owner/repo, URL or git address)")
+            markets.append(entry)
+        elif _PLUGIN_RE.match(entry):
+            plugins.append(entry)
+        else:
+            raise ValueError(f"CODETAINER_PLUGINS: {entry!r} is not a plugin "
+                             "(name@marketplace) or a marketplace source (owner/repo)")
+    return PluginPlan(tuple(dict.fromkeys(markets)), tuple(dict.fromkeys(plugins)))
+
+
+def _redact(text: str, secrets: Mapping[str, str]) -> str:
+    for value in secrets.values():
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+async def _run_one(argv: list[str], env: dict[str, str], cwd: str,
+                   timeout: float) -> tuple[bool, str]:
+    """(ok, reason). 'already added/installed' counts as success: boot is idempotent."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    except OSError as exc:
+        return False, f"cannot run {argv[0]}: {exc.strerror}"
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        return False, f"timed out after {timeout:g}s"
+    text = out.decode(errors="replace")
+    if proc.returncode == 0:
+        return True, _last_line(text)
+    if "already" in text.lower():
+        return True, _last_line(text)
+    return False, _last_line(text) or f"exit status {proc.returncode}"
+
+
+def plugins_step(
+    user: AgentUser | None = None,
+    *,
+    claude: str = "claude",
+    timeout: float = 600.0,
+    command_timeout: float = 180.0,
+    requires: tuple[str, ...] = (),
+) -> Step:
+    """The ``plugins`` boot step (policy degraded). ``user`` defaults to the settings'."""
+
+    async def run(ctx: BootContext) -> str | None:
+        try:
+            plan = parse_plugins(ctx.settings.plugins)
+        except ValueError as exc:
+            raise StepError(str(exc), "fix CODETAINER_PLUGINS") from None
+        if not plan.marketplaces and not plan.plugins:
+            return "no plugins configured"
+        agent = user
+        if agent is None:
+            try:
+                agent = AgentUser.lookup(ctx.settings.agent_user, ctx.settings.home)
+            except LookupError as exc:
+                raise StepError(str(exc)) from None
+        env = agent_env(agent, ctx.secrets, os.environ)
+        cwd = agent.home if os.path.isdir(agent.home) else "/"
+        failures: list[str] = []
+        for args in plan.commands():
+            what = " ".join(args[1:])
+            ok, reason = await _run_one(setpriv_argv(agent, [claude, *args]), env, cwd,
+                                        command_timeout)
+            reason = _redact(reason, ctx.secrets)
+            if ok:
+                log.info("plugin_ok", command=what)
+            else:
+                log.warning("plugin_failed", command=what, reason=reason)
+                failures.append(f"{what}: {reason}")
+        total = len(plan.commands())
+        if failures:
+            raise StepError(
+                f"{len(failures)} of {total} plugin commands failed: " + "; ".join(failures),
+                "check CODETAINER_PLUGINS and that the marketplaces are on the allowlist",
+            )
+        return (f"{len(plan.plugins)} plugin(s) installed from "
+                f"{len(plan.marketplaces)} marketplace(s)")
+
+    return Step(name="plugins", run=run, timeout=timeout, policy=Policy.DEGRADED,
+                requires=requires, description="install Claude Code plugins")

@@ -1,0 +1,590 @@
+"""The agent's tmux session: created, watched and stopped by the daemon.
+
+Shape: one tmux server on a fixed socket, run as the agent user (through
+``setpriv_argv``: no_new_privs, empty bounding set), one session with the agent in the
+top pane (80%) and a login shell below (20%), the agent pane selected.
+
+Ownership rules:
+
+* The session is tracked by tmux's session id (``$0``), never its name: a Claude Code
+  hook renames it. The agent pane is tracked by pane id and marked with the pane option
+  ``@codetainer_role=agent`` so a daemon that restarts can adopt a running session.
+* ``monitor()`` polls tmux (one client call per tick). A dead agent pane (kept visible
+  by ``remain-on-exit``) is respawned with exponential backoff under policy ``respawn``,
+  or left for the operator under ``leave``; after ``max_rapid_restarts`` consecutive
+  short-lived runs the daemon gives up (like supervisord's FATAL). A lost server or
+  session is recreated, with backoff and a limit.
+* Only the session's creation runs as the agent user. Every later tmux call is a client
+  command run by the daemon (root may talk to any tmux server); the server, which runs
+  as the agent user, spawns every pane.
+
+Lifecycle (also in tests/unit/test_session_manager.py)::
+
+    STOPPED    -> STARTING | STOPPING
+    STARTING   -> RUNNING | FAILED | STOPPING
+    RUNNING    -> RECOVERING | STOPPING
+    RECOVERING -> RUNNING | FAILED | STOPPING
+    FAILED     -> STARTING | STOPPING
+    STOPPING   -> STOPPED
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import shutil
+import stat
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import structlog
+
+from codetainer.boot.privileges import AgentUser, agent_env, setpriv_argv
+from codetainer.session import prompt as prompt_mod
+from codetainer.session.tmuxctl import (
+    CLIENT_FMT,
+    GONE,
+    PANE_FMT,
+    ROLE_OPTION,
+    Pane,
+    SessionError,
+    Snapshot,
+    TmuxGone,
+    int_or_none,
+    parse_snapshot,
+    run,
+    wait_gone,
+)
+from codetainer.session.usage import TreeSampler, mounts_usage
+
+if TYPE_CHECKING:
+    from codetainer.control.server import Request
+    from codetainer.events import EventBus
+    from codetainer.settings import Settings
+
+log = structlog.get_logger("codetainer.session")
+
+CONFIG_FILE = Path(__file__).with_name("tmux.conf")
+SESSION_NAME = "claude"
+
+__all__ = ["SessionError", "SessionManager", "SessionState", "TmuxGone"]
+
+
+class SessionState(enum.Enum):
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    RECOVERING = "RECOVERING"
+    FAILED = "FAILED"
+    STOPPING = "STOPPING"
+
+
+S = SessionState
+TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    S.STOPPED: frozenset({S.STARTING, S.STOPPING}),
+    S.STARTING: frozenset({S.RUNNING, S.FAILED, S.STOPPING}),
+    S.RUNNING: frozenset({S.RECOVERING, S.STOPPING}),
+    S.RECOVERING: frozenset({S.RUNNING, S.FAILED, S.STOPPING}),
+    S.FAILED: frozenset({S.STARTING, S.STOPPING}),
+    S.STOPPING: frozenset({S.STOPPED}),
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+
+
+def _traversable(st: os.stat_result, user: AgentUser) -> bool:
+    if st.st_uid == user.uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == user.gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+class SessionManager:
+    def __init__(
+        self,
+        settings: Settings,
+        events: EventBus,
+        secrets: Mapping[str, str] | None = None,
+        user: AgentUser | None = None,
+        *,
+        cwd: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        config: str | None = None,
+        session_name: str = SESSION_NAME,
+        poll_interval: float = 1.0,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        stable_after: float = 30.0,
+        max_rapid_restarts: int = 10,
+        recreate_limit: int = 10,
+    ) -> None:
+        self.settings = settings
+        self.events = events
+        self.secrets = dict(secrets or {})
+        self.user = user
+        self.environ = os.environ if environ is None else environ
+        self.socket = settings.tmux_socket
+        self.config = config or str(CONFIG_FILE)
+        self.session_name = session_name
+        self.policy = settings.agent_restart.strip().lower()
+        if self.policy not in ("respawn", "leave"):
+            raise ValueError(f"CODETAINER_AGENT_RESTART={settings.agent_restart!r} is not "
+                             "valid: set it to respawn or leave")
+        self._cwd = cwd
+        self.poll_interval = poll_interval
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.stable_after = stable_after
+        self.max_rapid_restarts = max_rapid_restarts
+        self.recreate_limit = recreate_limit
+        self.prompt_file = str(Path(self.socket).parent / prompt_mod.PROMPT_FILE_NAME)
+        self._prompt = prompt_mod.find_prompt(self.secrets, self.environ)
+        self._prompt_written = False
+
+        self.state = SessionState.STOPPED
+        self.reason = ""
+        self.hint: str | None = None
+        self.session_id: str | None = None
+        self.name: str | None = None
+        self.agent_pane: str | None = None
+        self.shell_pane: str | None = None
+        self.server_pid: int | None = None
+        self.cwd: str | None = None
+        self.restarts = {"agent": 0, "server": 0}
+        self.snapshot: Snapshot | None = None
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._sampler = TreeSampler()
+        # agent pane bookkeeping
+        self._agent_pid: int | None = None
+        self._agent_started = time.monotonic()
+        self._handled_death: int | None = None  # pane pid whose death we already acted on
+        self._respawn_at: float | None = None
+        self._rapid = 0
+        self._gave_up = False
+        # server recovery bookkeeping
+        self._recover_failures = 0
+        self._recover_at = 0.0
+        self._timeouts = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def change_state(self, new: SessionState) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise InvalidTransition(f"session state {self.state.value} -> {new.value} "
+                                    "is not allowed")
+        old, self.state = self.state, new
+        log.info("session_state", old=old.value, new=new.value)
+
+    async def start(self) -> dict[str, Any]:
+        """Create (or adopt) the session. Raises :class:`SessionError` on failure."""
+        async with self._lock:
+            self.change_state(SessionState.STARTING)  # STOPPED|FAILED -> STARTING
+            self._stop.clear()
+            try:
+                await self._create()
+            except SessionError as exc:
+                self._fail(exc)
+                raise
+            self.change_state(SessionState.RUNNING)  # STARTING -> RUNNING
+            self._publish_ready()
+            return self.describe()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Kill the tmux server and everything in it; bounded by ``timeout``."""
+        self._stop.set()
+        async with self._lock:
+            if self.state in (SessionState.STOPPED, SessionState.STOPPING):
+                return
+            self.change_state(SessionState.STOPPING)
+            pids = self._tree_pids()
+            with contextlib.suppress(SessionError, TmuxGone):
+                await self._tmux("kill-server")
+            survivors = await wait_gone(pids, timeout)
+            for proc in survivors:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            if survivors:
+                log.warning("session_stop_killed", pids=[p.pid for p in survivors])
+                await wait_gone([p.pid for p in survivors], 1.0)
+            prompt_mod.remove_prompt_file(self.prompt_file)
+            self.change_state(SessionState.STOPPED)  # STOPPING -> STOPPED
+            self.session_id = self.agent_pane = self.shell_pane = None
+            self.snapshot = None
+            log.info("session_stopped", restarts=self.restarts)
+            self.events.publish("session.stopped", restarts=dict(self.restarts))
+
+    async def monitor(self) -> None:
+        """Watch the session until :meth:`stop`; run it as a task after :meth:`start`."""
+        next_tick = time.monotonic()
+        while not self._stop.is_set():
+            next_tick += self.poll_interval
+            try:
+                async with self._lock:
+                    if self.state in (SessionState.RUNNING, SessionState.RECOVERING):
+                        await self.check()
+            except Exception:  # a bug here must not end supervision of the agent
+                log.exception("session_monitor_crash")
+            now = time.monotonic()
+            if now > next_tick:
+                log.warning("session_tick_overrun", late_s=round(now - next_tick, 3))
+                next_tick = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), next_tick - now)
+
+    # -- creation ------------------------------------------------------------------------
+
+    def _resolve_user(self) -> AgentUser:
+        if self.user is None:
+            try:
+                self.user = AgentUser.lookup(self.settings.agent_user, self.settings.home)
+            except LookupError as exc:
+                raise SessionError(str(exc), "set CODETAINER_AGENT_USER to an existing "
+                                   "user") from None
+        return self.user
+
+    def _workdir(self) -> str:
+        if self._cwd:
+            return self._cwd
+        repo = Path(self.settings.workspace, "repo")
+        return str(repo) if repo.is_dir() else self.settings.workspace
+
+    def _prepare_socket_dir(self, user: AgentUser) -> None:
+        d = Path(self.socket).parent
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            st = d.lstat()
+            if not stat.S_ISDIR(st.st_mode):
+                raise SessionError(f"tmux socket directory {d} is not a directory",
+                                   f"remove {d} or set CODETAINER_TMUX_SOCKET")
+            os.chown(d, user.uid, user.gid)
+            os.chmod(d, 0o700)
+            for parent in d.resolve().parents:
+                pst = parent.stat()
+                if not _traversable(pst, user):
+                    raise SessionError(
+                        f"{user.name} (uid {user.uid}) cannot reach {d}: {parent} is mode "
+                        f"{stat.S_IMODE(pst.st_mode):o}", f"chmod o+x {parent}")
+        except OSError as exc:
+            raise SessionError(f"cannot prepare tmux socket directory {d}: {exc.strerror}",
+                               "check that the run directory is writable by the daemon") from None
+
+    def _agent_argv(self) -> list[str]:
+        return ["/bin/sh", "-c",
+                prompt_mod.wrapper_script(self.settings.agent_command, self.prompt_file)]
+
+    def _shell_argv(self, env: Mapping[str, str]) -> list[str]:
+        shell = env.get("SHELL", "/bin/bash")
+        if not os.access(shell, os.X_OK):
+            shell = "/bin/sh"
+        return [shell, "-l"]
+
+    async def _create(self) -> None:
+        user = self._resolve_user()
+        tmux = shutil.which(self.settings.tmux)
+        if tmux is None:
+            raise SessionError(f"tmux not found ({self.settings.tmux!r})",
+                               "install tmux in the image or set CODETAINER_TMUX")
+        self._prepare_socket_dir(user)
+        if await self._adopt():
+            return
+        cwd = self._workdir()
+        if not os.path.isdir(cwd):
+            raise SessionError(f"agent working directory {cwd} does not exist",
+                               "check the workspace and clone steps")
+        if self._prompt is not None and not self._prompt_written:
+            try:
+                prompt_mod.write_prompt_file(self.prompt_file, self._prompt, user.uid, user.gid)
+            except OSError as exc:
+                raise SessionError(f"cannot write the prompt file: {exc.strerror}") from None
+            self._prompt_written = True
+            log.info("session_prompt", sha256=prompt_mod.digest(self._prompt),
+                     bytes=len(self._prompt.encode()))
+        env = agent_env(user, self.secrets, self.environ, {"COLORTERM": "truecolor"})
+        env.pop(prompt_mod.PROMPT_VAR, None)
+        argv = setpriv_argv(user, [
+            tmux, "-u", "-S", self.socket, "-f", self.config, "new-session", "-d",
+            "-s", self.session_name, "-x", "220", "-y", "60", "-c", cwd,
+            "-P", "-F", "#{session_id}\t#{pane_id}\t#{pid}", "--", *self._agent_argv(),
+        ])
+        rc, out, err = await run(argv, env=env, cwd=cwd)
+        if rc != 0:
+            raise SessionError(f"tmux new-session failed: {err.strip() or f'exit {rc}'}",
+                               f"run `{tmux} -S {self.socket} ls` as root to inspect")
+        try:
+            sid, agent_pane, server_pid = out.strip().split("\t")
+        except ValueError:
+            raise SessionError(f"unexpected tmux output {out.strip()!r}") from None
+        try:
+            out = await self._tmux(
+                "set-option", "-p", "-t", agent_pane, ROLE_OPTION, "agent", ";",
+                "split-window", "-v", "-l", "20%", "-t", agent_pane, "-c", cwd,
+                "-P", "-F", "#{pane_id}", "--", *self._shell_argv(env))
+            shell_pane = out.strip().splitlines()[-1]
+            await self._tmux(
+                "set-option", "-p", "-t", shell_pane, ROLE_OPTION, "shell", ";",
+                "set-option", "-p", "-t", shell_pane, "remain-on-exit", "off", ";",
+                "select-pane", "-t", agent_pane)
+        except TmuxGone:
+            raise SessionError("the tmux server exited right after it started",
+                               f"check the agent command ({self.settings.agent_command!r}) "
+                               "and the tmux configuration") from None
+        self._adopted(sid, agent_pane, shell_pane, int_or_none(server_pid), cwd)
+
+    async def _adopt(self) -> bool:
+        """Take over a running session of ours (a restarted daemon finds it alive)."""
+        try:
+            out = await self._tmux("list-panes", "-a", "-F",
+                                   "#{session_id}\t#{pane_id}\t#{" + ROLE_OPTION + "}\t#{pid}")
+        except (TmuxGone, SessionError):
+            return False
+        rows = [line.split("\t") for line in out.splitlines()]
+        agent = next((r for r in rows if len(r) == 4 and r[2] == "agent"), None)
+        if agent is None:
+            return False
+        shell = next((r[1] for r in rows if len(r) == 4 and r[0] == agent[0]
+                      and r[2] == "shell"), None)
+        self._adopted(agent[0], agent[1], shell, int_or_none(agent[3]), self._workdir())
+        log.info("session_adopted", id=agent[0], agent_pane=agent[1])
+        return True
+
+    def _adopted(self, sid: str, agent_pane: str, shell_pane: str | None,
+                 server_pid: int | None, cwd: str) -> None:
+        self.session_id, self.agent_pane, self.shell_pane = sid, agent_pane, shell_pane
+        self.server_pid, self.cwd = server_pid, cwd
+        self.name = self.session_name
+        self._agent_pid = None
+        self._agent_started = time.monotonic()
+        self._handled_death = None
+        self._respawn_at = None
+        self._gave_up = False
+        self.reason, self.hint = "", None
+
+    def _fail(self, exc: SessionError) -> None:
+        self.reason, self.hint = exc.reason, exc.hint
+        self.change_state(SessionState.FAILED)
+        log.error("session_failed", reason=exc.reason, hint=exc.hint)
+        self.events.publish("session.failed", reason=exc.reason, hint=exc.hint)
+
+    def _publish_ready(self) -> None:
+        log.info("session_ready", id=self.session_id, agent_pane=self.agent_pane,
+                 socket=self.socket, cwd=self.cwd, policy=self.policy)
+        self.events.publish("session.ready", **self.describe())
+
+    # -- supervision ---------------------------------------------------------------------
+
+    async def check(self) -> None:
+        """One supervision step; ``monitor()`` calls it every ``poll_interval``."""
+        if self.state is SessionState.RECOVERING:
+            await self._recover()
+            return
+        try:
+            snap = await self._query()
+            self._timeouts = 0
+        except TmuxGone as exc:
+            log.warning("session_lost", id=self.session_id, why=str(exc))
+            self.events.publish("session.lost", id=self.session_id, reason=str(exc))
+            self.change_state(SessionState.RECOVERING)  # RUNNING -> RECOVERING
+            self.snapshot = None
+            self._recover_at = time.monotonic()
+            await self._recover()
+            return
+        except SessionError as exc:  # tmux hung or misbehaved: give it a few ticks
+            self._timeouts += 1
+            log.warning("session_query_failed", reason=exc.reason, count=self._timeouts)
+            if self._timeouts >= 3 and self.server_pid:
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(self.server_pid).kill()
+            return
+        self.snapshot = snap
+        self.name = snap.name
+        self.server_pid = snap.server_pid or self.server_pid
+        agent = next((p for p in snap.panes if p.id == self.agent_pane), None)
+        if agent is None:
+            await self._replace_agent_pane(snap)
+        elif agent.dead:
+            await self._agent_dead(agent)
+        elif agent.pid != self._agent_pid:
+            # A new agent process (we or an operator respawned it).
+            self._agent_pid, self._agent_started = agent.pid, time.monotonic()
+            self._handled_death, self._gave_up = None, False
+        elif self._rapid and time.monotonic() - self._agent_started >= self.stable_after:
+            self._rapid = 0
+
+    async def _agent_dead(self, pane: Pane) -> None:
+        now = time.monotonic()
+        if self._handled_death != pane.pid:
+            self._handled_death = pane.pid
+            ran = now - self._agent_started
+            self._rapid = self._rapid + 1 if ran < self.stable_after else 1
+            if self.policy == "leave":
+                action = "left"
+            elif self._rapid > self.max_rapid_restarts:
+                action, self._gave_up = "gave_up", True
+            else:
+                delay = min(self.backoff_base * 2 ** (self._rapid - 1), self.backoff_max)
+                self._respawn_at = now + delay
+                action = f"respawn in {delay:g}s"
+            fields = {"pane": pane.id, "pid": pane.pid, "status": pane.dead_status,
+                      "signal": pane.dead_signal, "ran_s": round(ran, 2), "action": action}
+            log.warning("session_agent_exited", **fields)
+            self.events.publish("session.agent_exited", **fields)
+            if self._gave_up:
+                self.reason = (f"the agent exited {self._rapid} times in a row within "
+                               f"{self.stable_after:g}s; not restarting it")
+                self.hint = (f"look at the agent pane, then `tmux -S {self.socket} "
+                             f"respawn-pane -t {pane.id}` to try again")
+                log.error("session_agent_gave_up", reason=self.reason)
+                self.events.publish("session.gave_up", reason=self.reason, hint=self.hint)
+            return
+        if self._respawn_at is None or now < self._respawn_at:
+            return
+        self._respawn_at = None
+        try:
+            await self._tmux("respawn-pane", "-t", pane.id, "-c", self.cwd or self._workdir(),
+                             "--", *self._agent_argv())
+        except (TmuxGone, SessionError) as exc:
+            log.warning("session_respawn_failed", pane=pane.id, why=str(exc))
+            self._handled_death = None  # try again on a later tick, with more backoff
+            return
+        self.restarts["agent"] += 1
+        self._agent_started = now
+        log.info("session_respawned", pane=pane.id, restarts=self.restarts["agent"])
+        self.events.publish("session.respawned", pane=pane.id, restarts=self.restarts["agent"])
+
+    async def _replace_agent_pane(self, snap: Snapshot) -> None:
+        """The agent pane was closed (kill-pane): put a new one back on top."""
+        if self.policy == "leave" or not snap.panes:
+            return
+        other = snap.panes[0].id
+        cwd = self.cwd or self._workdir()
+        try:
+            out = await self._tmux(
+                "split-window", "-b", "-v", "-l", "80%", "-t", other, "-c", cwd,
+                "-P", "-F", "#{pane_id}", "--", *self._agent_argv())
+            pane = out.strip().splitlines()[-1]
+            await self._tmux("set-option", "-p", "-t", pane, ROLE_OPTION, "agent", ";",
+                             "select-pane", "-t", pane)
+        except (TmuxGone, SessionError) as exc:
+            log.warning("session_respawn_failed", pane=self.agent_pane, why=str(exc))
+            return
+        self.agent_pane = pane
+        self.restarts["agent"] += 1
+        self._agent_started = time.monotonic()
+        log.info("session_respawned", pane=pane, restarts=self.restarts["agent"])
+        self.events.publish("session.respawned", pane=pane, restarts=self.restarts["agent"])
+
+    async def _recover(self) -> None:
+        if time.monotonic() < self._recover_at:
+            return
+        try:
+            await self._create()
+        except SessionError as exc:
+            self._recover_failures += 1
+            delay = min(self.backoff_base * 2 ** (self._recover_failures - 1), self.backoff_max)
+            self._recover_at = time.monotonic() + delay
+            log.warning("session_recreate_failed", reason=exc.reason,
+                        attempt=self._recover_failures, retry_in_s=delay)
+            if self._recover_failures >= self.recreate_limit:
+                self._fail(SessionError(
+                    f"could not recreate the tmux session after {self._recover_failures} "
+                    f"attempts: {exc.reason}", exc.hint))
+            return
+        self._recover_failures = 0
+        self.restarts["server"] += 1
+        self.change_state(SessionState.RUNNING)  # RECOVERING -> RUNNING
+        log.info("session_recreated", id=self.session_id, restarts=self.restarts["server"])
+        self.events.publish("session.recreated", id=self.session_id,
+                            restarts=self.restarts["server"])
+        self._publish_ready()
+
+    # -- queries -------------------------------------------------------------------------
+
+    async def _tmux(self, *args: str) -> str:
+        """A tmux client command against our server; raises TmuxGone or SessionError."""
+        rc, out, err = await run([self.settings.tmux, "-u", "-S", self.socket, *args],
+                                  env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        if rc != 0:
+            msg = err.strip() or f"tmux exited {rc}"
+            if any(g in msg for g in GONE):
+                raise TmuxGone(msg)
+            raise SessionError(f"tmux {args[0]} failed: {msg}")
+        return out
+
+    async def _query(self) -> Snapshot:
+        if self.session_id is None:
+            raise TmuxGone("no session")
+        out = await self._tmux("list-panes", "-s", "-t", self.session_id, "-F", PANE_FMT, ";",
+                               "list-clients", "-t", self.session_id, "-F", CLIENT_FMT)
+        snap = parse_snapshot(out)
+        if snap is None or snap.session_id != self.session_id:
+            raise TmuxGone(f"session {self.session_id} has no panes")
+        return snap
+
+    def _tree_pids(self) -> list[int]:
+        pids: list[int] = []
+        if self.server_pid:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(self.server_pid)
+                pids = [root.pid, *(c.pid for c in root.children(recursive=True))]
+        return pids
+
+    # -- views ---------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """Where to attach (also the payload of ``session.ready``)."""
+        return {"exists": self.state is SessionState.RUNNING and self.session_id is not None,
+                "socket": self.socket, "id": self.session_id, "name": self.name,
+                "agent_pane": self.agent_pane, "state": self.state.value,
+                "reason": self.reason, "hint": self.hint}
+
+    def attach_target(self) -> dict[str, Any] | None:
+        """``{"socket", "id", "agent_pane"}`` when the session is up, else None."""
+        if self.state is not SessionState.RUNNING or self.session_id is None:
+            return None
+        return {"socket": self.socket, "id": self.session_id, "agent_pane": self.agent_pane}
+
+    async def session_handler(self, req: Request | None = None) -> dict[str, Any]:
+        """Control op ``session``: a live check, so a just-killed server is not reported up."""
+        info = self.describe()
+        if info["exists"]:
+            try:
+                out = await self._tmux("display-message", "-p", "-t", str(self.session_id),
+                                       "#{session_id}\t#{session_name}")
+                _sid, name = out.strip().split("\t", 1)
+                info["name"] = self.name = name
+            except (TmuxGone, SessionError, ValueError) as exc:
+                info["exists"] = False
+                info["reason"] = f"the tmux session is being recreated ({exc})"
+        return info
+
+    def status(self) -> dict[str, Any]:
+        """For ``codetainer status`` (cached tmux view, fresh psutil figures)."""
+        snap = self.snapshot
+        agent = None
+        if snap is not None:
+            agent = next((p for p in snap.panes if p.id == self.agent_pane), None)
+        tree = self._sampler.sample(agent.pid if agent is not None and not agent.dead else None)
+        paths = [self.settings.workspace, "/tmp", self.settings.home]
+        return {
+            **self.describe(),
+            "policy": self.policy,
+            "cwd": self.cwd,
+            "server_pid": self.server_pid,
+            "panes": [p.as_dict() for p in snap.panes] if snap else [],
+            "clients": snap.clients if snap else [],
+            "agent": tree,
+            "restarts": dict(self.restarts),
+            "gave_up": self._gave_up,
+            "mounts": mounts_usage(dict.fromkeys(paths)),
+        }

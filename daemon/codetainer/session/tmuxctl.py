@@ -1,0 +1,139 @@
+"""Low-level tmux client calls for the session manager: run, parse, wait.
+
+Kept apart from :mod:`codetainer.session.tmux` so the manager reads as policy only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+ROLE_OPTION = "@codetainer_role"
+TMUX_TIMEOUT = 5.0
+
+PANE_FMT = "\t".join([
+    "P", "#{session_id}", "#{session_name}", "#{pane_id}", "#{pane_index}", "#{pane_dead}",
+    "#{pane_dead_status}", "#{pane_dead_signal}", "#{pane_pid}", "#{pane_current_command}",
+    "#{" + ROLE_OPTION + "}", "#{pid}",
+])
+CLIENT_FMT = "\t".join([
+    "C", "#{client_tty}", "#{client_pid}", "#{client_uid}", "#{client_termname}",
+    "#{client_width}x#{client_height}", "#{client_created}",
+])
+#: Messages of a tmux client that mean "there is no such server/session" (not a hiccup).
+GONE = ("no server running", "error connecting", "can't find session", "can't find pane",
+        "server exited", "lost server")
+
+
+class SessionError(Exception):
+    """The session could not be created. ``hint`` says what to do next."""
+
+    def __init__(self, reason: str, hint: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+
+class TmuxGone(Exception):
+    """The server or the session does not exist (any more)."""
+
+
+@dataclass
+class Pane:
+    id: str
+    index: int
+    dead: bool
+    dead_status: int | None
+    dead_signal: str | None
+    pid: int | None
+    command: str
+    role: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "index": self.index, "role": self.role or None,
+                "command": self.command, "pid": self.pid, "dead": self.dead,
+                "dead_status": self.dead_status, "dead_signal": self.dead_signal}
+
+
+@dataclass
+class Snapshot:
+    session_id: str
+    name: str
+    server_pid: int | None
+    panes: list[Pane] = field(default_factory=list)
+    clients: list[dict[str, Any]] = field(default_factory=list)
+
+
+def int_or_none(s: str) -> int | None:
+    try:
+        return int(s)
+    except ValueError:
+        return None
+
+
+def parse_snapshot(out: str) -> Snapshot | None:
+    """Parse the output of ``list-panes -F _PANE_FMT ; list-clients -F _CLIENT_FMT``."""
+    snap: Snapshot | None = None
+    clients: list[dict[str, Any]] = []
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if parts[0] == "P" and len(parts) >= 12:
+            if snap is None:
+                snap = Snapshot(parts[1], parts[2], int_or_none(parts[11]))
+            snap.panes.append(Pane(
+                id=parts[3], index=int_or_none(parts[4]) or 0, dead=parts[5] == "1",
+                dead_status=int_or_none(parts[6]), dead_signal=parts[7] or None,
+                pid=int_or_none(parts[8]), command=parts[9], role=parts[10],
+            ))
+        elif parts[0] == "C" and len(parts) >= 7:
+            clients.append({"tty": parts[1], "pid": int_or_none(parts[2]), "uid": int_or_none(parts[3]),
+                            "term": parts[4], "size": parts[5], "since": int_or_none(parts[6])})
+    if snap is not None:
+        snap.clients = clients
+    return snap
+
+
+async def run(argv: list[str], env: Mapping[str, str] | None = None,
+               cwd: str | None = None, timeout: float = TMUX_TIMEOUT) -> tuple[int, str, str]:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=dict(env) if env is not None else None,
+            cwd=cwd, start_new_session=True)
+    except OSError as exc:
+        raise SessionError(f"cannot run {argv[0]}: {exc.strerror}") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise SessionError(f"{os.path.basename(argv[0])} did not answer within "
+                           f"{timeout:g}s") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def wait_gone(pids: list[int], timeout: float) -> list[psutil.Process]:
+    """Wait until ``pids`` exited (zombies count as gone); return the survivors."""
+    deadline = time.monotonic() + timeout
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    while True:
+        alive = []
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        await asyncio.sleep(0.05)

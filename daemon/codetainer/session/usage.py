@@ -1,0 +1,126 @@
+"""Resource figures for ``codetainer status``: the agent's process tree and the tmpfs mounts.
+
+A full ``/workspace`` (a tmpfs) is a common way for an agent to fail, so its usage is
+shown as a bar next to the agent's CPU and memory. Everything here reads ``/proc`` through
+psutil and is cheap enough to run on every status request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import psutil
+
+BAR_WIDTH = 20
+#: At or above this percentage a mount is flagged (``warn``), the agent is about to fail.
+WARN_PERCENT = 90.0
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5K'``; binary units like ``df -h``."""
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" or n >= 100 else f"{n:.1f}{unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def bar(percent: float, width: int = BAR_WIDTH) -> str:
+    """``[#########-----------]`` for ``percent`` in 0..100 (clamped)."""
+    p = min(max(percent, 0.0), 100.0)
+    filled = round(p / 100 * width)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _mount_of(path: str, partitions: Iterable[Any]) -> Any | None:
+    """The partition whose mount point is the longest prefix of ``path``."""
+    real = os.path.realpath(path)
+    best: Any | None = None
+    for part in partitions:
+        mp = part.mountpoint
+        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and (
+            best is None or len(mp) > len(best.mountpoint)
+        ):
+            best = part
+    return best
+
+
+def mounts_usage(paths: Iterable[str]) -> list[dict[str, Any]]:
+    """Usage of the file systems holding ``paths`` (missing paths are left out)."""
+    try:
+        partitions = psutil.disk_partitions(all=True)
+    except OSError:
+        partitions = []
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            continue
+        try:
+            du = psutil.disk_usage(path)
+        except OSError:
+            continue
+        part = _mount_of(path, partitions)
+        out.append({
+            "path": path,
+            "mountpoint": part.mountpoint if part is not None else None,
+            "fstype": part.fstype if part is not None else None,
+            "total": du.total,
+            "used": du.used,
+            "free": du.free,
+            "percent": du.percent,
+            "warn": du.percent >= WARN_PERCENT,
+            "bar": f"{bar(du.percent)} {du.percent:5.1f}% "
+            f"{human_bytes(du.used)}/{human_bytes(du.total)}",
+        })
+    return out
+
+
+class TreeSampler:
+    """CPU and memory of a process and all its descendants.
+
+    ``psutil.Process.cpu_percent(None)`` measures since the previous call on the same
+    object, so the objects are kept between samples; the first sample of a new process
+    reads 0.0.
+    """
+
+    def __init__(self) -> None:
+        self._procs: dict[int, psutil.Process] = {}
+
+    def sample(self, root_pid: int | None) -> dict[str, Any] | None:
+        if root_pid is None or root_pid <= 0:
+            self._procs.clear()
+            return None
+        try:
+            root = self._procs.get(root_pid) or psutil.Process(root_pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            self._procs.clear()
+            return None
+        seen: dict[int, psutil.Process] = {}
+        cpu = 0.0
+        rss = 0
+        for found in tree:
+            proc = found
+            kept = self._procs.get(found.pid)
+            if kept is not None:
+                with contextlib.suppress(psutil.Error):
+                    if kept.create_time() == found.create_time():
+                        proc = kept  # the same process: keep its CPU baseline
+            try:
+                with proc.oneshot():
+                    cpu += proc.cpu_percent(None)
+                    rss += proc.memory_info().rss
+            except psutil.Error:
+                continue
+            seen[proc.pid] = proc
+        self._procs = seen
+        return {
+            "pid": root_pid,
+            "processes": len(seen),
+            "cpu_percent": round(cpu, 1),
+            "rss_bytes": rss,
+            "rss": human_bytes(rss),
+        }

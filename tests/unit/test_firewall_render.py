@@ -1,0 +1,328 @@
+"""Rendered firewall rules (nftables and iptables) and the validation in front of them."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import string
+
+import pytest
+from codetainer.network import firewall_ipt as ipt
+from codetainer.network import firewall_nft as nft
+from codetainer.network.firewall import (
+    FirewallPolicy,
+    PortGroup,
+    SelfTestResult,
+    parse_address,
+    parse_network,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+def pol(**kw: object) -> FirewallPolicy:
+    groups = kw.pop("groups", None) or {
+        (443, 80): ["203.0.113.10", "203.0.113.0/28", "2001:db8::1"],
+        (8443,): ["198.51.100.7"],
+    }
+    return FirewallPolicy.build(groups, dns_uid=101, upstreams=["192.0.2.53", "2001:db8::53"], **kw)  # type: ignore[arg-type]
+
+
+def rules_of(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("add rule")]
+
+
+def index(lines: list[str], needle: str) -> int:
+    return next(i for i, line in enumerate(lines) if needle in line)
+
+
+# -- validation ----------------------------------------------------------------------------
+
+HOSTILE = [
+    "1.2.3.4; flush ruleset",
+    "1.2.3.4 }\nadd rule inet filter output accept",
+    "1.2.3.4\n",
+    " 1.2.3.4",
+    "0.0.0.0/0",
+    "::/0",
+    "10.0.0.0/7",
+    "10.0.0.1/8",  # host bits set
+    "1.2.3.4/33",
+    "fe80::1%eth0",
+    "",
+    "example.com",
+    "1.2.3.4\x00",
+    "{1.2.3.4}",
+    '"1.2.3.4"',
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_addresses_rejected(value: str) -> None:
+    with pytest.raises(ValueError):
+        parse_network(value)
+    with pytest.raises(ValueError):
+        PortGroup.of((443,), [value])
+
+
+@pytest.mark.parametrize("value", [0, 65536, -1, True, "443", 44.3])
+def test_bad_ports_rejected(value: object) -> None:
+    with pytest.raises(ValueError):
+        PortGroup.of((value,), ["203.0.113.1"])  # type: ignore[arg-type]
+
+
+def test_policy_validation() -> None:
+    with pytest.raises(ValueError, match="ipv6 policy"):
+        pol(ipv6="maybe")
+    with pytest.raises(ValueError, match="network"):
+        FirewallPolicy.build({}, dns_uid=1, upstreams=["8.8.8.0/24"])
+    with pytest.raises(ValueError):
+        FirewallPolicy.build({}, dns_uid=-1)
+    with pytest.raises(ValueError):
+        FirewallPolicy((), dns_uid="0")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="duplicate"):
+        FirewallPolicy((PortGroup((443,)), PortGroup((443,))), dns_uid=1)
+    with pytest.raises(ValueError):
+        PortGroup((443,), v4=("1.2.3.4; drop",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        PortGroup((443,), v4=(ipaddress.IPv6Network("2001:db8::/32"),))  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        FirewallPolicy((), dns_uid=1, dynamic_timeout=0)
+
+
+def test_groups_merge_collapse_and_shape() -> None:
+    p = FirewallPolicy.build(
+        {(443, 80): ["203.0.113.1", "203.0.113.0/30"], (80, 443): ["203.0.113.2", "2001:db8::/64"]},
+        dns_uid=1,
+    )
+    (g,) = p.groups
+    assert g.ports == (80, 443) and g.key == "80_443"
+    assert g.v4 == (ipaddress.IPv4Network("203.0.113.0/30"),)
+    assert g.v6 == (ipaddress.IPv6Network("2001:db8::/64"),)
+    assert g.set_names() == ("s4_80_443", "d4_80_443", "s6_80_443", "d6_80_443")
+    other = FirewallPolicy.build({(80, 443): ["198.51.100.1"]}, dns_uid=1)
+    assert p.shape() == other.shape()
+    assert p.shape() != FirewallPolicy.build({(443,): []}, dns_uid=1).shape()
+    assert parse_address("2001:db8::1") == ipaddress.IPv6Address("2001:db8::1")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=string.printable + "\x00{}\"';\u2028", max_size=60))
+def test_anything_accepted_renders_as_a_plain_address(value: str) -> None:
+    try:
+        group = PortGroup.of((443,), [value])
+    except ValueError:
+        return
+    baseline = nft.render_apply(FirewallPolicy((PortGroup((443,)),), dns_uid=1)).splitlines()
+    text = nft.render_apply(FirewallPolicy((group,), dns_uid=1)).splitlines()
+    assert len(text) == len(baseline) + 1  # exactly one extra line: the element
+    (extra,) = [line for line in text if line.startswith("add element") and line.split()[4].startswith("s")]
+    inside = extra.split("{ ", 1)[1].removesuffix(" }")
+    assert set(inside) <= set(string.hexdigits + ".:/")
+    assert ipaddress.ip_network(inside) in (*group.v4, *group.v6)
+
+
+@given(st.ip_addresses())
+def test_every_real_address_is_accepted(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    group = PortGroup.of((443,), [str(addr)])
+    assert (group.v4 + group.v6)[0].network_address == addr  # type: ignore[operator]
+
+
+# -- nftables ------------------------------------------------------------------------------
+
+
+def test_nft_apply_declares_sets_and_fills_static_ones() -> None:
+    text = nft.render_apply(pol())
+    assert text.startswith("add table inet codetainer\n")
+    assert "delete table" not in text
+    assert "add set inet codetainer s4_80_443 { type ipv4_addr; flags interval; }" in text
+    assert "add set inet codetainer d4_80_443 { type ipv4_addr; flags timeout; timeout 3600s; }" in text
+    assert "add set inet codetainer denied4 { type ipv4_addr . inet_proto . inet_service;" in text
+    assert (
+        "flush set inet codetainer s4_80_443\nadd element inet codetainer s4_80_443 { 203.0.113.0/28 }"
+        in text
+    )
+    assert "add element inet codetainer s6_80_443 { 2001:db8::1 }" in text
+    assert "add element inet codetainer upstream4 { 192.0.2.53 }" in text
+    # dynamic sets are never flushed: the DNS server's additions survive a reload
+    assert "flush set inet codetainer d4" not in text
+    assert "policy drop" in text
+
+
+def test_nft_rule_order() -> None:
+    rules = rules_of(nft.render_apply(pol()))
+    assert 'oif "lo" accept' in rules[0]
+    est = index(rules, "ct state established,related accept")
+    ssh = index(rules, "tcp dport 22 goto deny")
+    first_allow = index(rules, "@s4_80_443 accept")
+    dns = index(rules, "meta skuid 101 meta l4proto { tcp, udp } th dport 53 ip daddr @upstream4 accept")
+    assert est < index(rules, "ct state invalid drop") < dns < ssh < first_allow
+    assert "tcp dport { 80, 443 } ip daddr @s4_80_443 accept" in rules[first_allow]
+    assert any("tcp dport 8443 ip daddr @d4_8443 accept" in r for r in rules)
+    output = [r for r in rules if r.startswith("add rule inet codetainer output ")]
+    assert output[-1] == "add rule inet codetainer output goto deny"
+    assert rules[-2].endswith("deny meta l4proto tcp reject with tcp reset")
+    assert rules[-1].endswith("deny reject with icmpx type admin-prohibited")
+    assert any("update @denied4 { ip daddr . meta l4proto . th dport }" in r for r in rules)
+
+
+def test_nft_ipv6_policies() -> None:
+    deny = "\n".join(rules_of(nft.render_apply(pol(ipv6="deny"))))
+    assert "ip6 daddr @s6_80_443" not in deny and "@upstream6" not in deny
+    allow = "\n".join(rules_of(nft.render_apply(pol(ipv6="allowlist"))))
+    assert "tcp dport { 80, 443 } ip6 daddr @s6_80_443 accept" in allow
+    assert "ip6 daddr @upstream6 accept" in allow
+    fly = rules_of(nft.render_apply(pol(ipv6="fly")))
+    text = "\n".join(fly)
+    assert "ip6 daddr fdaa::/16 tcp sport 22 accept" in text
+    assert "meta skuid 101 ip6 daddr fdaa::3 meta l4proto { tcp, udp } th dport 53 accept" in text
+    assert "ip6 daddr @s6_80_443" not in text
+    # stateless rules come before conntrack is consulted
+    assert index(fly, "fdaa::/16") < index(fly, "ct state")
+
+
+def test_nft_denied_log_off() -> None:
+    assert "update @denied" not in nft.render_apply(pol(log_denied=False))
+
+
+def test_nft_update_touches_only_static_sets() -> None:
+    text = nft.render_update(pol())
+    assert set(line.split()[0] for line in text.splitlines()) == {"flush", "add"}
+    assert all(" set " in line or "add element" in line for line in text.splitlines())
+    assert "flush set inet codetainer s4_8443\nadd element inet codetainer s4_8443 { 198.51.100.7 }" in text
+    assert "flush set inet codetainer s6_8443\n" in text
+    assert "d4_" not in text and "upstream" not in text and "rule" not in text
+
+
+def test_nft_obsolete_sets_and_carry_over() -> None:
+    existing = {"sets": {"s4_22": {}, "s4_80_443": {}}, "chains": ["output", "deny", "old"]}
+    text = nft.render_apply(pol(), existing)
+    assert "delete set inet codetainer s4_22" in text
+    assert "delete chain inet codetainer old" in text
+    carry = {
+        "d4_80_443": [(ipaddress.IPv4Address("203.0.113.30"), 120)],
+        "s4_8443": [(ipaddress.IPv4Address("1.1.1.1"), 5)],
+    }
+    replaced = nft.render_apply(pol(), existing, replace_table=True, carry=carry)  # type: ignore[arg-type]
+    assert replaced.startswith("add table inet codetainer\ndelete table inet codetainer\nadd table")
+    assert "add element inet codetainer d4_80_443 { 203.0.113.30 timeout 120s }" in replaced
+    assert "1.1.1.1" not in replaced  # only dynamic sets are carried
+    assert "delete set" not in replaced
+
+
+def test_nft_parse_denied_and_table() -> None:
+    listing = {"nftables": [{"metainfo": {}}, {"set": {"name": "denied4", "elem": [
+        {"elem": {"val": {"concat": ["192.0.2.9", "udp", 53]}, "expires": 3500,
+                  "counter": {"packets": 2, "bytes": 58}}},
+        {"elem": {"val": {"concat": ["192.0.2.9", "tcp", 443]}, "expires": 3599, "counter": {"packets": 7}}},
+        {"elem": {"val": {"concat": ["not an ip", "tcp", 443]}, "expires": 1}},
+    ]}}, {"chain": {"name": "output"}}]}  # fmt: skip
+    table = nft.parse_table(json.dumps(listing))
+    assert table["chains"] == ["output"]
+    denied = nft.parse_denied(table["sets"]["denied4"], 3600)
+    assert [(d.addr, d.proto, d.port, d.packets, d.seen_ago) for d in denied] == [
+        ("192.0.2.9", "udp", 53, 2, 100.0),
+        ("192.0.2.9", "tcp", 443, 7, 1.0),
+    ]
+    assert nft._networks({"prefix": {"addr": "10.0.0.0", "len": 8}}) == [ipaddress.ip_network("10.0.0.0/8")]
+    assert nft._networks({"range": ["10.0.0.0", "10.0.0.3"]}) == [ipaddress.ip_network("10.0.0.0/30")]
+    assert nft._networks({"elem": {"val": "10.0.0.1", "expires": 3}}) == [ipaddress.ip_network("10.0.0.1/32")]
+    assert nft._networks({"weird": 1}) == []
+
+
+# -- iptables ------------------------------------------------------------------------------
+
+
+def test_ipt_rules_v4() -> None:
+    text = ipt.render_rules(pol(), 4, add_jump=True)
+    lines = text.splitlines()
+    assert lines[:4] == [
+        "*filter",
+        ":CODETAINER-OUT - [0:0]",
+        ":CODETAINER-DENY - [0:0]",
+        "-I OUTPUT 1 -j CODETAINER-OUT",
+    ]
+    assert lines[-1] == "COMMIT"
+    assert (
+        "-A CODETAINER-OUT -p tcp -m multiport --dports 80,443 -m set --match-set ct-s4_80_443 dst -j ACCEPT"
+        in lines
+    )
+    assert "-A CODETAINER-OUT -p tcp --dport 8443 -m set --match-set ct-d4_8443 dst -j ACCEPT" in lines
+    assert (
+        "-A CODETAINER-OUT -p udp --dport 53 -m owner --uid-owner 101 "
+        "-m set --match-set ct-upstream4 dst -j ACCEPT" in lines
+    )
+    assert index(lines, "--dport 22 -j CODETAINER-DENY") < index(lines, "ct-s4_80_443")
+    assert lines[-3] == "-A CODETAINER-DENY -p tcp -j REJECT --reject-with tcp-reset"
+    assert lines[-2] == "-A CODETAINER-DENY -j REJECT --reject-with icmp-admin-prohibited"
+    # counting comes before adding ("add --exist" would reset the counters)
+    assert index(lines, "-p tcp -m set --match-set ct-denied4 dst,dst") < index(
+        lines, "-p tcp -j SET --add-set ct-denied4"
+    )
+    assert "-I OUTPUT" not in ipt.render_rules(pol(), 4, add_jump=False)
+
+
+def test_ipt_rules_v6_policies() -> None:
+    deny = ipt.render_rules(pol(ipv6="deny"), 6, add_jump=False)
+    assert "ct-s6" not in deny and "upstream6" not in deny and "conntrack" in deny
+    assert "--reject-with adm-prohibited" in deny
+    allow = ipt.render_rules(pol(ipv6="allowlist"), 6, add_jump=False)
+    assert "-m set --match-set ct-s6_80_443 dst -j ACCEPT" in allow
+    fly = ipt.render_rules(pol(ipv6="fly"), 6, add_jump=False)
+    assert "-A CODETAINER-OUT -d fdaa::/16 -p tcp --sport 22 -j ACCEPT" in fly
+    assert "-d fdaa::3 -p udp --dport 53 -m owner --uid-owner 101 -j ACCEPT" in fly
+    assert "conntrack" not in fly  # Fly has no IPv6 conntrack
+
+
+def test_ipt_many_ports_are_chunked() -> None:
+    ports = tuple(range(1000, 1020))
+    text = ipt.render_rules(pol(groups={ports: ["203.0.113.1"]}), 4, add_jump=False)
+    assert "--dports 1000,1001,1002,1003,1004,1005,1006,1007,1008,1009,1010,1011,1012,1013,1014 " in text
+    assert "--dports 1015,1016,1017,1018,1019 " in text
+
+
+def test_ipt_ipsets_swap_atomically() -> None:
+    text = ipt.render_ipsets(pol())
+    assert "create ct-s4_80_443 hash:net family inet -exist" in text
+    assert "create ct-d4_80_443 hash:ip family inet timeout 3600 -exist" in text
+    assert "create ct-denied6 hash:ip,port family inet6 timeout 3600 counters maxelem 4096 -exist" in text
+    assert (
+        "create ct-s4_80_443-n hash:net family inet -exist\nflush ct-s4_80_443-n\n"
+        "add ct-s4_80_443-n 203.0.113.0/28 -exist\nswap ct-s4_80_443-n ct-s4_80_443\ndestroy ct-s4_80_443-n"
+    ) in text
+    update = ipt.render_ipsets(pol(), static_only=True)
+    assert "upstream" not in update and "ct-d4" not in update
+    assert "swap ct-s6_8443-n ct-s6_8443" in update
+
+
+def test_ipt_parsers() -> None:
+    listing = (
+        "Name: ct-denied4\nType: hash:ip,port\nHeader: family inet timeout 3600 counters\nMembers:\n"
+        "192.0.2.9,tcp:443 timeout 3590 packets 3 bytes 180\n192.0.2.8,udp:53 timeout 10 packets 1 bytes 58\n"
+    )
+    denied = ipt.parse_denied_list(listing, 3600)
+    assert [(d.addr, d.proto, d.port, d.packets, d.seen_ago) for d in denied] == [
+        ("192.0.2.9", "tcp", 443, 3, 10.0),
+        ("192.0.2.8", "udp", 53, 1, 3590.0),
+    ]
+    v6 = ipt.parse_denied_list("Members:\nfd00::1,tcp:22 timeout 5 packets 1 bytes 80\n", 3600)
+    assert v6[0].addr == "fd00::1" and v6[0].port == 22
+    save = (
+        "create ct-s4_80_443 hash:net\nadd ct-s4_80_443 203.0.113.0/28\n"
+        "create other hash:ip\nadd other 1.1.1.1\ncreate ct-x-n hash:ip\n"
+    )
+    assert ipt.parse_ipset_save(save) == {"ct-s4_80_443": ["203.0.113.0/28"]}
+
+
+# -- self-test verdicts --------------------------------------------------------------------
+
+
+def test_selftest_verdicts() -> None:
+    good = SelfTestResult("connected", 1.0, "ECONNREFUSED", 0.2, {"192.0.2.53": ("EPERM", "ECONNREFUSED")})
+    assert good.ok
+    slow = SelfTestResult("connected", 1.0, "ECONNREFUSED", 2500.0, {})
+    assert "only after" in slow.problems()[0]
+    bad = SelfTestResult("timeout", 5000.0, "connected", 1.0, {"192.0.2.53": ("answered", "connected")})
+    problems = bad.problems()
+    assert len(problems) == 3
+    assert "did not connect" in problems[0] and "not refused" in problems[1] and "not blocked" in problems[2]

@@ -1,0 +1,405 @@
+"""The test world: real network namespaces, a real upstream DNS server, real servers.
+
+::
+
+    inner netns (the container)            world netns (the Internet, in miniature)
+    ct0 198.51.100.2/24, fd00:ce::2/64 <-> ct1 198.51.100.1/24, fd00:ce::1/64
+    default routes via the world             on lo: 203.0.113.10-40, 192.0.2.10-20, 192.0.2.53,
+                                                    fd00:ce:1::10-11
+                                             dnsmasq on 192.0.2.53 (authoritative, records
+                                             changed at run time with ``set_records``)
+                                             TCP servers on ports 80, 443, 8443, 22 of every
+                                             host; UDP echo on 203.0.113.10:443
+
+The world has no route anywhere else and no link to the host. Use it as a context
+manager (``with World() as w:``) or through the ``world`` fixture defined in a test
+module (``yield from world_fixture()``). Every process started through it is tracked and
+killed, and both namespaces are deleted on exit, also when setup fails half-way.
+
+TCP servers: a request starting with ``GET``/``HEAD`` gets an HTTP 200 whose body is
+``ADDR:PORT``; anything else is echoed back until the client closes (long-lived
+connections for reload tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+INNER_V4 = "198.51.100.2"
+WORLD_V4 = "198.51.100.1"
+INNER_V6 = "fd00:ce::2"
+WORLD_V6 = "fd00:ce::1"
+UPSTREAM = "192.0.2.53"
+#: hosts an allowlist may name
+ALLOWED_HOSTS = tuple(f"203.0.113.{i}" for i in range(10, 41))
+#: hosts no test ever allowlists
+NEVER_HOSTS = tuple(f"192.0.2.{i}" for i in range(10, 21))
+V6_HOSTS = ("fd00:ce:1::10", "fd00:ce:1::11")
+TCP_PORTS = (80, 443, 8443, 22)
+UDP_ECHO = ("203.0.113.10", 443)
+PYTHON = "/usr/bin/python3"
+
+_SERVERS = r"""
+import asyncio, json, sys
+cfg = json.loads(sys.argv[1])
+async def handle(reader, writer):
+    host, port = writer.get_extra_info("sockname")[:2]
+    try:
+        first = await reader.read(4096)
+        if first.startswith((b"GET ", b"HEAD ")):
+            body = f"{host}:{port}\n".encode()
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        else:
+            while first:
+                writer.write(first)
+                await writer.drain()
+                first = await reader.read(4096)
+        await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+class Echo(asyncio.DatagramProtocol):
+    def connection_made(self, t): self.t = t
+    def datagram_received(self, data, addr): self.t.sendto(data, addr)
+async def main():
+    loop = asyncio.get_running_loop()
+    servers = [await asyncio.start_server(handle, h, p, reuse_address=True, backlog=512)
+               for h in cfg["hosts"] for p in cfg["ports"]]
+    for h, p in cfg["udp"]:
+        await loop.create_datagram_endpoint(Echo, local_addr=(h, p))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+_PROBER = r"""
+import errno, json, select, socket, sys, time
+cfg = json.loads(sys.argv[1])
+counts = {f"{h}:{p}": {} for h, p in cfg["targets"]}
+n = 0
+while True:
+    for h, p in cfg["targets"]:
+        t = time.monotonic()
+        try:
+            socket.create_connection((h, p), timeout=cfg["timeout"]).close()
+            r = "connected"
+        except TimeoutError:
+            r = "timeout"
+        except OSError as e:
+            r = errno.errorcode.get(e.errno or 0, "error")
+        c = counts[f"{h}:{p}"]
+        c[r] = c.get(r, 0) + 1
+        ms = (time.monotonic() - t) * 1000
+        c["max_ms"] = max(c.get("max_ms", 0.0), ms)
+    n += 1
+    if n == 1:
+        print("ready", flush=True)
+    if select.select([sys.stdin], [], [], cfg["interval"])[0]:
+        break
+print(json.dumps({"rounds": n, "counts": counts}), flush=True)
+"""
+
+
+def _ip(*args: str, stdin: str | None = None) -> None:
+    proc = subprocess.run(["ip", *args], input=stdin, capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}")
+
+
+def _read_line(proc: subprocess.Popen[str], deadline: float, what: str) -> str:
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.05)
+        if ready:
+            line = proc.stdout.readline()
+            if line:
+                return line.strip()
+            break
+        if proc.poll() is not None:
+            break
+    err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+    raise RuntimeError(f"{what} did not start (exit {proc.poll()}): {err[-2000:]}")
+
+
+class Prober:
+    """A process in a namespace connecting to targets in a loop until :meth:`stop`."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+
+    def stop(self, timeout: float = 10.0) -> dict[str, Any]:
+        """{"rounds": N, "counts": {"host:port": {"connected": n, "ECONNREFUSED": n, ...}}}."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("stop\n")
+        self.proc.stdin.flush()
+        line = _read_line(self.proc, time.monotonic() + timeout, "prober result")
+        self.proc.wait(timeout)
+        return dict(json.loads(line))
+
+
+class World:
+    """Build with ``with World() as w``; ``w.inner`` and ``w.world`` are the netns names."""
+
+    def __init__(self, *, ttl: int = 1, servers: bool = True, dns: bool = True) -> None:
+        suffix = secrets.token_hex(3)
+        self.inner = f"ctin-{suffix}"
+        self.world = f"ctw-{suffix}"
+        self.ttl = ttl
+        self._want_servers = servers
+        self._want_dns = dns
+        self.procs: list[subprocess.Popen[Any]] = []
+        self.dir = Path(tempfile.mkdtemp(prefix="ctworld-"))
+        self.hosts_file = self.dir / "hosts"
+        self.records: dict[str, list[str]] = {}
+        self.dns: subprocess.Popen[str] | None = None
+        self._netns: list[str] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> World:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        for tool in ("ip", "dnsmasq", "nft", "setpriv"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"the test world needs {tool}: apt-get install it")
+        for ns in (self.world, self.inner):
+            _ip("netns", "add", ns)
+            self._netns.append(ns)
+            # No duplicate address detection: a tentative link-local address delays the
+            # first IPv6 neighbour solicitation (and so the first connection) by a second.
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
+                 "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"],
+                check=True, capture_output=True, timeout=10,
+            )  # fmt: skip
+        _ip("-n", self.inner, "link", "add", "ct0", "type", "veth", "peer", "name", "ct1",
+            "netns", self.world)  # fmt: skip
+        inner = [
+            "link set lo up",
+            f"addr add {INNER_V4}/24 dev ct0",
+            f"addr add {INNER_V6}/64 dev ct0 nodad",
+            "link set ct0 up",
+            f"route add default via {WORLD_V4}",
+            f"route add default via {WORLD_V6}",
+        ]
+        world = [
+            "link set lo up",
+            f"addr add {WORLD_V4}/24 dev ct1",
+            f"addr add {WORLD_V6}/64 dev ct1 nodad",
+            "link set ct1 up",
+        ]
+        world += [f"addr add {a}/32 dev lo" for a in (*ALLOWED_HOSTS, *NEVER_HOSTS, UPSTREAM)]
+        world += [f"addr add {a}/128 dev lo nodad" for a in V6_HOSTS]
+        _ip("-n", self.inner, "-batch", "-", stdin="\n".join(inner) + "\n")
+        _ip("-n", self.world, "-batch", "-", stdin="\n".join(world) + "\n")
+        # Static neighbours: IPv6 neighbour discovery on a fresh link costs the first
+        # connection a 1 s SYN retransmit; tests measure milliseconds.
+        mac_in, mac_world = self._mac(self.inner, "ct0"), self._mac(self.world, "ct1")
+        for ns, dev, mac, addrs in (
+            (self.inner, "ct0", mac_world, (WORLD_V4, WORLD_V6)),
+            (self.world, "ct1", mac_in, (INNER_V4, INNER_V6)),
+        ):
+            for addr in addrs:
+                _ip("-n", ns, "neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent")
+        if self._want_servers:
+            self._start_servers()
+        if self._want_dns:
+            self.hosts_file.write_text("")
+            self._start_dns()
+
+    @staticmethod
+    def _mac(ns: str, dev: str) -> str:
+        out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", dev],
+                             capture_output=True, text=True, check=True, timeout=10)  # fmt: skip
+        return str(json.loads(out.stdout)[0]["address"])
+
+    def close(self) -> None:
+        """Kill every process we started, then delete the namespaces; never raises."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.terminate()
+        deadline = time.monotonic() + 3
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        for ns in self._netns:
+            # Anything still inside our namespaces was started by a test through them.
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in pids.stdout.split():
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._netns.clear()
+        for proc in self.procs:
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+        self.procs.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- running things ----------------------------------------------------------------
+
+    def argv_in(self, ns: str, argv: Sequence[str], *, uid: int | None = None) -> list[str]:
+        """The command line that runs ``argv`` in ``ns`` (as ``uid``, with gid = uid)."""
+        prefix = ["ip", "netns", "exec", ns]
+        if uid is not None:
+            prefix += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        return [*prefix, *argv]
+
+    def run_in(
+        self, ns: str, argv: Sequence[str], *, uid: int | None = None, timeout: float = 30,
+        check: bool = False, input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        return subprocess.run(
+            self.argv_in(ns, argv, uid=uid), capture_output=True, text=True, timeout=timeout,
+            check=check, input=input,
+        )  # fmt: skip
+
+    def spawn_in(self, ns: str, argv: Sequence[str], *, uid: int | None = None) -> subprocess.Popen[str]:
+        """Start a tracked process (pipes on stdin/stdout/stderr); killed on close."""
+        proc = subprocess.Popen(
+            self.argv_in(ns, argv, uid=uid),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def python_in(
+        self, ns: str, code: str, *args: str, uid: int | None = None, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
+        return self.run_in(ns, [PYTHON, "-I", "-c", code, *args], uid=uid, timeout=timeout)
+
+    def connect(
+        self, host: str, port: int, *, uid: int | None = None, timeout: float = 3.0
+    ) -> tuple[str, float]:
+        """One TCP connect from the inner netns: ("connected" or errno name, milliseconds)."""
+        code = (
+            "import errno,socket,sys,time\n"
+            "t=time.monotonic()\n"
+            "try:\n"
+            "    socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3]))"
+            ".close(); r='connected'\n"
+            "except TimeoutError: r='timeout'\n"
+            "except OSError as e: r=errno.errorcode.get(e.errno or 0,'error')\n"
+            "print(r, (time.monotonic()-t)*1000)\n"
+        )
+        out = self.python_in(self.inner, code, host, str(port), str(timeout), uid=uid)
+        result, ms = out.stdout.split()
+        return result, float(ms)
+
+    def prober(
+        self, targets: Sequence[tuple[str, int]], *, interval: float = 0.0,
+        timeout: float = 1.0, uid: int | None = None,
+    ) -> Prober:  # fmt: skip
+        """Start a continuous connect loop in the inner netns; returns after its first round."""
+        cfg = json.dumps({"targets": [list(t) for t in targets], "interval": interval,
+                          "timeout": timeout})  # fmt: skip
+        proc = self.spawn_in(self.inner, [PYTHON, "-I", "-c", _PROBER, cfg], uid=uid)
+        if _read_line(proc, time.monotonic() + 10, "prober") != "ready":
+            raise RuntimeError("prober did not report ready")
+        return Prober(proc)
+
+    # -- servers and DNS ---------------------------------------------------------------
+
+    def _start_servers(self) -> None:
+        cfg = json.dumps({"hosts": [*ALLOWED_HOSTS, *NEVER_HOSTS, *V6_HOSTS, WORLD_V6],
+                          "ports": list(TCP_PORTS), "udp": [list(UDP_ECHO)]})  # fmt: skip
+        proc = self.spawn_in(self.world, [PYTHON, "-I", "-c", _SERVERS, cfg])
+        if _read_line(proc, time.monotonic() + 15, "world servers") != "ready":
+            raise RuntimeError("world servers did not report ready")
+
+    def _start_dns(self) -> None:
+        argv = [
+            "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+            "--no-hosts", f"--addn-hosts={self.hosts_file}", f"--listen-address={UPSTREAM}",
+            "--bind-interfaces", "--port=53", "--local=/#/", f"--local-ttl={self.ttl}",
+            "--user=root", "--group=root", "--pid-file=", "--log-facility=-",
+            "--cache-size=0",
+        ]  # fmt: skip
+        self.dns = self.spawn_in(self.world, argv)
+        self._wait_dns(None)
+
+    def query(self, name: str, rtype: str = "A") -> list[str]:
+        """Ask the world's DNS server directly (from the world netns)."""
+        out = self.run_in(self.world, ["dig", "+short", "+time=1", "+tries=1", f"@{UPSTREAM}", name, rtype])
+        if out.returncode != 0:
+            raise RuntimeError(f"dig {name} failed: {out.stdout}{out.stderr}")
+        return sorted(line for line in out.stdout.split() if line)
+
+    def _wait_dns(self, check: tuple[str, list[str]] | None, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.dns is not None and self.dns.poll() is not None:
+                raise RuntimeError(f"world dnsmasq exited: {self.dns.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+            try:
+                if check is None:
+                    self.query("probe.invalid")
+                    return
+                name, want = check
+                v4 = [a for a in want if ":" not in a]
+                if self.query(name) == sorted(v4):
+                    return
+            except RuntimeError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError(f"world dnsmasq did not answer as expected within {timeout}s ({check})")
+
+    def set_records(
+        self, name: str, ips: Sequence[str], ttl: int | None = None, *, wait: bool = True
+    ) -> None:
+        """Make the world's DNS answer ``name`` with ``ips`` (A and AAAA); [] removes it.
+
+        The TTL is the server-wide ``--local-ttl``: a different ``ttl`` restarts dnsmasq.
+        With ``wait`` the call returns once the server answers with the new addresses.
+        """
+        if ips:
+            self.records[name] = list(ips)
+        else:
+            self.records.pop(name, None)
+        lines = [f"{ip} {n}" for n, addrs in sorted(self.records.items()) for ip in addrs]
+        tmp = self.hosts_file.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(self.hosts_file)
+        assert self.dns is not None, "World(dns=False) has no DNS server"
+        if ttl is not None and ttl != self.ttl:
+            self.ttl = ttl
+            self.dns.terminate()
+            self.dns.wait(5)
+            self._start_dns()
+        else:
+            self.dns.send_signal(signal.SIGHUP)
+        if wait:
+            self._wait_dns((name, list(ips)))
+
+
+def world_fixture(**kwargs: Any) -> Iterator[World]:
+    """Body of a pytest fixture: ``@pytest.fixture def world(): yield from world_fixture()``."""
+    with World(**kwargs) as w:
+        yield w
