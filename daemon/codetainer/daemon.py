@@ -29,6 +29,7 @@ from codetainer.control import protocol
 from codetainer.control.server import ControlServer, Request, RequestError, Send
 from codetainer.errors import DaemonHalt, ExitCode
 from codetainer.events import EventBus
+from codetainer.network.controller import NetworkController
 from codetainer.services.config import ServiceConfigError
 from codetainer.services.manager import ServiceManager, UnknownService
 from codetainer.settings import Settings
@@ -39,20 +40,32 @@ FINAL = {BootState.READY, BootState.DEGRADED, BootState.FAILED}
 
 
 class Daemon:
-    def __init__(self, settings: Settings, steps: list[Step], phases: set[str]) -> None:
+    def __init__(self, settings: Settings, steps: list[Step] | None = None,
+                 phases: set[str] | None = None, names: list[str] | None = None) -> None:
+        """``steps`` given: exactly those (tests). Otherwise the plan, filtered by ``names``."""
         self.settings = settings
         self.events = EventBus()
         self.services = ServiceManager(settings.services_file, self.events)
         self.ctx = BootContext(settings=settings, events=self.events, services=None, daemon=self)
         self.ctx.services = self.services
+        self.network = NetworkController(settings, self.events, self.services)
+        if steps is None:
+            steps = plan.select(plan.all_steps(settings, self.network), names)
+            phases = set(plan.PHASES) if names is None else {n for n in names if n in plan.PHASES}
+        phases = phases or set()
         self.engine = BootEngine(steps, self.ctx)
         self.phases = phases
+        self.session: Any = None  # SessionManager when the session phase is on
         self.control = ControlServer(settings.socket)
+        self.session_task: asyncio.Task[None] | None = None
+        if "session" in phases:
+            from codetainer.session.tmux import SessionManager
+
+            self.session = SessionManager(settings, self.events, self.ctx.secrets)
         self.started = time.time()
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.boot_task: asyncio.Task[BootState] | None = None
         self.stopping = False
-        self.session: Any = None  # SessionManager when the session phase is on
         self.extra_status: dict[str, Any] = {}  # name -> callable returning a dict
         self._info_cache: tuple[float, dict[str, Any]] | None = None
 
@@ -67,11 +80,21 @@ class Daemon:
             raise DaemonHalt(str(exc), ExitCode.CONFIG) from None
         try:
             Path(self.settings.run_dir).mkdir(parents=True, exist_ok=True)
+            if "readonly-root" in self.engine.records and self.settings.readonly_root == "1":
+                # The root goes read-only during boot: give the runtime directory its own
+                # tmpfs now, before the socket exists (a later mount would hide it).
+                from codetainer.boot.filesystem import ensure_writable_run_dir
+
+                ensure_writable_run_dir(self.settings)
+            os.chmod(self.settings.run_dir, 0o755)  # noqa: S103 - the agent's tmux socket dir lives here
             await self.control.start()
         except OSError as exc:
             raise DaemonHalt(f"cannot create control socket {self.settings.socket}: {exc}",
                              ExitCode.RUNTIME) from None
         self._register_ops()
+        self.network.register(self.control)
+        self.extra_status["network"] = self.network.status
+        self.ctx.state.setdefault("reloaders", {})["network"] = self.network.reload
         log.info("daemon_started", version=__version__, pid=os.getpid(), ppid=os.getppid(),
                  steps=[s.name for s in self.engine.steps], socket=self.settings.socket)
 
@@ -86,6 +109,8 @@ class Daemon:
         c.register("restart", self.op_restart, privileged=True)
         c.register("reload", self.op_reload, privileged=True)
         c.register("shutdown", self.op_shutdown, privileged=True)
+        if self.session is not None:
+            c.register("session", self.session.session_handler)
 
     # -- main loop ---------------------------------------------------------------------
     async def boot(self) -> BootState:
@@ -101,11 +126,17 @@ class Daemon:
             self.engine.done.set()
             return self.engine.state
         if state in (BootState.READY, BootState.DEGRADED) and self.session is not None:
+            from codetainer.session.tmux import SessionError
+
             try:
-                await self.session.start()
-            except Exception as exc:
+                await self.session.start()  # publishes session.ready / session.failed
+            except SessionError as exc:
+                log.error("session_start_failed", reason=exc.reason, hint=exc.hint)
+            except Exception:
                 log.exception("session_start_failed")
-                self.events.publish("session.failed", reason=str(exc))
+                self.events.publish("session.failed", reason="internal error, see logs")
+            else:
+                self.session_task = asyncio.create_task(self.session.monitor(), name="session")
         return state
 
     async def main_loop(self) -> int:
@@ -167,8 +198,14 @@ class Daemon:
         if self.session is not None:
             try:
                 await self.session.stop()
+                if self.session_task is not None:
+                    await asyncio.wait_for(self.session_task, 5.0)
             except Exception as exc:
                 errors.append(f"session: {exc}")
+        try:
+            await self.network.close()
+        except Exception as exc:
+            errors.append(f"network: {exc}")
         for name, stop in list(self.ctx.state.get("teardown", {}).items())[::-1]:
             try:
                 await stop()
@@ -288,6 +325,21 @@ class Daemon:
                 ev = sub.queue.get_nowait()
                 if ev is not None:
                     await send(ev)
+            if (self.session is not None and self.engine.state in
+                    (BootState.READY, BootState.DEGRADED)
+                    and self.session.attach_target() is None):
+                # attach waits for the session, not just the boot: forward until it exists
+                deadline = time.monotonic() + 60.0
+                while time.monotonic() < deadline:
+                    try:
+                        ev = await asyncio.wait_for(sub.queue.get(), deadline - time.monotonic())
+                    except TimeoutError:
+                        break
+                    if ev is None:
+                        break
+                    await send(ev)
+                    if ev.get("event") in ("session.ready", "session.failed"):
+                        break
         finally:
             sub.close()
         return {"state": self.engine.state.value, "reasons": self.engine.reasons()}
@@ -363,10 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.configure(settings.log_level, settings.log_format)
     names = [n.strip() for n in args.steps.split(",") if n.strip()] if args.steps else None
     try:
-        steps = plan.select(plan.all_steps(), names)
+        daemon = Daemon(settings, names=names)
     except ValueError as exc:
         print(f"codetainerd: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    phases = set(plan.PHASES) if names is None else {n for n in names if n in plan.PHASES}
-    daemon = Daemon(settings, steps, phases)
     return asyncio.run(daemon.run())

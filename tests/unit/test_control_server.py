@@ -114,7 +114,10 @@ async def test_silent_client_is_disconnected(daemon: Daemon) -> None:
 
 
 async def test_five_hundred_clients_at_once(daemon: Daemon) -> None:
+    ctl = daemon.control
+    ctl.idle_timeout, ctl.max_clients, ctl.evict_after = 10.0, 256, 0.1
     conns = [await asyncio.open_unix_connection(daemon.settings.socket) for _ in range(500)]
+    await asyncio.sleep(0.2)
     # With 500 idle connections open, status still answers quickly (busy or served).
     latencies = [await status_latency(daemon.settings.socket) for _ in range(5)]
     assert max(latencies) < 0.5

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.services.manager import ServiceManager
+
+if TYPE_CHECKING:
+    from codetainer.network.controller import NetworkController
+    from codetainer.settings import Settings
 
 SERVICES_START_TIMEOUT = 30.0
 
@@ -33,9 +39,31 @@ def services_step() -> Step:
                 policy=Policy.DEGRADED, description="start supervised services")
 
 
-def all_steps() -> list[Step]:
-    """Every boot step, in order. Later issues add theirs here."""
-    return [services_step()]
+def all_steps(settings: Settings, network: NetworkController) -> list[Step]:
+    """Every boot step, in order (README lists them with their policies)."""
+    from codetainer.boot import (
+        agent_settings,
+        credentials,
+        filesystem,
+        readiness,
+        repository,
+        rootfs,
+        secrets,
+    )
+    from codetainer.session.plugins import plugins_step
+
+    return [
+        secrets.secrets_step(),
+        filesystem.filesystem_step(),
+        *network.steps(),
+        credentials.credentials_step(),
+        agent_settings.agent_settings_step(),
+        rootfs.rootfs_step(),
+        services_step(),
+        repository.repository_step(settings),
+        plugins_step(),
+        *readiness.readiness_steps(network.readiness_checks()),
+    ]
 
 
 #: names accepted by --steps that are not boot steps but post-boot phases

@@ -11,15 +11,15 @@ log line, a status reply or an error message (see :func:`redact`).
 
 from __future__ import annotations
 
-import ctypes
 import os
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import structlog
 
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
+from codetainer.init.environ import scrub_process_environ
 
 log = structlog.get_logger("codetainer.boot")
 
@@ -54,39 +54,6 @@ def missing_error(problems: list[str], environ: Mapping[str, str]) -> StepError:
     names = [p.split(" ", 1)[0] for p in problems]
     hint = "; ".join(f"fly secrets set {n}=<value> -a {app}" for n in names)
     return StepError("; ".join(problems), f"run {hint} (or pass it with docker run -e {names[0]})")
-
-
-def scrub_process_environ(names: Iterable[str]) -> int:
-    """Zero the values of ``names`` in this process's original environment block.
-
-    ``os.environ.pop`` only drops the pointer; the bytes stay in the block the kernel
-    shows as ``/proc/self/environ`` (readable by root). Returns how many were zeroed.
-    Call it after the variables are gone from ``os.environ`` (the PID-1 init should call
-    it too: it holds the same block).
-    """
-    wanted = {n.encode() + b"=" for n in names}
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
-        with open("/proc/self/environ", "rb") as f:
-            block = f.read()
-    except OSError:
-        return 0
-    # fields after "pid (comm)" start at field 3; env_start is field 50
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    try:
-        env_start = int(fields[50 - 3])
-    except (IndexError, ValueError):
-        return 0
-    zeroed = 0
-    offset = 0
-    for entry in block.split(b"\0"):
-        for prefix in wanted:
-            if entry.startswith(prefix) and len(entry) > len(prefix):
-                ctypes.memset(env_start + offset + len(prefix), 0, len(entry) - len(prefix))
-                zeroed += 1
-        offset += len(entry) + 1
-    return zeroed
 
 
 def strip_credentials(url: str) -> str:

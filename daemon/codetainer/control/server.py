@@ -79,13 +79,15 @@ class ControlServer:
         self,
         path: str,
         *,
-        max_clients: int = 256,
+        max_clients: int = 512,
+        evict_after: float = 0.5,
         idle_timeout: float = 10.0,
         handler_timeout: float = 30.0,
         write_timeout: float = 5.0,
     ) -> None:
         self.path = path
         self.max_clients = max_clients
+        self.evict_after = evict_after
         self.idle_timeout = idle_timeout
         self.handler_timeout = handler_timeout
         self.write_timeout = write_timeout
@@ -132,10 +134,11 @@ class ControlServer:
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._clients) >= self.max_clients and self._idle:
-            # Full: make room by dropping the oldest client that has said nothing, so a
-            # crowd of silent connections can never lock out `status`.
-            oldest = min(self._idle, key=self._idle.__getitem__)
+        oldest = min(self._idle, key=self._idle.__getitem__) if self._idle else None
+        if (len(self._clients) >= self.max_clients and oldest is not None
+                and time.monotonic() - self._idle[oldest] > self.evict_after):
+            # Full: make room by dropping the oldest client that has said nothing for a
+            # while, so a crowd of silent connections can never lock out `status`.
             del self._idle[oldest]
             oldest.cancel()
             self.evicted_idle += 1

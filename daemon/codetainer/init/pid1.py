@@ -141,6 +141,14 @@ def main(argv: list[str] | None = None) -> NoReturn:
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         _run_daemon(argv)
 
+    # The daemon has its own copy of the environment; the init keeps no secret, not even
+    # in the environment block /proc/1/environ shows.
+    from codetainer.init.environ import SECRET_NAMES, scrub_process_environ
+
+    for name in SECRET_NAMES:
+        os.environ.pop(name, None)
+    scrub_process_environ(SECRET_NAMES)
+
     status: int | None = None
     while status is None:
         info = signal.sigwaitinfo(WAITED)

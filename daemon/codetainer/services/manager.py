@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ class ServiceManager:
         self.base_env = base_env
         self.services: dict[str, Service] = {}
         self.started_order: list[str] = []
+        self._listeners: dict[str, list[Callable[[str, str], None]]] = {}
 
     def load(self) -> None:
         """Read the services file (raises ServiceConfigError with a usable message)."""
@@ -45,8 +47,15 @@ class ServiceManager:
     def _make(self, cfg: ServiceConfig) -> Service:
         svc = Service(cfg, self.events, self.base_env if self.base_env is not None
                       else dict(os.environ))
+        svc.output_listeners.extend(self._listeners.get(cfg.name, []))
         svc.run()
         return svc
+
+    def add_output_listener(self, name: str, fn: Callable[[str, str], None]) -> None:
+        """Call ``fn(stream, line)`` for each output line of service ``name`` (survives reload)."""
+        self._listeners.setdefault(name, []).append(fn)
+        if name in self.services:
+            self.services[name].output_listeners.append(fn)
 
     def get(self, name: str) -> Service:
         try:

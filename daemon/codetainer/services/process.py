@@ -94,6 +94,8 @@ class Service:
         self._task: asyncio.Task[None] | None = None
         self._pipes: list[asyncio.BaseTransport] = []
         self.exits: list[str] = []  # recent exit messages, newest last (bounded)
+        #: called with (stream, line) for every output line, before rate limiting
+        self.output_listeners: list[Callable[[str, str], None]] = []
 
     @property
     def name(self) -> str:
@@ -234,6 +236,11 @@ class Service:
     def _attach_pipe(self, stream: str, pipe: Any) -> None:
         def on_line(line: str) -> None:
             self.tail.append(line)
+            for listener in self.output_listeners:
+                try:
+                    listener(stream, line)
+                except Exception:
+                    log.exception("service_output_listener_failed", service=self.name)
             if self.limit.allow():
                 log.info("service_output", service=self.name, stream=stream, line=line)
             elif self.limit.dropped % 1000 == 1:
