@@ -61,6 +61,16 @@ class Settings:
     home_size: str = _opt("tmpfs size of the agent home", "1g")
     readonly_root: str = _opt("remount / read-only during boot (1/0)", "1")
     clone_timeout: str = _opt("seconds one git clone attempt may take", "300")
+    clone_attempts: str = _opt("git clone attempts (REPO_URL)", "3")
+    clone_backoff: str = _opt("first retry delay of the clone, seconds (doubles, max 30)", "2")
+    github_url: str = _opt("GitHub web base: clone credentials are scoped to it", "https://github.com")
+    github_api_url: str = _opt("GitHub API base for the fork (upstream) lookup", "https://api.github.com")
+    github_api_timeout: str = _opt("seconds the fork lookup may take", "5")
+    git_config: str = _opt("system git config written at boot (empty: $GIT_CONFIG_SYSTEM or "
+                           "/etc/gitconfig)", "")
+    npm_scopes: str = _opt("npm scopes served from GitHub Packages, comma-separated (@org)", "")
+    bin_dir: str = _opt("where claude, bun and bunx live (linked into the agent's home)",
+                        "/usr/local/bin")
     # session
     tmux: str = _opt("tmux binary", "tmux")
     tmux_socket: str = _opt("tmux socket of the agent session", "/run/codetainer/tmux/agent.sock")

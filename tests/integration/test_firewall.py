@@ -184,7 +184,7 @@ async def test_denied_destinations_recorded_with_counts(world: World, backend_na
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 async def test_set_updates_are_atomic(world: World, backend_name: str) -> None:
-    rounds = 200
+    rounds = 500  # the issue asks for 500 refreshes
     backend = await applied(world, backend_name, policy())
     prober = world.prober([(A, 443), (N, 443)], uid=AGENT, timeout=1.0)
     rng = random.Random(7)
