@@ -1,55 +1,80 @@
-"""The main job, locally: boot codetainerd as PID 1 in fresh namespaces (no Docker).
+"""The main job, locally: boot the whole codetainer in namespaces on this machine (no Docker).
 
-``./dev sandbox`` runs this as root. codetainerd gets its own PID, mount, UTS and network
-namespaces (PID 1 inside), the repository's services file, and a control socket in a
-scratch directory, so from another terminal::
+``./dev sandbox`` (as root) builds, from real parts:
 
-    codetainer --socket /tmp/codetainer-sandbox/control.sock status
+* a miniature Internet: a "world" network namespace with an upstream DNS server
+  (dnsmasq, answering every name of ``network/domains.conf`` with documentation
+  addresses) and TCP servers on those addresses, joined by a veth pair to
+* the container: a scratch root filesystem (read-only binds of the system, the project
+  and its venv) in fresh PID, mount, UTS and network namespaces, where ``codetainerd``
+  runs as PID 1 and performs the full boot: secrets (stand-in values), tmpfs mounts,
+  allowlist DNS + default-deny firewall + self-test, git/gh/npm credentials, agent
+  settings, read-only root, services, readiness, and the agent's tmux session (the agent
+  command is a login shell unless ``--agent-command`` says otherwise: the Claude Code
+  CLI is not installed here).
 
-Ctrl-C (or ``codetainer ... shutdown``) stops it cleanly; the exit code is the daemon's.
+On a terminal it then runs ``codetainer attach`` inside, as ``fly ssh console`` would;
+detach with ``C-b d``. Otherwise it prints the status. Ctrl-C (or ``codetainer
+shutdown`` inside) stops the daemon; the namespaces are removed. Uses the helpers in
+``tests/`` (the same world and scratch root the integration tests use).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dev sandbox", description=__doc__.splitlines()[0])
     p.add_argument("--dir", default="/tmp/codetainer-sandbox", help="scratch directory")
-    p.add_argument("--steps", default="", help="boot steps to run (default: all that apply)")
-    args, rest = p.parse_known_args(argv)
+    p.add_argument("--steps", default="", help="boot steps to run (default: all)")
+    p.add_argument("--agent-command", default="bash -l", help="command of the agent pane")
+    p.add_argument("--no-attach", action="store_true", help="do not attach, just boot")
+    args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("sandbox: run as root (it creates namespaces)", file=sys.stderr)
         return 64
-    scratch = Path(args.dir)
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    os.chmod(scratch, 0o755)  # noqa: S103 - the socket dir must be reachable by any uid
-    sock = scratch / "control.sock"
-    codetainerd = str(Path(sys.executable).parent / "codetainerd")
-    argv_d = [codetainerd, "--socket", str(sock), *rest]
-    if args.steps:
-        argv_d += ["--steps", args.steps]
-    env = dict(os.environ)
-    env.update({"CODETAINER_RUN_DIR": str(scratch / "run"), "CODETAINER_LOG_FORMAT": "console"})
-    print(f"sandbox: codetainerd as PID 1; socket {sock}\n"
-          f"sandbox: in another terminal: {Path(sys.executable).parent}/codetainer "
-          f"--socket {sock} status\nsandbox: Ctrl-C stops it\n", flush=True)
-    cmd = ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--uts", "--net",
-           "--kill-child", "sh", "-c", 'ip link set lo up 2>/dev/null; exec "$@"', "sh", *argv_d]
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        # The terminal's ^C reached the daemon's init too (same foreground group).
-        return proc.wait()
+    sys.path.insert(0, str(ROOT))
+    from tests.fullboot import full_boot
+    from tests.scratchroot import OUT
 
+    base = Path(args.dir)
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    os.chmod(base, 0o755)  # noqa: S103 - the scratch root's binds must be reachable
+    env = {"CODETAINER_AGENT_COMMAND": args.agent_command}
+    with full_boot(env=env, steps=args.steps, base=base) as fb:
+        codetainer = str(Path(sys.executable).parent / "codetainer")
+        print(f"sandbox: codetainerd is PID 1 (host pid {fb.proc.pid}); log {fb.log_path}\n"
+              f"sandbox: from the host: {codetainer} --socket {fb.socket} status", flush=True)
+        try:
+            if sys.stdin.isatty() and not args.no_attach:
+                subprocess.run(fb.nsenter_argv(
+                    "codetainer", "attach",
+                    env={"TERM": os.environ.get("TERM", "xterm-256color"),
+                         "CODETAINER_SOCKET": f"{OUT}/control.sock"}), check=False)
+            else:
+                with contextlib.suppress(AssertionError):
+                    fb.wait_boot(120)
+                subprocess.run([codetainer, "--socket", fb.socket, "status"], check=False)
+                print("sandbox: Ctrl-C stops it", flush=True)
+                while fb.proc.popen.poll() is None:
+                    time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            code = int(fb.stop())
+    print(f"sandbox: codetainerd exited {code}", flush=True)
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,7 @@ def test_repo_services_file_parses_and_starts_under_stock_supervisord(tmp_path: 
     assert (dns.autostart, dns.autorestart, dns.stopasgroup) == (False, "true", True)
     # Stock supervisord, in a private mount namespace with its own /run, on the same file.
     supervisord = Path(sys.executable).parent / "supervisord"
-    script = (f"mount -t tmpfs none /run && mkdir -p /run/codetainer && "
+    script = (f"mount -t tmpfs none /run && mount -t tmpfs none /tmp && "
               f"exec {supervisord} -n -c {ROOT / 'supervisord' / 'codetainer.conf'}")
     proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--kill-child", "sh", "-c",
                              script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -43,7 +43,7 @@ def _uptime(v: Any) -> str:
 
 def step_line(step: dict[str, Any], color: bool = False) -> str:
     state = str(step.get("state", "?"))
-    line = f"  {_state(f'{state:<8}', color)} {step.get('name', '?'):<16} {_dur(step.get('duration_s')):>8}"
+    line = f"  {_state(f'{state:<8}', color)} {step.get('name', '?'):<18} {_dur(step.get('duration_s')):>7}"
     if step.get("reason"):
         line += f"  {step['reason']}"
     if step.get("hint") and state in ("FAILED", "DEGRADED"):
