@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("sandbox: run as root (it creates namespaces)", file=sys.stderr)
         return 64
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM cleans up (namespaces, processes) like Ctrl-C
+
+    signal.signal(signal.SIGTERM, interrupt)
     sys.path.insert(0, str(ROOT))
     from tests.fullboot import full_boot
     from tests.scratchroot import OUT

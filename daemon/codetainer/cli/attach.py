@@ -343,6 +343,33 @@ def _parse(argv: list[str]) -> str | None:
     return socket
 
 
+def _first_contact(path: str, interactive: bool) -> dict[str, Any] | None:
+    """Ask for the session; on a terminal, give a daemon that is still starting a moment.
+
+    ``fly ssh console`` can land while the machine is booting, before the control socket
+    exists: wait up to ``CODETAINER_ATTACH_WAIT`` seconds (default 15) for it.
+    """
+    from codetainer.control.client import DaemonUnreachable, call
+
+    deadline = time.monotonic() + (float(os.environ.get("CODETAINER_ATTACH_WAIT", "15"))
+                                   if interactive else 0.0)
+    said = False
+    while True:
+        try:
+            result: dict[str, Any] | None = call("session", path, timeout=3.0)
+            return result
+        except DaemonUnreachable:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                _say(f"codetainer: waiting for codetainerd to start ({path})...")
+                said = True
+            try:
+                time.sleep(0.1)
+            except KeyboardInterrupt:
+                raise DaemonUnreachable(path, "interrupted while waiting") from None
+
+
 def run(argv: list[str] | None = None, socket: str | None = None) -> int:
     """Entry point. Returns only when nothing was exec'd (see the module's exit codes)."""
     from codetainer.control.client import DaemonUnreachable, RequestFailed, call, socket_path
@@ -350,7 +377,7 @@ def run(argv: list[str] | None = None, socket: str | None = None) -> int:
     path = socket_path(_parse(list(sys.argv[1:] if argv is None else argv)) or socket)
     interactive = sys.stdin.isatty()
     try:
-        info: dict[str, Any] | None = call("session", path, timeout=3.0)
+        info: dict[str, Any] | None = _first_contact(path, interactive)
     except DaemonUnreachable as exc:
         _say(f"codetainer: {exc}")
         if not interactive:
