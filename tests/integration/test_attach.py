@@ -301,11 +301,21 @@ async def test_ctrl_c_during_boot_drops_to_shell(world: World) -> None:
 
 
 async def test_daemon_unreachable_says_so_then_shell(world: World) -> None:
+    world.env["CODETAINER_ATTACH_WAIT"] = "1"
     p = world.attach()  # the control server was never started
+    await p.expect(r"waiting for codetainerd to start")
     await p.expect(r"cannot reach codetainerd at .*control\.sock")
     await shell_works(p)
     p.write(b"echo NO_ATTACH=$CODETAINER_NO_ATTACH\n")
     await p.expect(r"NO_ATTACH=1")
+
+
+async def test_daemon_starting_late_is_waited_for(world: World) -> None:
+    p = world.attach()
+    await p.expect(r"waiting for codetainerd to start")
+    await world.sm.start()
+    await world.server.start()
+    await until(lambda: world.clients(), what="tmux client attached")
 
 
 async def test_no_tty_prints_status_and_fails_fast(world: World) -> None:
