@@ -175,14 +175,17 @@ class ControlServer:
 
     async def _write(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
         writer.write(protocol.encode(msg))
-        await asyncio.wait_for(writer.drain(), self.write_timeout)
+        if writer.transport.get_write_buffer_size():  # only a slow reader makes us wait
+            async with asyncio.timeout(self.write_timeout):
+                await writer.drain()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         peer = peer_credentials(sock) if sock is not None else Peer(0, -1, -1)
         while True:
             try:
-                line = await asyncio.wait_for(reader.readline(), self.idle_timeout)
+                async with asyncio.timeout(self.idle_timeout):  # no extra task per request
+                    line = await reader.readline()
             except TimeoutError:
                 with contextlib.suppress(Exception):
                     await self._write(writer, protocol.error(
@@ -225,7 +228,8 @@ class ControlServer:
             log.info("control_request", op=op, uid=peer.uid, pid=peer.pid)
         try:
             if route.handler is not None:
-                result = await asyncio.wait_for(route.handler(req), self.handler_timeout)
+                async with asyncio.timeout(self.handler_timeout):
+                    result = await route.handler(req)
             else:
                 assert route.stream_handler is not None
 
