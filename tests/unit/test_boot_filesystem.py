@@ -85,15 +85,6 @@ def test_mount_of_finds_the_holding_mount() -> None:
     assert filesystem.mount_at("/proc/self") is None
 
 
-def test_opt_prefers_field_then_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    s = Settings()
-    monkeypatch.delenv("CODETAINER_BIN_DIR", raising=False)
-    assert filesystem.opt(s, "bin_dir", "/usr/local/bin") == "/usr/local/bin"
-    monkeypatch.setenv("CODETAINER_BIN_DIR", "/x")
-    assert filesystem.opt(s, "bin_dir", "/usr/local/bin") == "/x"
-    assert filesystem.opt(s, "workspace", "/nope") == "/workspace"
-
-
 def test_writable_probe(tmp_path: Path) -> None:
     assert filesystem.writable([str(tmp_path), "/proc"]) == {str(tmp_path): True, "/proc": False}
     assert list(tmp_path.iterdir()) == []

@@ -22,7 +22,7 @@ from pathlib import Path
 import structlog
 
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
-from codetainer.boot.filesystem import opt, write_file
+from codetainer.boot.filesystem import write_file
 from codetainer.boot.privileges import AgentUser
 
 log = structlog.get_logger("codetainer.boot")
@@ -127,7 +127,7 @@ async def _run(ctx: BootContext) -> str:
     _own_tree(hosts.parent, home, user.uid, user.gid)
     os.chmod(hosts.parent, 0o700)
 
-    scopes = [s for s in opt(settings, "npm_scopes", "").split(",") if s.strip()]
+    scopes = [s for s in settings.npm_scopes.split(",") if s.strip()]
     write_file(home / ".npmrc", render_npmrc(scopes), 0o644, user.uid, user.gid)
 
     log.info("credentials_configured", gitconfig=str(gitconfig), gh=bool(gh),

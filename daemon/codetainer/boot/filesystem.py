@@ -8,7 +8,7 @@ tmpfs hid. Mounts go through ``mount(2)`` directly (ctypes): no fork per mount, 
 errno we can explain.
 
 Also home of the small mount helpers the other boot steps use (mountinfo parsing,
-``mount(2)``) and :func:`opt`, the lookup for settings that may not be declared yet.
+``mount(2)``).
 """
 
 from __future__ import annotations
@@ -52,14 +52,6 @@ HOME_LINKS = {
 HOME_DIRS = (".cache", ".claude", ".config", ".local/bin", ".bun/bin", "go/bin")
 
 _SIZE = re.compile(r"^[1-9][0-9]*[kmgKMG]?$|^[1-9][0-9]?%$")
-
-
-def opt(settings: Settings, name: str, default: str) -> str:
-    """A setting that may not be a declared field yet: field, else CODETAINER_<NAME>, else default."""
-    value = getattr(settings, name, None)
-    if isinstance(value, str) and value:
-        return value
-    return os.environ.get("CODETAINER_" + name.upper(), default)
 
 
 # --- mounts -----------------------------------------------------------------------------
@@ -319,7 +311,7 @@ async def _run(ctx: BootContext) -> str:
     plan = tmpfs_plan(settings, user)
     for t in plan:
         mount_tmpfs(t)
-    bin_dir = Path(opt(settings, "bin_dir", "/usr/local/bin"))
+    bin_dir = Path(settings.bin_dir)
     skipped = write_home(Path(settings.home), user.uid, user.gid, bin_dir)
     ctx.state["agent_user"] = user
     sizes = ", ".join(f"{t.path} {t.size}" for t in plan)

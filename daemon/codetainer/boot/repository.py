@@ -39,7 +39,7 @@ from tenacity import (
 )
 
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
-from codetainer.boot.filesystem import opt, write_file
+from codetainer.boot.filesystem import write_file
 from codetainer.boot.privileges import AgentUser
 from codetainer.boot.secrets import redact, strip_credentials, url_credentials
 
@@ -276,12 +276,12 @@ class RepoOptions:
     def of(cls, settings: Any) -> RepoOptions:
         try:
             return cls(
-                attempts=max(1, int(opt(settings, "clone_attempts", "3"))),
-                backoff=float(opt(settings, "clone_backoff", "2")),
+                attempts=max(1, int(settings.clone_attempts)),
+                backoff=float(settings.clone_backoff),
                 clone_timeout=float(settings.clone_timeout),
-                api_base=opt(settings, "github_api_url", GITHUB_API_URL),
-                api_timeout=float(opt(settings, "github_api_timeout", "5")),
-                github_url=opt(settings, "github_url", GITHUB_URL),
+                api_base=settings.github_api_url,
+                api_timeout=float(settings.github_api_timeout),
+                github_url=settings.github_url,
             )
         except ValueError as exc:
             raise StepError(f"bad repository setting: {exc}",
