@@ -372,7 +372,7 @@ def _first_contact(path: str, interactive: bool) -> dict[str, Any] | None:
 
 def run(argv: list[str] | None = None, socket: str | None = None) -> int:
     """Entry point. Returns only when nothing was exec'd (see the module's exit codes)."""
-    from codetainer.control.client import DaemonUnreachable, RequestFailed, call, socket_path
+    from codetainer.control.client import DaemonUnreachable, RequestFailed, socket_path
 
     path = socket_path(_parse(list(sys.argv[1:] if argv is None else argv)) or socket)
     interactive = sys.stdin.isatty()

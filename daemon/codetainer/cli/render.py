@@ -76,9 +76,35 @@ def render_status(st: dict[str, Any], color: bool = False) -> str:
         out.append(line)
         for t in s.get("tail") or []:
             out.append(paint(f"      | {t}", "dim", color))
-    for section in ("network", "session"):
-        text = st.get(section)
-        if isinstance(text, dict) and text.get("text"):
-            out.append(paint(section, "bold", color))
-            out.extend("  " + ln for ln in str(text["text"]).splitlines())
+    net = st.get("network")
+    if isinstance(net, dict) and net.get("text"):
+        out.append(paint("network", "bold", color))
+        out.extend("  " + ln for ln in str(net["text"]).splitlines())
+    sess = st.get("session")
+    if isinstance(sess, dict):
+        out.append(paint("session", "bold", color))
+        out.extend(render_session(sess, color))
     return "\n".join(out)
+
+
+def render_session(s: dict[str, Any], color: bool = False) -> list[str]:
+    state = str(s.get("state", "?"))
+    restarts = s.get("restarts") or {}
+    lines = [f"  {_state(f'{state:<8}', color)} {s.get('id') or '-'} {s.get('name') or ''}"
+             f"  restarts: agent {restarts.get('agent', 0)}, tmux {restarts.get('server', 0)}"
+             + (f"  ({s['reason']})" if s.get("reason") else "")]
+    for pane in s.get("panes") or []:
+        dead = " (dead)" if pane.get("dead") else ""
+        lines.append(f"    pane {pane.get('index')} {pane.get('role', ''):<6} "
+                     f"{pane.get('command', '')} pid {pane.get('pid')}{dead}")
+    agent = s.get("agent")
+    if isinstance(agent, dict):
+        lines.append(f"    agent tree: {agent.get('processes')} processes, "
+                     f"cpu {agent.get('cpu_percent')} %, rss {agent.get('rss')}")
+    clients = s.get("clients") or []
+    lines.append(f"    attached clients: {len(clients)}")
+    for m in s.get("mounts") or []:
+        bar = str(m.get("bar", ""))
+        lines.append(f"    {m.get('path', ''):<14} " + paint(bar, "red" if m.get("warn") else None,
+                                                          color))
+    return lines
