@@ -36,7 +36,7 @@ def _uptime(v: Any) -> str:
     s = int(v)
     if s < 120:
         return f"{s}s"
-    if s < 7200:
+    if s < 3600:
         return f"{s // 60}m"
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 

@@ -1,0 +1,48 @@
+"""Human rendering of `codetainer status`."""
+
+from __future__ import annotations
+
+from codetainer.cli.render import render_status
+
+STATUS = {
+    "state": "DEGRADED", "version": "0.1.0", "reasons": ["repository: clone failed"],
+    "daemon": {"pid": 2, "uptime_s": 3725, "rss_bytes": 30 * 2**20, "init_rss_bytes": 10 * 2**20,
+               "boot_s": 0.42},
+    "steps": [
+        {"name": "secrets", "state": "OK", "duration_s": 0.0003, "reason": "present"},
+        {"name": "repository", "state": "DEGRADED", "duration_s": 2.5, "reason": "clone failed",
+         "hint": "check REPO_URL"},
+    ],
+    "services": [{"name": "dns", "state": "RUNNING", "pid": 7, "uptime_s": 60, "restarts": 1,
+                  "last_exit": "killed by SIGKILL", "tail": ["started"]}],
+    "network": {"text": "engine dnsmasq, backend nftables"},
+    "session": {"id": "$0", "name": "fix-parser", "state": "RUNNING",
+                "restarts": {"agent": 2, "server": 0},
+                "panes": [{"index": 0, "role": "agent", "command": "claude", "pid": 40},
+                          {"index": 1, "role": "shell", "command": "bash", "pid": 41,
+                           "dead": True}],
+                "agent": {"processes": 3, "cpu_percent": 1.5, "rss": "200M"},
+                "clients": [{"tty": "/dev/pts/1"}],
+                "mounts": [{"path": "/workspace", "bar": "[####----] 50%", "warn": True}]},
+}
+
+
+def test_plain_rendering_has_every_section_and_no_escapes() -> None:
+    text = render_status(STATUS, color=False)
+    assert "\x1b[" not in text
+    assert text.splitlines()[0] == ("codetainer 0.1.0: DEGRADED  (pid 2, up 1h02m, rss 40 MiB, "
+                                    "boot 420ms)")
+    assert "-> check REPO_URL" in text
+    assert "RUNNING  dns" in text and "restarts 1" in text and "last: killed by SIGKILL" in text
+    assert "engine dnsmasq, backend nftables" in text
+    assert "$0 fix-parser  restarts: agent 2, tmux 0" in text
+    assert "pane 1 shell  bash pid 41 (dead)" in text
+    assert "agent tree: 3 processes, cpu 1.5 %, rss 200M" in text
+    assert "attached clients: 1" in text
+    assert "/workspace     [####----] 50%" in text
+
+
+def test_colour_on_a_tty() -> None:
+    text = render_status(STATUS, color=True)
+    assert "\x1b[33mDEGRADED\x1b[0m" in text
+    assert "\x1b[31m[####----] 50%\x1b[0m" in text  # a nearly full tmpfs stands out
