@@ -22,7 +22,10 @@ CODETAINERD = str(BIN / "codetainerd")
 
 class DaemonProc:
     def __init__(self, tmp: Path, services: str, *, pid1: bool = True, steps: str = "services",
-                 env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> None:
+                 env: dict[str, str] | None = None, extra_args: list[str] | None = None,
+                 netns: str | None = None) -> None:
+        """``netns``: run inside that existing network namespace (the test world's) instead
+        of a fresh, empty one."""
         self.tmp = tmp
         self.socket = str(tmp / "control.sock")
         self.conf = tmp / "services.conf"
@@ -33,7 +36,10 @@ class DaemonProc:
         if steps:
             argv += ["--steps", steps]
         argv += extra_args or []
-        if pid1:
+        if pid1 and netns:
+            argv = ["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--mount-proc",
+                    "--mount", "--uts", "--kill-child", *argv]
+        elif pid1:
             argv = ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--uts", "--net",
                     "--kill-child", *argv]
         full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),

@@ -1,19 +1,96 @@
 """Network isolation as the daemon sees it: boot steps, refresh, status, why/allow.
 
-STUB: the interface the daemon wires; the implementation is being written.
+Boot steps (all fatal, in order; any failure leaves boot FAILED and the agent unstarted):
+
+* ``network-config``: validate the allowlist (every bad line named ``file:line``), load
+  ``@github`` ranges, pick the DNS engine and the firewall backend, write the DNS
+  server's config and exec script, and install the firewall in its *safe* state:
+  default deny, only the allowlisted networks, the dynamic sets empty but present (the
+  DNS server writes into them from its first answer);
+* ``dns``: start the supervised ``dns`` service (and, for CoreDNS, the forwarding hook
+  first), prove it filters with real queries, point resolv.conf at it;
+* ``firewall``: resolve every name through it, fill the static sets, start the refresh
+  task;
+* ``network-selftest``: from the agent's uid, an allowlisted target connects, a denied
+  address is refused fast, direct DNS to the upstreams is blocked.
+
+Afterwards nothing here ever takes the firewall down: ``reload`` and temporary grants
+re-apply it in one transaction (established connections survive), ``close`` leaves it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from codetainer.boot.engine import Step
+import structlog
+
+from codetainer.boot.engine import BootContext, Policy, Step, StepError
+from codetainer.boot.readiness import Check
+from codetainer.network import dnscheck
+from codetainer.network.allowlist import (
+    Allowlist,
+    AllowlistError,
+    load_allowlist,
+)
+from codetainer.network.compose import (
+    NetOptions,
+    NetworkPlan,
+    agent_identity,
+    build_policy,
+    dns_exec_script,
+    make_plan,
+    parse_options,
+    write_atomic,
+    write_resolv_conf,
+)
+from codetainer.network.dnsconfig import (
+    DnsmasqLogParser,
+    Engine,
+    detect_engine,
+    parse_coredns_log_line,
+)
+from codetainer.network.dnshook import DnsHook, IpsetWriter, NftSetWriter, SetRoutes, SetWriter
+from codetainer.network.firewall import (
+    Denied,
+    FirewallBackend,
+    FirewallError,
+    Runner,
+    SelfTestResult,
+    make_backend,
+    probe_backend,
+    self_test,
+)
+from codetainer.network.github_meta import GithubRanges, MetaSource, load_github_ranges
+from codetainer.network.ops import NetworkOps
+from codetainer.network.refresh import Contents, Refresher
+from codetainer.network.why import (
+    AddressNames,
+    RefusedTable,
+    status_text,
+)
+from codetainer.services.manager import UnknownService
+from codetainer.services.states import ProcessState
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine, Mapping, Sequence
+
     from codetainer.control.server import ControlServer
     from codetainer.events import EventBus
+    from codetainer.network.dnscheck import Resolution
     from codetainer.services.manager import ServiceManager
     from codetainer.settings import Settings
+
+log = structlog.get_logger("codetainer.network")
+
+DENIED_POLL_S = 10.0
+DNS_START_TIMEOUT = 20.0
+DNS_HEALTH_S = 15.0
 
 
 class NetworkController:
@@ -21,25 +98,501 @@ class NetworkController:
         self.settings = settings
         self.events = events
         self.services = services
+        self.runner = Runner()
+        self.opts: NetOptions | None = None
+        self.backend: FirewallBackend | None = None
+        self.base: Allowlist | None = None
+        self.plan: NetworkPlan | None = None
+        self.github: GithubRanges | None = None
+        self.refresher: Refresher | None = None
+        self.hook: DnsHook | None = None
+        self.ops = NetworkOps(self)
+        self.refused = RefusedTable()
+        self.addr_names = AddressNames()
+        self._parser = DnsmasqLogParser()
+        self.denied: list[Denied] = []
+        self.denied_at: float | None = None
+        self.health: dnscheck.HealthResult | None = None
+        self.selftest: SelfTestResult | None = None
+        self.notes: dict[str, str] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._listening = False
+
+    # -- boot steps ------------------------------------------------------------------
 
     def steps(self) -> list[Step]:
         """Boot steps, in order (all fatal): network-config, dns, firewall, network-selftest."""
-        return []
+        return [
+            Step("network-config", self._step_config, timeout=60.0, policy=Policy.FATAL,
+                 description="validate the allowlist, generate the DNS config, default-deny firewall"),
+            Step("dns", self._step_dns, timeout=60.0, policy=Policy.FATAL,
+                 requires=("network-config",), description="start the filtering DNS server"),
+            Step("firewall", self._step_firewall, timeout=90.0, policy=Policy.FATAL,
+                 requires=("dns",), description="resolve the allowlist, fill the allowed sets"),
+            Step("network-selftest", self._step_selftest, timeout=60.0, policy=Policy.FATAL,
+                 requires=("firewall",), description="prove the firewall from the agent's uid"),
+        ]  # fmt: skip
+
+    def _ready(self) -> tuple[NetOptions, NetworkPlan, FirewallBackend]:
+        if self.opts is None or self.plan is None or self.backend is None:
+            raise StepError("the network-config step has not run", "run the boot steps in order")
+        return self.opts, self.plan, self.backend
+
+    async def _step_config(self, ctx: BootContext) -> str:
+        s = self.settings
+        try:
+            allow = load_allowlist(s.allowlist_file, s.allow)
+        except AllowlistError as exc:
+            lines = [str(p) for p in exc.problems]
+            more = f" (and {len(lines) - 10} more)" if len(lines) > 10 else ""
+            raise StepError(
+                f"invalid allowlist, {len(lines)} problem(s): {'; '.join(lines[:10])}{more}",
+                f"fix the named line(s) in {s.allowlist_file} or CODETAINER_ALLOW and restart; "
+                "nothing was opened, the agent will not start",
+            ) from None
+        try:
+            opts = parse_options(s, detect_engine(s.dns_engine))
+        except ValueError as exc:
+            raise StepError(str(exc), "fix the setting and restart") from None
+        if allow.github:
+            self.github = await load_github_ranges(
+                s.github_meta_url, opts.run_dir / "github-meta.json"
+            )
+            if self.github.source is MetaSource.NONE:
+                self.notes["github"] = f"@github ranges unavailable ({self.github.error}): denied"
+        try:
+            name = await probe_backend(s.firewall.strip().lower(), self.runner)
+            backend = make_backend(name, self.runner)
+        except FirewallError as exc:
+            raise StepError(str(exc), "the kernel needs nf_tables or ip_tables with ipset") from None
+        self.opts, self.backend, self.base = opts, backend, allow
+        plan = self._make_plan(allow)
+        self._write_dns(plan)
+        try:
+            # Safe state first: default deny, networks only, dynamic sets present and empty.
+            await backend.apply(build_policy(plan, plan.fixed, opts))
+        except (FirewallError, ValueError) as exc:
+            raise StepError(f"cannot install the firewall: {exc}") from None
+        self.plan = plan
+        if not self._listening:
+            self.services.add_output_listener("dns", self._on_dns_output)
+            self._listening = True
+        nets = sum(len(v) for v in plan.fixed.values())
+        return (f"{len(plan.names)} names, {len(allow.wildcards)} wildcards, {nets} networks; "
+                f"DNS {opts.engine.value}, firewall {backend.name} (default deny)")  # fmt: skip
+
+    def _make_plan(self, allow: Allowlist) -> NetworkPlan:
+        assert self.opts is not None and self.backend is not None
+        effective = allow.with_entries(self.ops.active())
+        nets = self.github.networks if self.github else ()
+        return make_plan(effective, self.opts, self.backend.name, nets)
+
+    def _writer(self) -> SetWriter:
+        _, plan, backend = self._ready()
+        if backend.name == "nftables":
+            return NftSetWriter(Runner(timeout=5.0))
+        return IpsetWriter(Runner(timeout=5.0), plan.config.set_timeout)
+
+    def _write_dns(self, plan: NetworkPlan) -> bool:
+        """Write config and exec script; True when the config changed."""
+        assert self.opts is not None
+        changed = write_atomic(self.opts.config_path, plan.config.text, 0o644)
+        write_atomic(self.opts.exec_path, dns_exec_script(self.opts), 0o755)
+        return changed
+
+    async def _step_dns(self, ctx: BootContext) -> str:
+        opts, plan, _ = self._ready()
+        if opts.hook is not None and self.hook is None:
+            writer = self._writer()
+            hook = DnsHook(opts.hook, opts.upstreams, SetRoutes(plan.domain_sets), writer,
+                           allowed=self._allowed_name, sock_uid=opts.dns_uid,
+                           on_refused=self.refused.record,
+                           on_answer=self._on_hook_answer)  # fmt: skip
+            try:
+                await hook.start()
+            except OSError as exc:
+                raise StepError(f"cannot start the DNS hook on {opts.hook}: {exc}",
+                                "set CODETAINER_DNS_HOOK to a free loopback address:port") from None
+            self.hook = hook
+        try:
+            self.services.get("dns")
+        except UnknownService as exc:
+            raise StepError(exc.message, "add [program:dns] (command=<run_dir>/dns/exec) to the "
+                            "services file") from None
+        ctx.state.setdefault("services_started_by_steps", []).append("dns")
+        await self._start_dns()
+        health = await self._health(attempts=10)
+        if not health.ok:
+            raise StepError(f"the DNS server does not filter as it must: {health.reason}",
+                            "see the dns service's output in `codetainer status`")
+        try:
+            write_resolv_conf(Path(self.settings.resolv_conf), opts.listen)
+        except OSError as exc:
+            raise StepError(f"cannot write {self.settings.resolv_conf}: {exc}") from None
+        return (f"{opts.engine.value} on {opts.listen}: {health.reason} "
+                f"({health.latency * 1000:.0f} ms); {self.settings.resolv_conf} points at it")
+
+    async def _start_dns(self) -> None:
+        svc = self.services.start("dns")
+        await svc.wait_state({ProcessState.RUNNING, ProcessState.FATAL},
+                             svc.config.startsecs + DNS_START_TIMEOUT)  # fmt: skip
+        if svc.state is not ProcessState.RUNNING:
+            tail = " | ".join(list(svc.tail)[-3:])
+            err = f" ({svc.fsm.spawnerr})" if svc.fsm.spawnerr else ""
+            raise StepError(f"the DNS server did not start: {svc.state.name}{err}"
+                            + (f"; output: {tail}" if tail else ""),
+                            "see the dns service in `codetainer status`")
+
+    async def _restart_dns(self) -> None:
+        svc = self.services.get("dns")
+        await svc.stop_and_wait()
+        await self._start_dns()
+        health = await self._health(attempts=10)
+        if not health.ok:
+            log.error("dns_unhealthy_after_restart", reason=health.reason)
+
+    async def _health(self, attempts: int = 1) -> dnscheck.HealthResult:
+        opts, plan, _ = self._ready()
+        probe = plan.allowlist.names[0] if plan.allowlist.names else None
+        result: dnscheck.HealthResult | None = None
+        for i in range(attempts):
+            result = await dnscheck.check_dns(opts.listen, 53, probe or dnscheck.DENIED_PROBE, timeout=2.0)
+            if probe is None:  # only wildcards and networks: the filter is what we can prove
+                result = dataclasses.replace(result, answered=True, allowed_rcode="(no exact name)")
+            if result.ok:
+                break
+            await asyncio.sleep(min(0.2 * 2**i, 2.0))
+        assert result is not None
+        self.health = result
+        return result
+
+    async def _watch_dns(self) -> None:
+        """Real queries every ``DNS_HEALTH_S``; a server that stops answering at all (not
+        an upstream outage: then it still answers NXDOMAIN for the probe) is restarted
+        through the supervisor after three failed checks in a row."""
+        failures = 0
+        while True:
+            await asyncio.sleep(DNS_HEALTH_S)
+            if self.services.get("dns").state is not ProcessState.RUNNING:
+                continue  # the supervisor is already restarting it
+            health = await self._health()
+            if health.nxdomain:
+                failures = 0
+                continue
+            failures += 1
+            log.warning("dns_health_failed", reason=health.reason, failures=failures)
+            if failures >= 3:
+                failures = 0
+                log.error("dns_restart", reason=health.reason)
+                with contextlib.suppress(StepError):
+                    await self._restart_dns()
+
+    async def _step_firewall(self, ctx: BootContext) -> str:
+        opts, plan, backend = self._ready()
+        self.refresher = Refresher(
+            plan.names, self._resolve, self._apply_contents, fixed=plan.fixed,
+            min_ttl=opts.min_ttl, max_ttl=opts.max_ttl, grace=opts.grace,
+        )  # fmt: skip
+        report = await self.refresher.tick(force=True)
+        if report.error and not report.all_failed:
+            raise StepError(report.error, "the kernel refused the rules: see the daemon log")
+        self._spawn("refresh", self.refresher.run())
+        self._spawn("denied", self._poll_denied())
+        self._spawn("grants", self.ops.expire())
+        self._spawn("dns-health", self._watch_dns())
+        nxt = self.refresher.figures()["next_refresh_in_s"]
+        note = "; ALL LOOKUPS FAILED, only networks allowed" if report.all_failed else ""
+        return (f"{report.ok}/{report.names} names resolved, {report.addresses} addresses allowed "
+                f"({backend.name}); next refresh in {nxt}s{note}")  # fmt: skip
+
+    async def _resolve(self, names: Sequence[str]) -> Mapping[str, Resolution]:
+        assert self.opts is not None
+        return await dnscheck.resolve_all(names, self.opts.listen, 53, timeout=2.0,
+                                          ipv6=self.opts.ipv6 == "allowlist", concurrency=64)
+
+    async def _apply_contents(self, contents: Contents) -> None:
+        opts, plan, backend = self._ready()
+        await backend.update_sets(build_policy(plan, contents, opts))
+
+    async def _step_selftest(self, ctx: BootContext) -> str:
+        opts, plan, _ = self._ready()
+        uid, gid, who = agent_identity(self.settings.agent_user)
+        if uid == opts.dns_uid:
+            raise StepError(f"the agent ({who}) has the DNS server's uid: it could reach the upstreams",
+                            "set CODETAINER_DNS_USER to a dedicated user")
+        allowed = await self._probe_target(plan)
+        denied = _hostport(self.settings.probe_denied, "CODETAINER_PROBE_DENIED")
+        try:
+            result = await self_test(uid, gid, allowed, denied, [str(u.ip) for u in opts.upstreams],
+                                     timeout=5.0, runner=Runner(timeout=40.0))  # fmt: skip
+        except (FirewallError, ValueError) as exc:
+            raise StepError(f"the self-test could not run: {exc}") from None
+        self.selftest = result
+        problems = result.problems()
+        if problems:
+            raise StepError("; ".join(problems), "the network is not isolated as configured; "
+                            "the agent stays stopped (see `codetainer why ADDRESS`)")
+        return (f"{who}: {allowed[0]}:{allowed[1]} connected ({result.allowed_ms:.0f} ms), "
+                f"{denied[0]}:{denied[1]} refused ({result.denied_ms:.1f} ms), "
+                f"direct DNS to {len(result.dns)} upstream(s) blocked")
+
+    async def _probe_target(self, plan: NetworkPlan) -> tuple[str, int]:
+        raw = self.settings.probe_allowed.strip()
+        if raw:
+            host, port = _hostport(raw, "CODETAINER_PROBE_ALLOWED")
+        elif plan.allowlist.names:
+            host = plan.allowlist.names[0]
+            ports = plan.names[host]
+            port = 443 if 443 in ports else ports[0]
+        else:
+            raise StepError("no exact name in the allowlist to probe",
+                            "set CODETAINER_PROBE_ALLOWED=host:port (an allowlisted target)")
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(host)), port
+        answer = await dnscheck.query(host, "A", plan_listen(self.opts), 53, timeout=2.0)
+        if not answer.addresses:
+            raise StepError(f"self-test target {host} does not resolve through the local DNS "
+                            f"server ({answer.error or answer.rcode})",
+                            "set CODETAINER_PROBE_ALLOWED to an allowlisted, reachable host:port")
+        return answer.addresses[0], port
+
+    # -- readiness -------------------------------------------------------------------
 
     def readiness_checks(self) -> list[Any]:
         """readiness.Check objects: DNS answers, firewall rules present + self-test passed."""
-        return []
+        return [Check("dns", Policy.FATAL, self._check_dns, timeout=6.0),
+                Check("firewall", Policy.FATAL, self._check_firewall, timeout=10.0)]  # fmt: skip
 
-    def register(self, control: ControlServer) -> None:
-        """Register control ops: ``why`` (open to all), ``allow`` (root only)."""
+    @staticmethod
+    def _selected(ctx: BootContext) -> bool:
+        engine = getattr(ctx.daemon, "engine", None)
+        return engine is None or "network-config" in getattr(engine, "records", {})
 
-    def status(self) -> dict[str, Any]:
-        """The ``network`` section of status; includes ``text`` for the human renderer."""
-        return {}
+    async def _check_dns(self, ctx: BootContext) -> str:
+        if not self._selected(ctx):
+            return "network steps not selected"
+        health = await self._health(attempts=3)
+        if not health.ok:
+            raise StepError(health.reason)
+        return health.reason
+
+    async def _check_firewall(self, ctx: BootContext) -> str:
+        if not self._selected(ctx):
+            return "network steps not selected"
+        _, _, backend = self._ready()
+        st = await backend.status()
+        if not st.active:
+            raise StepError(f"firewall not installed: {st.detail}")
+        if self.selftest is None or not self.selftest.ok:
+            raise StepError("the network self-test has not passed")
+        return f"{backend.name} active"
+
+    # -- background tasks ------------------------------------------------------------
+
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        old = self._tasks.get(name)
+        if old is not None and not old.done():
+            coro.close()
+            return
+        self._tasks[name] = asyncio.create_task(coro, name=f"network:{name}")
+
+    async def _poll_denied(self) -> None:
+        while True:
+            await self.read_denied()
+            await asyncio.sleep(DENIED_POLL_S)
+
+    async def read_denied(self) -> list[Denied]:
+        if self.backend is None:
+            return []
+        try:
+            self.denied = await self.backend.read_denied()
+            self.denied_at = time.time()
+        except (FirewallError, ValueError) as exc:
+            log.debug("denied_read_failed", error=str(exc)[:200])
+        return self.denied
+
+    def _on_dns_output(self, stream: str, line: str) -> None:
+        if self.opts is not None and self.opts.engine is Engine.COREDNS:
+            q = parse_coredns_log_line(line)
+        else:
+            q = self._parser.feed(line)
+            if q is None:
+                self.addr_names.feed_dnsmasq(line)
+        if q is not None:
+            self.refused.record(q.name, q.client, q.qtype)
+
+    def _on_hook_answer(self, name: str, addrs: list[str]) -> None:
+        for a in addrs:
+            self.addr_names.record(a, name)
+
+    def effective(self) -> Allowlist:
+        if self.plan is not None:
+            return self.plan.allowlist
+        return self.base or Allowlist()
+
+    def _allowed_name(self, name: str) -> bool:
+        return self.effective().match(name) is not None
+
+    # -- reload and grants -----------------------------------------------------------
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the allowlist and apply it without dropping established connections."""
-        return {}
+        if self.refresher is None or self.opts is None:
+            return {"skipped": "the network is not set up (its boot steps did not complete)"}
+        try:
+            allow = load_allowlist(self.settings.allowlist_file, self.settings.allow)
+        except AllowlistError as exc:
+            log.error("network_reload_failed", error=str(exc)[:2000])
+            return {"ok": False, "error": f"allowlist invalid, nothing changed: {exc}"}
+        if allow.github:
+            self.github = await load_github_ranges(
+                self.settings.github_meta_url, self.opts.run_dir / "github-meta.json")
+        result = await self.rebuild("reload", allow)
+        log.info("network_reloaded", **{k: v for k, v in result.items() if k != "text"})
+        return result
+
+    async def rebuild(self, reason: str, allow: Allowlist | None = None) -> dict[str, Any]:
+        """New plan -> firewall shape -> DNS config (restart if changed) -> resolve -> sets."""
+        assert self.refresher is not None
+        refresher = self.refresher
+        async with refresher.lock:
+            old_plan, old_base = self.plan, self.base
+            assert old_plan is not None
+            self.base = allow or self.base
+            assert self.base is not None
+            plan = self._make_plan(self.base)
+            before = set(refresher.names)
+            seen = {n: set(st.seen) for n, st in refresher.names.items()}
+            self.plan = plan
+            refresher.update(plan.names, plan.fixed)
+            try:
+                # The new shape first: new dynamic sets exist before the DNS server names them.
+                await self._apply_contents(refresher.contents())
+            except (FirewallError, ValueError) as exc:
+                self.plan, self.base = old_plan, old_base
+                refresher.update(old_plan.names, old_plan.fixed)
+                log.error("network_rebuild_failed", reason=reason, error=str(exc)[:500])
+                return {"ok": False, "error": f"firewall update failed, nothing changed: {exc}"}
+            dns_changed = self._write_dns(plan)
+            if self.hook is not None:
+                self.hook.routes = SetRoutes(plan.domain_sets)
+            restart_error = None
+            if dns_changed:
+                try:
+                    await self._restart_dns()
+                except StepError as exc:  # the supervisor keeps retrying; say so
+                    restart_error = exc.reason
+                    log.error("dns_restart_failed", reason=exc.reason)
+            # After the restart: the old server could still hand the names out until then.
+            await self._revoke(old_plan, plan, seen, refresher.contents())
+            names = list(plan.names) if reason == "reload" else [n for n in plan.names if n not in before]
+            report = await refresher.tick_locked(names, force=True)
+        added = sorted(set(plan.names) - before)
+        removed = sorted(before - set(plan.names))
+        return {"ok": report.error is None or report.all_failed, "reason": reason,
+                "dns_restarted": dns_changed, "names": len(plan.names), "added": added,
+                "removed": removed, "addresses": report.addresses,
+                "error": restart_error or report.error}  # fmt: skip
+
+    async def _revoke(self, old: NetworkPlan, new: NetworkPlan, seen: dict[str, set[str]],
+                      contents: Contents) -> None:
+        """Take the addresses of names that are no longer allowed out of the dynamic sets
+        too (the static sets lost them already), unless another entry still allows them."""
+        keep = {a for addrs in contents.values() for a in addrs}
+        gone: set[str] = set()
+        for name in set(seen) - set(new.names):
+            gone |= seen[name]
+        for addr, (name, _) in self.addr_names.rows.items():
+            if new.allowlist.match(name) is None:
+                gone.add(addr)
+        gone -= keep
+        if not gone:
+            return
+        sets = {s for group in old.domain_sets.values() for s in group}
+        elements = {s: sorted(a for a in gone if (":" in a) == (s[1] == "6")) for s in sets}
+        try:
+            await self._writer().remove(elements)
+        except (FirewallError, ValueError) as exc:
+            log.error("network_revoke_failed", error=str(exc)[:300])
+            return
+        log.info("network_revoked", addresses=sorted(gone)[:50], count=len(gone))
+
+    # -- control ---------------------------------------------------------------------
+
+    def register(self, control: ControlServer) -> None:
+        """Register control ops: ``why`` (open to all), ``allow`` (root only)."""
+        control.register("why", self.ops.op_why)
+        control.register("allow", self.ops.op_allow, privileged=True)
+
+    # -- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The ``network`` section of status; includes ``text`` for the human renderer."""
+        if self.opts is None or self.backend is None:
+            return {"active": False, "text": "not set up (the network boot steps did not run)"}
+        fig = self.refresher.figures() if self.refresher else {
+            "names": len(self.plan.names) if self.plan else 0, "addresses": 0,
+            "last_refresh": None, "next_refresh_in_s": None, "refreshes": 0, "overruns": 0,
+            "failing": []}  # fmt: skip
+        now = time.time()
+        denied = [
+            {"addr": d.addr, "port": d.port, "proto": d.proto, "packets": d.packets,
+             "last_seen": round(now - d.seen_ago, 1), "name": self._name_of(d.addr)}
+            for d in self.denied[:10]
+        ]  # fmt: skip
+        degraded = (self.refresher.degraded if self.refresher else None) or self.notes.get("github")
+        out: dict[str, Any] = {
+            "active": True,
+            "engine": self.opts.engine.value,
+            "listen": self.opts.listen,
+            "hook": self.hook.address if self.hook else None,
+            "backend": self.backend.name,
+            "ipv6": self.opts.ipv6,
+            **fig,
+            "denied": denied,
+            "refused": self.refused.top(10),
+            "grants": [g.as_dict() for g in self.ops.grants.values()],
+            "degraded": degraded,
+            "selftest_ok": None if self.selftest is None else self.selftest.ok,
+            "dns_health": None if self.health is None else {
+                "ok": self.health.ok, "reason": self.health.reason,
+                "latency_ms": round(self.health.latency * 1000, 1)},
+        }
+        if self.hook is not None:
+            out["hook_counts"] = dict(self.hook.counts)
+        out["text"] = status_text(out)
+        return out
+
+    def _name_of(self, addr: str) -> str | None:
+        last = self.addr_names.get(addr)
+        if last:
+            return last[0]
+        names = self.refresher.names_for(addr) if self.refresher else []
+        return names[0] if names else None
 
     async def close(self) -> None:
         """Stop background tasks. The firewall stays in place (fail closed)."""
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._tasks.clear()
+        if self.hook is not None:
+            await self.hook.close()
+            self.hook = None
+
+
+def plan_listen(opts: NetOptions | None) -> str:
+    if opts is None:
+        raise StepError("the network-config step has not run")
+    return opts.listen
+
+
+def _hostport(raw: str, var: str) -> tuple[str, int]:
+    host, sep, port = raw.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise StepError(f"{var}={raw[:60]!r} is not host:port", f"set {var}=host:443")
+    return host, int(port)

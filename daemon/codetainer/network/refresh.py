@@ -137,6 +137,8 @@ class Refresher:
         self.degraded: str | None = None
         self.last: TickReport | None = None
         self.ticks = 0
+        #: transactions that replaced the static sets
+        self.applies = 0
         self.overruns = 0
         self.update(names, fixed or {})
 
@@ -263,6 +265,7 @@ class Refresher:
                 log.error("refresh_apply_failed", error=str(exc)[:500])
                 return self._finish(report, t0)
             self.applied = contents
+            self.applies += 1
             self._retry_apply = False
             report.applied = True
         if self.degraded is not None:
@@ -329,10 +332,11 @@ class Refresher:
             "last_refresh": self.last.as_dict() if self.last else None,
             "next_refresh_in_s": None if nxt is None else round(max(0.0, nxt - self.clock()), 3),
             "refreshes": self.ticks,
+            "set_swaps": self.applies,
             "overruns": self.overruns,
             "failing": [
                 {"name": s.name, "error": s.error, "failures": s.failures,
                  "since": s.failing_since, "kept": list(s.last_good)}
                 for s in self.failing()
-            ],  # fmt: skip
+            ],
         }

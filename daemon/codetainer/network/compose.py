@@ -1,0 +1,270 @@
+"""From settings and an allowlist to what the network parts run: the DNS server's config
+and exec script, the names the refresh task resolves, the port groups and the firewall
+policy. Pure functions and values (no I/O but the user database), so the controller's
+steps, reload and temporary grants all build the same things the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import ipaddress
+import os
+import pwd
+import shlex
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from codetainer.network.allowlist import Allowlist, EntryKind, IPNetwork
+from codetainer.network.dnsconfig import (
+    COREDNS_BIN,
+    DnsOptions,
+    Engine,
+    GeneratedConfig,
+    SetBackend,
+    Upstream,
+    exec_script,
+    generate_corefile,
+    generate_dnsmasq,
+    parse_upstream,
+    parse_upstreams,
+)
+from codetainer.network.dnshook import DEFAULT_HOOK, domain_sets, set_ports
+from codetainer.network.firewall import IPV6_POLICIES, FirewallPolicy
+
+if TYPE_CHECKING:
+    from codetainer.settings import Settings
+
+Ports = tuple[int, ...]
+#: fallback uid of the agent when its user does not exist (the image's ``claude``)
+AGENT_UID = 1000
+
+
+@dataclass(frozen=True)
+class NetOptions:
+    """The network settings, parsed and checked once (``ValueError`` names the variable)."""
+
+    engine: Engine
+    listen: str
+    upstreams: tuple[Upstream, ...]
+    ipv6: str
+    min_ttl: float
+    max_ttl: float
+    grace: float
+    dns_user: str
+    dns_uid: int
+    dns_gid: int
+    dns_group: str | None
+    #: ``host:port`` of the forwarding hook, or None (dnsmasq fills the sets itself)
+    hook: str | None
+    run_dir: Path
+
+    @property
+    def exec_path(self) -> Path:
+        """What ``[program:dns] command=`` runs (``/run/codetainer/dns/exec``)."""
+        return self.run_dir / "dns" / "exec"
+
+    @property
+    def config_path(self) -> Path:
+        name = "Corefile" if self.engine is Engine.COREDNS else "dnsmasq.conf"
+        return self.run_dir / "dns" / name
+
+    @property
+    def max_cache_ttl(self) -> int:
+        return max(1, min(86400, round(self.max_ttl)))
+
+
+def _setting(settings: Settings, name: str, default: str) -> str:
+    """A setting that may not be declared in Settings yet: field, then env, then default."""
+    value = getattr(settings, name, None)
+    if isinstance(value, str) and value:
+        return value
+    return os.environ.get("CODETAINER_" + name.upper(), default)
+
+
+def parse_options(settings: Settings, engine: Engine) -> NetOptions:
+    upstreams = parse_upstreams(settings.upstreams)
+    ipv6 = settings.ipv6.strip().lower()
+    if ipv6 not in IPV6_POLICIES:
+        raise ValueError(f"CODETAINER_IPV6={settings.ipv6[:20]!r}: use one of {', '.join(IPV6_POLICIES)}")
+    min_ttl = settings.number("refresh_min_ttl")
+    max_ttl = settings.number("refresh_max_ttl")
+    grace = settings.number("refresh_grace")
+    if not 0 < min_ttl <= max_ttl <= 300:
+        raise ValueError(
+            f"CODETAINER_REFRESH_MIN_TTL={min_ttl:g} / CODETAINER_REFRESH_MAX_TTL={max_ttl:g}: "
+            "need 0 < floor <= ceiling <= 300 seconds"
+        )
+    if grace < 0:
+        raise ValueError(f"CODETAINER_REFRESH_GRACE={grace:g} must not be negative")
+    ipaddress.ip_address(settings.dns_listen)
+    try:
+        pw = pwd.getpwnam(settings.dns_user)
+    except KeyError:
+        raise ValueError(
+            f"DNS user {settings.dns_user[:40]!r} does not exist: create it in the image "
+            "or set CODETAINER_DNS_USER to an existing unprivileged user"
+        ) from None
+    if pw.pw_uid == 0:
+        raise ValueError("CODETAINER_DNS_USER must not be root: only the DNS server may reach upstreams")
+    try:
+        group: str | None = grp.getgrgid(pw.pw_gid).gr_name
+    except KeyError:
+        group = None
+    hook_setting = _setting(settings, "dns_hook", "").strip().lower()
+    if hook_setting in ("off", "0", "none"):
+        hook = None
+    elif hook_setting:
+        hook = hook_setting
+    else:
+        hook = DEFAULT_HOOK if engine is Engine.COREDNS else None
+    if hook is not None:
+        parse_upstream(hook)
+    return NetOptions(
+        engine=engine, listen=settings.dns_listen, upstreams=upstreams, ipv6=ipv6,
+        min_ttl=min_ttl, max_ttl=max_ttl, grace=grace, dns_user=settings.dns_user,
+        dns_uid=pw.pw_uid, dns_gid=pw.pw_gid, dns_group=group, hook=hook,
+        run_dir=Path(settings.run_dir),
+    )  # fmt: skip
+
+
+def agent_identity(name: str) -> tuple[int, int, str]:
+    """(uid, gid, note) of the agent user; uid 1000 when the user does not exist."""
+    if name.isdigit():
+        return int(name), int(name), f"uid {name}"
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return AGENT_UID, AGENT_UID, f"user {name!r} does not exist, probing as uid {AGENT_UID}"
+    return pw.pw_uid, pw.pw_gid, f"user {name} (uid {pw.pw_uid})"
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    allowlist: Allowlist
+    config: GeneratedConfig
+    #: domain -> dynamic set names (dnsmasq ``nftset=`` semantics; the hook uses it too)
+    domain_sets: dict[str, tuple[str, ...]]
+    #: exact names the refresh task resolves -> their static group's ports
+    names: dict[str, Ports]
+    #: CIDR entries and ``@github`` ranges, per port group
+    fixed: dict[Ports, tuple[str, ...]]
+    #: every port group of the policy (each gets its static and dynamic sets)
+    groups: tuple[Ports, ...]
+
+
+def _strip_set_lines(cfg: GeneratedConfig) -> GeneratedConfig:
+    text = "".join(
+        line for line in cfg.text.splitlines(keepends=True)
+        if not line.startswith(("nftset=", "ipset="))
+    )  # fmt: skip
+    return dataclasses.replace(cfg, text=text)
+
+
+def make_plan(
+    allowlist: Allowlist,
+    opts: NetOptions,
+    backend: str,
+    github: Sequence[IPNetwork] = (),
+) -> NetworkPlan:
+    dns_opts = DnsOptions(
+        listen=opts.listen, port=53, upstreams=opts.upstreams, ipv6=opts.ipv6 == "allowlist",
+        max_ttl=opts.max_cache_ttl, user=opts.dns_user, group=opts.dns_group,
+    )  # fmt: skip
+    sets_kind = SetBackend.NFTSET if backend == "nftables" else SetBackend.IPSET
+    mapping = generate_dnsmasq(allowlist, dns_opts, SetBackend.NFTSET)
+    if opts.engine is Engine.COREDNS:
+        config = generate_corefile(allowlist, dataclasses.replace(dns_opts, hook=opts.hook))
+    elif opts.hook is not None:
+        # dnsmasq standing where CoreDNS would: it forwards to the hook and fills nothing.
+        hooked = dataclasses.replace(dns_opts, upstreams=(parse_upstream(opts.hook),))
+        config = _strip_set_lines(generate_dnsmasq(allowlist, hooked, sets_kind))
+    elif sets_kind is SetBackend.NFTSET:
+        config = mapping
+    else:
+        config = generate_dnsmasq(allowlist, dns_opts, sets_kind)
+    dsets = domain_sets(mapping.text)
+    names: dict[str, Ports] = {}
+    for name in allowlist.names:
+        sets = dsets.get(name)
+        if sets:
+            names[name] = set_ports(sets[0])
+        else:  # cannot happen with the current generator; keep the entry's own ports
+            entry = allowlist.match(name)
+            names[name] = allowlist.ports_for(entry) if entry else (80, 443)
+    fixed: dict[Ports, list[str]] = {}
+    for e in allowlist.entries:
+        if e.kind is EntryKind.CIDR:
+            fixed.setdefault(allowlist.ports_for(e), []).append(str(e.network))
+        elif e.kind is EntryKind.GITHUB and github:
+            fixed.setdefault(allowlist.ports_for(e), []).extend(str(n) for n in github)
+    groups = {s.ports for s in mapping.dynamic_sets} | set(names.values()) | set(fixed)
+    return NetworkPlan(
+        allowlist=allowlist, config=config, domain_sets=dsets, names=names,
+        fixed={p: tuple(dict.fromkeys(a)) for p, a in fixed.items()},
+        groups=tuple(sorted(groups)),
+    )  # fmt: skip
+
+
+def build_policy(
+    plan: NetworkPlan, contents: Mapping[Ports, Iterable[str]], opts: NetOptions
+) -> FirewallPolicy:
+    """The firewall policy: every group of the plan, static sets filled from ``contents``."""
+    groups: dict[Ports, list[str]] = {p: list(plan.fixed.get(p, ())) for p in plan.groups}
+    for ports, addrs in contents.items():
+        groups.setdefault(ports, []).extend(addrs)
+    return FirewallPolicy.build(
+        groups, dns_uid=opts.dns_uid, upstreams=[u.ip for u in opts.upstreams],
+        ipv6=opts.ipv6, dynamic_timeout=plan.config.set_timeout,
+    )  # fmt: skip
+
+
+def dns_exec_script(opts: NetOptions) -> str:
+    """The supervised service's command. dnsmasq starts as root (to bind port 53 and keep
+    CAP_NET_ADMIN for the sets) and drops to the DNS user itself (``user=``); CoreDNS is
+    started as the DNS user with only the capability to bind port 53."""
+    if opts.engine is Engine.DNSMASQ:
+        return exec_script(Engine.DNSMASQ, str(opts.config_path))
+    coredns = shutil.which(COREDNS_BIN) or COREDNS_BIN
+    return (
+        "#!/bin/sh\n"
+        f"exec setpriv --reuid={opts.dns_uid} --regid={opts.dns_gid} --clear-groups "
+        "--inh-caps=+net_bind_service --ambient-caps=+net_bind_service "
+        f"{shlex.quote(coredns)} -conf {shlex.quote(str(opts.config_path))}\n"
+    )
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> bool:
+    """Replace ``path`` (temporary file + rename); False when the content was the same."""
+    try:
+        if path.read_text() == text:
+            os.chmod(path, mode)
+            return False
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def write_resolv_conf(path: Path, listen: str) -> None:
+    """Point the resolver at the local server. A bind-mounted file (Docker's
+    /etc/resolv.conf) cannot be renamed over: it is rewritten in place then."""
+    text = ("# written by codetainer: the local DNS server answers allowlisted names only\n"
+            f"nameserver {listen}\n")
+    try:
+        write_atomic(path, text)
+    except OSError:
+        path.write_text(text)

@@ -1,0 +1,387 @@
+"""The zero-race forwarding hook for the CoreDNS engine.
+
+CoreDNS has no nftset/ipset integration, so the generated Corefile forwards every
+allowlisted zone to this small forwarder inside the daemon (UDP and TCP, by default on
+``127.0.0.1:5354``) instead of to the upstream resolvers. For each query it:
+
+1. refuses (NXDOMAIN) a name the allowlist does not allow: defence in depth, CoreDNS
+   already only forwards allowlisted zones;
+2. forwards the query, byte for byte, to the upstream resolvers in order;
+3. adds every A/AAAA address of the answer (the whole CNAME chain) to the dynamic
+   set(s) of the name's domain, in **one** firewall transaction, and only then
+4. replies. If the insertion fails the client gets SERVFAIL (and retries): an address
+   is never handed out before it is allowed.
+
+The sets a name's addresses go to are the ones dnsmasq's ``nftset=`` lines would use
+(longest matching domain wins), read from a generated dnsmasq config, so both engines
+fill exactly the same sets. Re-adding an address refreshes its timeout: the nftables
+writer deletes and re-adds it inside the same transaction (nft 1.0.6 does not refresh a
+timeout on a plain ``add``), the ipset writer uses ``-exist``.
+
+Only the DNS server's user may reach the upstream resolvers, and the daemon runs as
+root. The hook's upstream sockets are therefore created with the file-system uid
+switched to the DNS user (``setfsuid`` around ``socket()``, which is per thread): the
+kernel records that uid as the socket owner, and the firewall's existing "DNS user to
+upstream port 53" rule covers the hook with no extra rule.
+
+Tested for real with dnsmasq standing in CoreDNS's position (``server=/name/127.0.0.1#5354``,
+no ``nftset=`` lines), since CoreDNS is not installed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import re
+import socket
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import structlog
+
+from codetainer.network import model
+from codetainer.network.dnsconfig import Upstream
+from codetainer.network.firewall import Runner, parse_address, rendered
+
+log = structlog.get_logger("codetainer.network")
+
+DEFAULT_HOOK = "127.0.0.1:5354"
+_SET_NAME = re.compile(r"[ds][46]_[0-9_]{1,90}\Z")
+_NFTSET = re.compile(r"^nftset=/([a-z0-9.-]+)/(\S+)$")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def domain_sets(dnsmasq_text: str) -> dict[str, tuple[str, ...]]:
+    """``{domain: (set names)}`` from a generated dnsmasq config's ``nftset=`` lines."""
+    out: dict[str, tuple[str, ...]] = {}
+    for line in dnsmasq_text.splitlines():
+        m = _NFTSET.match(line)
+        if m:
+            names = tuple(spec.split("#")[-1] for spec in m[2].split(","))
+            out[m[1]] = tuple(n for n in names if _SET_NAME.match(n))
+    return out
+
+
+def set_ports(set_name: str) -> tuple[int, ...]:
+    """``d4_80_443`` -> ``(80, 443)``."""
+    return tuple(int(p) for p in set_name.split("_")[1:])
+
+
+class SetRoutes:
+    """Which dynamic sets a name's addresses go to: the longest matching domain."""
+
+    def __init__(self, sets: Mapping[str, Sequence[str]]) -> None:
+        self.sets = {d.lower().rstrip("."): tuple(s) for d, s in sets.items()}
+
+    def lookup(self, qname: str) -> tuple[str, ...]:
+        labels = qname.lower().rstrip(".").split(".")
+        for i in range(len(labels)):
+            hit = self.sets.get(".".join(labels[i:]))
+            if hit is not None:
+                return hit
+        return ()
+
+
+class SetWriter:
+    """Adds addresses to dynamic sets, one transaction per call."""
+
+    async def add(self, elements: Mapping[str, Sequence[str]]) -> None:
+        raise NotImplementedError
+
+    async def remove(self, elements: Mapping[str, Sequence[str]]) -> None:
+        """Take addresses out (a grant expired, a name left the allowlist)."""
+        raise NotImplementedError
+
+
+def _checked(elements: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, addrs in elements.items():
+        if not _SET_NAME.match(name):
+            raise ValueError(f"refusing set name {name[:40]!r}")
+        if addrs:
+            out[name] = sorted({rendered(parse_address(a)) for a in addrs})
+    return out
+
+
+class NftSetWriter(SetWriter):
+    def __init__(self, runner: Runner | None = None) -> None:
+        self.runner = runner or Runner(timeout=5.0)
+
+    @staticmethod
+    def render(elements: Mapping[str, Sequence[str]]) -> str:
+        t = f"{model.FAMILY} {model.TABLE}"
+        lines: list[str] = []
+        for name, addrs in _checked(elements).items():
+            body = ", ".join(addrs)
+            # add (no-op if present), delete, add: the element's timeout starts again, and
+            # inside one transaction no packet ever sees it missing.
+            lines += [f"add element {t} {name} {{ {body} }}",
+                      f"delete element {t} {name} {{ {body} }}",
+                      f"add element {t} {name} {{ {body} }}"]  # fmt: skip
+        return "\n".join(lines) + "\n" if lines else ""
+
+    async def add(self, elements: Mapping[str, Sequence[str]]) -> None:
+        script = self.render(elements)
+        if script:
+            await self.runner.run(["nft", "-f", "-"], script, what="add DNS answers to the sets")
+
+    async def remove(self, elements: Mapping[str, Sequence[str]]) -> None:
+        t = f"{model.FAMILY} {model.TABLE}"
+        lines: list[str] = []
+        for name, addrs in _checked(elements).items():
+            body = ", ".join(addrs)
+            # add first, so the delete cannot fail on an element that is not there
+            lines += [f"add element {t} {name} {{ {body} }}", f"delete element {t} {name} {{ {body} }}"]
+        if lines:
+            await self.runner.run(["nft", "-f", "-"], "\n".join(lines) + "\n",
+                                  what="remove addresses from the dynamic sets")
+
+
+class IpsetWriter(SetWriter):
+    def __init__(self, runner: Runner | None = None, timeout: int = 660) -> None:
+        self.runner = runner or Runner(timeout=5.0)
+        self.timeout = int(timeout)
+
+    def render(self, elements: Mapping[str, Sequence[str]]) -> str:
+        lines = [f"add {model.ipset_name(name)} {a} timeout {self.timeout} -exist"
+                 for name, addrs in _checked(elements).items() for a in addrs]  # fmt: skip
+        return "\n".join(lines) + "\n" if lines else ""
+
+    async def add(self, elements: Mapping[str, Sequence[str]]) -> None:
+        script = self.render(elements)
+        if script:
+            await self.runner.run(["ipset", "restore"], script, what="add DNS answers to the ipsets")
+
+    async def remove(self, elements: Mapping[str, Sequence[str]]) -> None:
+        lines = [f"del {model.ipset_name(name)} {a} -exist"
+                 for name, addrs in _checked(elements).items() for a in addrs]  # fmt: skip
+        if lines:
+            await self.runner.run(["ipset", "restore"], "\n".join(lines) + "\n",
+                                  what="remove addresses from the dynamic ipsets")
+
+
+def owned_socket(family: int, kind: int, uid: int | None) -> socket.socket:
+    """A socket the kernel attributes to ``uid`` (root keeps every other privilege)."""
+    if uid is None:
+        return socket.socket(family, kind)
+    previous = _libc.setfsuid(ctypes.c_uint(uid))
+    try:
+        return socket.socket(family, kind)
+    finally:
+        _libc.setfsuid(ctypes.c_uint(previous))
+
+
+def answer_addresses(msg: dns.message.Message) -> list[str]:
+    out: list[str] = []
+    for rrset in msg.answer:
+        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            out.extend(rd.to_text() for rd in rrset)
+    return sorted(set(out))
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, hook: DnsHook) -> None:
+        self.hook = hook
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.hook.spawn(self._answer(data, addr))
+
+    async def _answer(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        reply = await self.hook.answer(data, str(addr[0]), tcp=False)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+
+class DnsHook:
+    def __init__(
+        self,
+        listen: str,
+        upstreams: Sequence[Upstream],
+        routes: SetRoutes,
+        writer: SetWriter,
+        *,
+        allowed: Callable[[str], bool],
+        sock_uid: int | None,
+        timeout: float = 2.0,
+        on_refused: Callable[[str, str], None] | None = None,
+        on_answer: Callable[[str, list[str]], None] | None = None,
+    ) -> None:
+        host, _, port = listen.rpartition(":")
+        self.host = str(ipaddress.ip_address(host.strip("[]")))
+        self.port = int(port)
+        self.upstreams = tuple(upstreams)
+        self.routes = routes
+        self.writer = writer
+        self.allowed = allowed
+        self.sock_uid = sock_uid
+        self.timeout = timeout
+        self.on_refused = on_refused
+        self.on_answer = on_answer
+        self.limit = asyncio.Semaphore(256)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.udp: asyncio.DatagramTransport | None = None
+        self.tcp: asyncio.Server | None = None
+        self.counts = {"queries": 0, "refused": 0, "answered": 0, "servfail": 0, "inserted": 0}
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}#{self.port}"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Udp(self), local_addr=(self.host, self.port)
+        )
+        self.udp = transport
+        self.tcp = await asyncio.start_server(self._tcp_client, self.host, self.port)
+        log.info("dns_hook_started", listen=f"{self.host}:{self.port}",
+                 upstreams=[u.hostport for u in self.upstreams])  # fmt: skip
+
+    async def close(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
+        if self.tcp is not None:
+            self.tcp.close()
+            await self.tcp.wait_closed()
+        for task in list(self.tasks):
+            task.cancel()
+        for task in list(self.tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    def spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if peer else "?"
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readexactly(2), 10.0)
+                data = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", head)[0]), 10.0)
+                reply = await self.answer(data, client, tcp=True)
+                if reply is None:
+                    break
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    # -- one query -------------------------------------------------------------------
+
+    async def answer(self, wire: bytes, client: str, *, tcp: bool) -> bytes | None:
+        async with self.limit:
+            return await self._answer(wire, client, tcp)
+
+    async def _answer(self, wire: bytes, client: str, tcp: bool) -> bytes | None:
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None  # not DNS: no reply, as a resolver would
+        self.counts["queries"] += 1
+        if query.flags & dns.flags.QR:
+            return None
+        if len(query.question) != 1:
+            return _reply(query, dns.rcode.FORMERR)
+        qname = query.question[0].name.to_text(omit_final_dot=True).lower()
+        if not self.allowed(qname):
+            self.counts["refused"] += 1
+            if self.on_refused is not None:
+                self.on_refused(qname, client)
+            return _reply(query, dns.rcode.NXDOMAIN)
+        raw = await self._forward(wire, tcp)
+        if raw is None:
+            self.counts["servfail"] += 1
+            return _reply(query, dns.rcode.SERVFAIL)
+        try:
+            response = dns.message.from_wire(raw)
+        except dns.exception.DNSException:
+            self.counts["servfail"] += 1
+            return _reply(query, dns.rcode.SERVFAIL)
+        addrs = answer_addresses(response)
+        if addrs:
+            sets = self.routes.lookup(qname)
+            elements = {
+                name: [a for a in addrs if (":" in a) == (name[1] == "6")] for name in sets
+            }
+            elements = {k: v for k, v in elements.items() if v}
+            try:
+                await self.writer.add(elements)
+            except Exception as exc:
+                self.counts["servfail"] += 1
+                log.error("dns_hook_insert_failed", name=qname, error=str(exc)[:300])
+                return _reply(query, dns.rcode.SERVFAIL)
+            self.counts["inserted"] += sum(len(v) for v in elements.values())
+            if self.on_answer is not None:
+                self.on_answer(qname, addrs)
+        self.counts["answered"] += 1
+        return raw
+
+    async def _forward(self, wire: bytes, tcp: bool) -> bytes | None:
+        for up in self.upstreams:
+            try:
+                if not tcp:
+                    raw = await asyncio.wait_for(self._udp_query(wire, up), self.timeout)
+                    if len(raw) > 2 and not raw[2] & 0x02:  # not truncated
+                        return raw
+                return await asyncio.wait_for(self._tcp_query(wire, up), self.timeout)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                log.warning("dns_hook_upstream_failed", upstream=up.hostport,
+                            error=f"{type(exc).__name__}: {exc}"[:200])  # fmt: skip
+        return None
+
+    async def _udp_query(self, wire: bytes, up: Upstream) -> bytes:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if up.ip.version == 6 else socket.AF_INET
+        with owned_socket(family, socket.SOCK_DGRAM, self.sock_uid) as s:
+            s.setblocking(False)
+            await loop.sock_connect(s, (str(up.ip), up.port))
+            await loop.sock_sendall(s, wire)
+            while True:
+                data = await loop.sock_recv(s, 65535)
+                if data[:2] == wire[:2]:
+                    return data
+
+    async def _tcp_query(self, wire: bytes, up: Upstream) -> bytes:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if up.ip.version == 6 else socket.AF_INET
+        with owned_socket(family, socket.SOCK_STREAM, self.sock_uid) as s:
+            s.setblocking(False)
+            await loop.sock_connect(s, (str(up.ip), up.port))
+            await loop.sock_sendall(s, struct.pack("!H", len(wire)) + wire)
+            head = await _recv_exactly(loop, s, 2)
+            return await _recv_exactly(loop, s, struct.unpack("!H", head)[0])
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await loop.sock_recv(s, n - len(buf))
+        if not chunk:
+            raise asyncio.IncompleteReadError(buf, n)
+        buf += chunk
+    return buf
+
+
+def _reply(query: dns.message.Message, rcode: dns.rcode.Rcode) -> bytes:
+    response = dns.message.make_response(query)
+    response.set_rcode(rcode)
+    return bytes(response.to_wire())

@@ -1,0 +1,150 @@
+"""Control operations of the network: ``why`` (open) and ``allow`` (root), and the
+temporary grants ``allow`` creates.
+
+A grant is an allowlist entry with an expiry. Granting re-plans the network with it
+(DNS config regenerated, the dns service restarted when its config changed, firewall
+re-applied in one transaction, the new name resolved at once) and logs the audit event
+``network_allow_granted``. At expiry the same happens without it, and its addresses are
+taken out of the dynamic sets too (``network_allow_expired``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from codetainer.control import protocol
+from codetainer.control.server import Request, RequestError
+from codetainer.network import dnscheck
+from codetainer.network.allowlist import Entry, EntryKind, parse_entry, validate_hostname
+from codetainer.network.why import Grant, WhyAddress, WhyReport, denied_rows, parse_duration, span
+
+if TYPE_CHECKING:
+    from codetainer.network.controller import NetworkController
+
+log = structlog.get_logger("codetainer.network")
+
+GRANT_SOURCE = "codetainer allow"
+
+
+class NetworkOps:
+    def __init__(self, net: NetworkController) -> None:
+        self.net = net
+        self.grants: dict[str, Grant] = {}
+        self.changed = asyncio.Event()
+
+    def active(self) -> list[Entry]:
+        """Entries of the grants that have not expired."""
+        now = time.monotonic()
+        return [g.entry for g in self.grants.values() if g.expires_mono > now]
+
+    async def expire(self) -> None:
+        """Forever: at each grant's expiry, re-plan without it, then drop it."""
+        while True:
+            now = time.monotonic()
+            expired = [k for k, g in self.grants.items() if g.expires_mono <= now]
+            if expired:
+                # The plan leaves expired grants out; they leave status once revoked.
+                try:
+                    await self.net.rebuild("grant expired")
+                except Exception:
+                    log.exception("network_grant_expiry_failed")
+            for key in expired:
+                grant = self.grants.pop(key)
+                log.info("network_allow_expired", target=key, by_uid=grant.by_uid)
+            nxt = min((g.expires_mono for g in self.grants.values()), default=None)
+            self.changed.clear()
+            wait = 3600.0 if nxt is None else max(0.0, nxt - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), wait)
+
+    async def op_allow(self, req: Request) -> dict[str, Any]:
+        target = req.args.get("target")
+        if not isinstance(target, str) or not target.strip():
+            raise RequestError(protocol.BAD_REQUEST, "allow needs args.target (a host name)")
+        try:
+            seconds = parse_duration(str(req.args.get("duration") or "1h"))
+            entry = parse_entry(target.strip(), GRANT_SOURCE, 0)
+        except ValueError as exc:
+            raise RequestError(protocol.BAD_REQUEST, f"{target[:80]!r}: {exc}") from None
+        if entry.kind is EntryKind.GITHUB:
+            raise RequestError(protocol.BAD_REQUEST, "@github cannot be granted temporarily: "
+                               "add it to domains.conf")
+        if self.net.refresher is None:
+            raise RequestError(protocol.FAILED, "the network is not set up (boot did not reach "
+                               "the firewall step): nothing to grant into")
+        key = str(entry)
+        grant = Grant(entry, time.time() + seconds, time.monotonic() + seconds, req.peer.uid)
+        self.grants[key] = grant
+        log.info("network_allow_granted", target=key, kind=entry.kind.value, duration_s=seconds,
+                 expires_at=grant.expires_at, by_uid=req.peer.uid, by_pid=req.peer.pid)  # fmt: skip
+        self.changed.set()
+        result = await self.net.rebuild("grant")
+        until = time.strftime("%H:%M:%S", time.localtime(grant.expires_at))
+        return {**result, "grant": grant.as_dict(),
+                "text": f"allowed {key} for {span(seconds)} (until {until}); "
+                        f"it expires on its own"}  # fmt: skip
+
+    async def op_why(self, req: Request) -> dict[str, Any]:
+        target = req.args.get("target")
+        if not isinstance(target, str) or not target.strip() or len(target) > 260:
+            raise RequestError(protocol.BAD_REQUEST, "why needs args.target: a host name or an IP")
+        net = self.net
+        if net.backend is None or net.opts is None:
+            raise RequestError(protocol.FAILED, "the network is not set up (network-config did not run)")
+        target = target.strip()
+        allow = net.effective()
+        report: WhyReport
+        addrs: list[str]
+        try:
+            ip = ipaddress.ip_address(target)
+        except ValueError:
+            try:
+                host = validate_hostname(target)
+            except ValueError as exc:
+                raise RequestError(protocol.BAD_REQUEST, f"{target[:80]!r}: {exc}") from None
+            entry = allow.match(host)
+            report = WhyReport(host, "host", str(entry) if entry else None, where(entry))
+            types = ("A", "AAAA") if net.opts.ipv6 == "allowlist" else ("A",)
+            answers = [await dnscheck.query(host, t, net.opts.listen, 53, timeout=2.0) for t in types]
+            addrs = sorted({a for ans in answers for a in ans.addresses})
+            report.rcode = answers[0].rcode
+            report.refused = net.refused.get(host)
+            report.grant = self._grant_for(entry)
+        else:
+            nets = net.github.networks if net.github else ()
+            entry = allow.match_ip(ip, nets)
+            report = WhyReport(str(ip), "ip", str(entry) if entry else None, where(entry))
+            addrs = [str(ip)]
+        denied = await net.read_denied()
+        for a in addrs:
+            names = net.refresher.names_for(a) if net.refresher else []
+            last = net.addr_names.get(a)
+            if last and last[0] not in names:
+                names.append(last[0])
+            sets = await net.backend.contains(a)
+            report.addresses.append(WhyAddress(a, sets, denied_rows(denied, a), names))
+            if ":" in a and net.opts.ipv6 == "deny":
+                report.notes.append("IPv6 egress is denied (CODETAINER_IPV6=deny)")
+        if entry is not None and report.kind == "host":
+            report.notes.append(f"allowed ports: {', '.join(map(str, allow.ports_for(entry)))}")
+        return report.as_dict()
+
+    def _grant_for(self, entry: Any) -> dict[str, Any] | None:
+        if entry is None or entry.source != GRANT_SOURCE:
+            return None
+        grant = self.grants.get(str(entry))
+        return grant.as_dict() if grant else None
+
+
+def where(entry: Any) -> str | None:
+    if entry is None:
+        return None
+    if entry.source == GRANT_SOURCE:
+        return "temporary grant (codetainer allow)"
+    return str(entry.where)

@@ -1,0 +1,246 @@
+"""Visibility: refused DNS names, which name an address came from, temporary grants,
+and ``codetainer why HOST|IP`` rendered as one screen.
+
+All tables are bounded (least recently touched entries go first), so a client that
+asks for a million random names cannot grow the daemon.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from codetainer.network.allowlist import Entry
+
+_DURATION = re.compile(r"([0-9]{1,6})([smhd]?)\Z")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_GRANT_S = 7 * 86400
+_REPLY = re.compile(r"\breply (?P<name>[a-zA-Z0-9.-]{1,253}) is (?P<addr>[0-9a-fA-F.:]{2,45})\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """``30m``, ``2h``, ``1d``, ``90`` (seconds) -> seconds; ``ValueError`` says why not."""
+    m = _DURATION.match(str(text).strip().lower())
+    if not m:
+        raise ValueError(f"duration {str(text)[:20]!r}: use a number with s, m, h or d (30m, 2h, 1d)")
+    seconds = int(m[1]) * _UNITS[m[2]]
+    if not 0 < seconds <= MAX_GRANT_S:
+        raise ValueError(f"duration {text!r} must be between 1s and 7d")
+    return float(seconds)
+
+
+def ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s ago"
+    if s < 7200:
+        return f"{s // 60}m ago"
+    return f"{s // 3600}h ago"
+
+
+def span(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+class RefusedTable:
+    """Names the DNS server refused: name -> count, last time, last client and type."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self.rows: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.total = 0
+
+    def record(self, name: str, client: str = "", qtype: str = "", when: float | None = None) -> None:
+        self.total += 1
+        row = self.rows.pop(name, None) or {"name": name, "count": 0, "first": when or time.time()}
+        row["count"] += 1
+        row["last"] = when or time.time()
+        row["client"] = client
+        if qtype:
+            row["qtype"] = qtype
+        self.rows[name] = row
+        while len(self.rows) > self.size:
+            self.rows.popitem(last=False)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        row = self.rows.get(name)
+        return dict(row) if row else None
+
+    def top(self, n: int = 10) -> list[dict[str, Any]]:
+        return [dict(r) for r in sorted(self.rows.values(), key=lambda r: (-r["count"], -r["last"]))[:n]]
+
+
+class AddressNames:
+    """The name an address was last handed out for (from the DNS server's replies)."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self.size = size
+        self.rows: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def record(self, addr: str, name: str, when: float | None = None) -> None:
+        self.rows.pop(addr, None)
+        self.rows[addr] = (name, when or time.time())
+        while len(self.rows) > self.size:
+            self.rows.popitem(last=False)
+
+    def get(self, addr: str) -> tuple[str, float] | None:
+        return self.rows.get(addr)
+
+    def feed_dnsmasq(self, line: str) -> None:
+        """``… reply NAME is ADDR`` lines of dnsmasq's ``log-queries=extra``."""
+        m = _REPLY.search(line)
+        if m and ("." in m["addr"] or ":" in m["addr"]) and any(c.isdigit() for c in m["addr"]):
+            self.record(m["addr"], m["name"].lower())
+
+
+@dataclass
+class Grant:
+    """A temporary allowlist entry (``codetainer allow NAME --for 2h``)."""
+
+    entry: Entry
+    expires_at: float  # wall clock
+    expires_mono: float
+    by_uid: int
+    granted_at: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "target": str(self.entry),
+            "kind": self.entry.kind.value,
+            "expires_at": self.expires_at,
+            "expires_in_s": round(max(0.0, self.expires_at - time.time()), 1),
+            "by_uid": self.by_uid,
+        }
+
+
+@dataclass
+class WhyAddress:
+    addr: str
+    sets: list[str]
+    denied: list[dict[str, Any]]
+    names: list[str]
+
+    @property
+    def allowed(self) -> bool:
+        return any(s[0] in "sd" and s[1] in "46" for s in self.sets)
+
+
+@dataclass
+class WhyReport:
+    target: str
+    kind: str  # "host" or "ip"
+    entry: str | None
+    where: str | None
+    rcode: str | None = None
+    addresses: list[WhyAddress] = field(default_factory=list)
+    refused: dict[str, Any] | None = None
+    grant: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def verdict(self) -> str:
+        if self.kind == "host":
+            if self.entry is None:
+                return "NOT ALLOWED: no allowlist entry matches this name (DNS answers NXDOMAIN)"
+            if self.addresses and all(a.allowed for a in self.addresses):
+                return "ALLOWED: every address it resolves to is in an allowed set"
+            if self.addresses:
+                return "PARTLY ALLOWED: some addresses are not in a set yet (see below)"
+            return f"ALLOWLISTED, but it does not resolve now ({self.rcode or 'no answer'})"
+        if self.addresses and self.addresses[0].allowed:
+            return "ALLOWED: the address is in an allowed set"
+        return "NOT ALLOWED: the address is in no allowed set"
+
+    def text(self) -> str:
+        out = [f"{self.target}: {self.verdict()}"]
+        if self.entry is not None:
+            out.append(f"  allowlist: {self.entry} ({self.where})")
+        elif self.kind == "host":
+            out.append("  allowlist: no entry (add it to domains.conf, or `codetainer allow NAME`)")
+        if self.grant is not None:
+            out.append(f"  temporary grant: expires in {span(self.grant['expires_in_s'])}")
+        if self.kind == "host":
+            if self.addresses:
+                out.append(f"  resolves to: {', '.join(a.addr for a in self.addresses)}")
+            elif self.rcode:
+                out.append(f"  resolves to: nothing ({self.rcode})")
+        for a in self.addresses:
+            sets = ", ".join(a.sets) if a.sets else "no set"
+            line = f"  {a.addr}: {sets}"
+            if a.names and self.kind == "ip":
+                line += f"; resolved from {', '.join(a.names)}"
+            out.append(line)
+            for d in a.denied[:5]:
+                out.append(
+                    f"    denied {d['packets']}x {d['proto']}/{d['port']}, last {ago(d['seen_ago'])}"
+                )
+        if self.refused is not None:
+            r = self.refused
+            out.append(f"  DNS refused it {r['count']}x, last {ago(time.time() - r['last'])}")
+        out.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(out[:24])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "kind": self.kind,
+            "verdict": self.verdict(),
+            "allowlisted": self.entry is not None,
+            "entry": self.entry,
+            "where": self.where,
+            "rcode": self.rcode,
+            "addresses": [
+                {"addr": a.addr, "sets": a.sets, "allowed": a.allowed, "denied": a.denied,
+                 "names": a.names}
+                for a in self.addresses
+            ],
+            "refused": self.refused,
+            "grant": self.grant,
+            "notes": self.notes,
+            "text": self.text(),
+        }
+
+
+def denied_rows(denied: Sequence[Any], addr: str) -> list[dict[str, Any]]:
+    return [
+        {"proto": d.proto, "port": d.port, "packets": d.packets, "seen_ago": round(d.seen_ago, 1)}
+        for d in denied if d.addr == addr
+    ]  # fmt: skip
+
+
+def status_text(st: dict[str, Any]) -> str:
+    lines = [f"DNS {st['engine']} on {st['listen']}"
+             + (f" (hook {st['hook']})" if st.get("hook") else "")
+             + f", firewall {st['backend']}, IPv6 {st['ipv6']}"]  # fmt: skip
+    last = st.get("last_refresh")
+    refresh = f"{st['names']} names, {st['addresses']} addresses"
+    if last:
+        refresh += (f"; last refresh {ago(time.time() - last['at'])} in {last['duration_s'] * 1000:.0f} ms "
+                    f"({last['ok']} ok, {last['failed']} failed)")
+    if st.get("next_refresh_in_s") is not None:
+        refresh += f"; next in {st['next_refresh_in_s']:.0f}s"
+    lines.append(refresh)
+    if st.get("degraded"):
+        lines.append(f"DEGRADED: {st['degraded']}")
+    if st.get("failing"):
+        lines.append("failing: " + ", ".join(f"{f['name']} ({f['error']} x{f['failures']})"
+                                             for f in st["failing"][:5]))
+    for d in st.get("denied", [])[:5]:
+        name = f" ({d['name']})" if d.get("name") else ""
+        lines.append(f"denied {d['addr']}:{d['port']}/{d['proto']}{name} x{d['packets']}, "
+                     f"last {ago(time.time() - d['last_seen'])}")
+    for r in st.get("refused", [])[:5]:
+        lines.append(f"refused {r['name']} x{r['count']}, last {ago(time.time() - r['last'])}")
+    for g in st.get("grants", []):
+        lines.append(f"grant {g['target']}: expires in {span(g['expires_in_s'])}")
+    return "\n".join(lines)

@@ -1,0 +1,418 @@
+"""The network boot steps for real: codetainerd as PID 1 in the test world's inner netns.
+
+The daemon runs its own dnsmasq (the supervised ``dns`` service, from the config it
+generated), installs the nftables firewall, resolves the allowlist through its server
+and proves it all from the agent's uid. The world's dnsmasq (``UPSTREAM``) answers for
+every test name, including the names we must refuse, so a refusal can only come from
+our server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemonproc import BIN, DaemonProc
+from tests.world import ALLOWED_HOSTS, NEVER_HOSTS, PYTHON, UDP_ECHO, UPSTREAM, V6_HOSTS, World
+
+pytestmark = pytest.mark.integration
+
+AGENT = 1000
+NET_STEPS = "network-config,dns,firewall,network-selftest,services"
+ALLOWED = ALLOWED_HOSTS[0]  # allowed.test
+WILD = ALLOWED_HOSTS[1]  # a.wild.test
+EXTRA = ALLOWED_HOSTS[2]  # extra.test: granted with `codetainer allow`
+SUB = ALLOWED_HOSTS[3]  # sub.allowed.test: the upstream answers, we must not
+DENIED = NEVER_HOSTS[0]  # denied.test
+ALLOWLIST = """\
+# test allowlist
+allowed.test          # exact: its subdomains stay refused
+*.wild.test:443       # wildcard: subdomains yes, the apex no
+"""
+RECORDS = {
+    "allowed.test": [ALLOWED],
+    "sub.allowed.test": [SUB],
+    "a.wild.test": [WILD],
+    "wild.test": [ALLOWED_HOSTS[4]],
+    "denied.test": [DENIED],
+    "extra.test": [EXTRA],
+}
+
+SERVICES = """\
+[supervisord]
+nodaemon=true
+
+[program:dns]
+command={run}/dns/exec
+priority=10
+autostart=false
+autorestart=true
+startsecs=1
+startretries=5
+stopsignal=TERM
+stopwaitsecs=5
+stopasgroup=true
+killasgroup=true
+redirect_stderr=true
+"""
+
+_UDP = r"""
+import errno, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.0)
+try:
+    s.sendto(b"hello", (sys.argv[1], int(sys.argv[2]))); s.recv(100); print("answered")
+except TimeoutError:
+    print("timeout")
+except OSError as e:
+    print(errno.errorcode.get(e.errno or 0, "error"))
+"""
+
+_HOLD = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), 3); print("up", flush=True)
+for line in sys.stdin:
+    s.sendall(line.encode()); print(s.recv(100).decode().strip(), flush=True)
+"""
+
+
+def start_daemon(world: World, tmp: Path, allowlist: str = ALLOWLIST, *,
+                 env: dict[str, str] | None = None, steps: str = NET_STEPS) -> DaemonProc:
+    allow = tmp / "domains.conf"
+    allow.write_text(allowlist)
+    full = {
+        "CODETAINER_UPSTREAMS": UPSTREAM,
+        "CODETAINER_ALLOWLIST": str(allow),
+        "CODETAINER_DNS_USER": "nobody",
+        "CODETAINER_AGENT_USER": str(AGENT),
+        "CODETAINER_RESOLV_CONF": str(tmp / "resolv.conf"),
+        "CODETAINER_PROBE_DENIED": f"{NEVER_HOSTS[-1]}:443",
+        "CODETAINER_LOG_FORMAT": "json",
+        "CODETAINER_REFRESH_MIN_TTL": "1",
+        "CODETAINER_REFRESH_MAX_TTL": "5",
+        "CODETAINER_REFRESH_GRACE": "30",
+        **(env or {}),
+    }
+    d = DaemonProc(tmp, SERVICES.format(run=tmp / "run"), steps=steps, env=full, netns=world.inner)
+    try:
+        d.wait_socket()
+    except BaseException:
+        d.close()
+        raise
+    return d
+
+
+def wait_boot(d: DaemonProc, timeout: float = 45.0) -> dict[str, Any]:
+    st: dict[str, Any] = d.wait_until(lambda: (s := d.status())["state"] != "BOOTING" and s,
+                                      timeout, "boot to finish")  # fmt: skip
+    return st
+
+
+def dig(world: World, name: str, server: str = "127.0.0.53", uid: int = AGENT,
+        rtype: str = "A") -> tuple[str, list[str]]:
+    out = world.run_in(world.inner, ["dig", "+time=1", "+tries=1", "+noall", "+comments",
+                                     "+answer", f"@{server}", name, rtype], uid=uid)  # fmt: skip
+    m = re.search(r"status: ([A-Z]+)", out.stdout)
+    if not m:
+        return "TIMEOUT", []
+    addrs = [ln.split()[-1] for ln in out.stdout.splitlines()
+             if ln and not ln.startswith(";") and ln.split()[3:4] == [rtype]]  # fmt: skip
+    return m[1], sorted(addrs)
+
+
+def nft_set(world: World, name: str) -> str:
+    out = world.run_in(world.inner, ["nft", "-j", "list", "set", "inet", "codetainer", name])
+    assert out.returncode == 0, out.stderr
+    return str(json.dumps(json.loads(out.stdout)["nftables"][1]["set"].get("elem", [])))
+
+
+def step(st: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in st["steps"] if s["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with World() as w:
+        for name, addrs in RECORDS.items():
+            w.set_records(name, addrs)
+        yield w
+
+
+@pytest.fixture(scope="module")
+def daemon(world: World) -> Iterator[DaemonProc]:
+    tmp = Path(tempfile.mkdtemp(prefix="ct-netd-"))
+    tmp.chmod(0o755)  # the agent's uid reaches the control socket too
+    d = start_daemon(world, tmp)
+    try:
+        yield d
+    finally:
+        d.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- boot ----------------------------------------------------------------------------------
+
+
+def test_boot_is_ready_with_every_network_step_ok(daemon: DaemonProc) -> None:
+    st = wait_boot(daemon)
+    assert st["state"] == "READY", (st["reasons"], daemon.log()[-4000:])
+    for name in ("network-config", "dns", "firewall", "network-selftest"):
+        assert step(st, name)["state"] == "OK", step(st, name)
+    assert "refused" in step(st, "network-selftest")["reason"]
+    net = st["network"]
+    assert net["engine"] == "dnsmasq" and net["backend"] == "nftables" and net["ipv6"] == "deny"
+    assert net["names"] == 1 and net["addresses"] == 1
+    assert net["last_refresh"]["ok"] == 1 and net["last_refresh"]["failed"] == 0
+    assert 0 <= net["next_refresh_in_s"] <= 5
+    assert net["degraded"] is None and net["selftest_ok"] is True
+    assert "DNS dnsmasq on 127.0.0.53" in net["text"] and "1 names, 1 addresses" in net["text"]
+    resolv = Path(daemon.tmp, "resolv.conf").read_text()
+    assert "nameserver 127.0.0.53" in resolv
+    assert Path(daemon.tmp, "run", "dns", "exec").stat().st_mode & 0o111
+    dns = daemon.service("dns")
+    assert dns["state"] == "RUNNING"
+
+
+def test_allowed_name_resolves_and_connects(daemon: DaemonProc, world: World) -> None:
+    wait_boot(daemon)
+    assert dig(world, "allowed.test") == ("NOERROR", [ALLOWED])
+    assert world.connect(ALLOWED, 443, uid=AGENT)[0] == "connected"
+    assert world.connect(ALLOWED, 80, uid=AGENT)[0] == "connected"
+    assert world.connect(ALLOWED, 8443, uid=AGENT)[0] == "ECONNREFUSED"  # not an allowed port
+
+
+def test_not_allowlisted_and_exact_subdomain_refused_wildcard_allowed(
+    daemon: DaemonProc, world: World
+) -> None:
+    wait_boot(daemon)
+    assert world.query("denied.test") == [DENIED]  # the upstream does answer it
+    assert dig(world, "denied.test") == ("NXDOMAIN", [])
+    assert dig(world, "sub.allowed.test") == ("NXDOMAIN", [])
+    assert dig(world, "wild.test") == ("NXDOMAIN", [])
+    assert dig(world, "a.wild.test") == ("NOERROR", [WILD])
+    assert world.connect(WILD, 443, uid=AGENT)[0] == "connected"  # filled before the answer
+    assert world.connect(WILD, 80, uid=AGENT)[0] == "ECONNREFUSED"  # the wildcard says :443
+    for addr in (DENIED, SUB):
+        assert world.connect(addr, 443, uid=AGENT)[0] == "ECONNREFUSED"
+    # The refusals reached status (dnsmasq's log, parsed).
+    def refused() -> set[str]:
+        return {r["name"] for r in daemon.status()["network"]["refused"]}
+    daemon.wait_until(lambda: {"denied.test", "sub.allowed.test", "wild.test"} <= refused(),
+                      10, "refused names in status")  # fmt: skip
+
+
+def test_direct_connections_refused_fast_dns_and_udp_blocked(daemon: DaemonProc, world: World) -> None:
+    wait_boot(daemon)
+    result, ms = world.connect(NEVER_HOSTS[1], 443, uid=AGENT)
+    assert result == "ECONNREFUSED" and ms < 100, (result, ms)
+    assert dig(world, "allowed.test", server=UPSTREAM)[0] == "TIMEOUT"  # direct upstream DNS
+    tcp53 = world.connect(UPSTREAM, 53, uid=AGENT)[0]
+    assert tcp53 == "ECONNREFUSED"
+    udp = world.python_in(world.inner, _UDP, *map(str, UDP_ECHO), uid=AGENT).stdout.strip()
+    assert udp in {"EPERM", "timeout"}, udp
+    assert world.connect(V6_HOSTS[0], 443, uid=AGENT)[0] == "ECONNREFUSED"  # IPv6 policy: deny
+    assert world.connect("169.254.169.254", 80, uid=AGENT)[0] == "ECONNREFUSED"
+
+
+def test_why_explains_allowed_and_denied(daemon: DaemonProc, world: World) -> None:
+    wait_boot(daemon)
+    world.connect(NEVER_HOSTS[2], 443, uid=AGENT)
+    world.connect(NEVER_HOSTS[2], 443, uid=AGENT)
+    why = daemon.call("why", target="allowed.test")
+    assert why["allowlisted"] and why["where"].endswith("domains.conf:2")
+    assert why["addresses"][0]["addr"] == ALLOWED and why["addresses"][0]["allowed"]
+    assert any(s.startswith(("s4_80_443", "d4_80_443")) for s in why["addresses"][0]["sets"])
+    assert "ALLOWED" in why["text"] and "domains.conf:2" in why["text"]
+    why = daemon.call("why", target=NEVER_HOSTS[2])
+    assert not why["allowlisted"] and not why["addresses"][0]["allowed"]
+    assert why["addresses"][0]["denied"][0]["packets"] == 2
+    assert "denied 2x tcp/443" in why["text"]
+    why = daemon.call("why", target="denied.test")
+    assert not why["allowlisted"] and why["rcode"] == "NXDOMAIN" and why["refused"]["count"] >= 1
+    # end to end through the CLI, as any user may
+    cli = subprocess.run([str(BIN / "codetainer"), "--socket", daemon.socket, "why", "sub.allowed.test"],
+                         capture_output=True, text=True, timeout=20)  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.startswith("sub.allowed.test: NOT ALLOWED")
+    # status lists the denied destination
+    daemon.wait_until(lambda: any(d["addr"] == NEVER_HOSTS[2] for d in daemon.status()["network"]["denied"]),
+                      15, "denied destination in status")  # fmt: skip
+
+
+def test_allow_grants_temporarily_and_expires(daemon: DaemonProc, world: World) -> None:
+    wait_boot(daemon)
+    assert dig(world, "extra.test") == ("NXDOMAIN", [])
+    assert world.connect(EXTRA, 443, uid=AGENT)[0] == "ECONNREFUSED"
+    cli = subprocess.run([str(BIN / "codetainer"), "--socket", daemon.socket, "allow", "extra.test",
+                          "--for", "4s"], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert cli.returncode == 0, cli.stderr + daemon.log()[-3000:]
+    assert "allowed extra.test for 4s" in cli.stdout
+    assert dig(world, "extra.test") == ("NOERROR", [EXTRA])
+    assert world.connect(EXTRA, 443, uid=AGENT)[0] == "connected"
+    net = daemon.status()["network"]
+    assert [g["target"] for g in net["grants"]] == ["extra.test"]
+    assert "temporary grant" in daemon.call("why", target="extra.test")["where"]
+    granted = [e for e in daemon.events() if e.get("event") == "network_allow_granted"]
+    assert granted and granted[-1]["target"] == "extra.test" and granted[-1]["by_uid"] == 0
+    # it expires on its own: DNS refuses it again and its address is out of every set
+    daemon.wait_until(lambda: not daemon.status()["network"]["grants"], 15, "grant expiry")
+    daemon.wait_until(lambda: dig(world, "extra.test")[0] == "NXDOMAIN", 10, "NXDOMAIN after expiry")
+    assert world.connect(EXTRA, 443, uid=AGENT)[0] == "ECONNREFUSED"
+    assert any(e.get("event") == "network_allow_expired" for e in daemon.events())
+    assert world.connect(ALLOWED, 443, uid=AGENT)[0] == "connected"
+
+
+def test_allow_validates_and_is_root_only(daemon: DaemonProc, world: World) -> None:
+    from codetainer.control.client import RequestFailed
+
+    wait_boot(daemon)
+    for target, duration in (("bad{name", "1h"), ("*", "1h"), ("ok.test", "forever"), ("0.0.0.0/0", "1h")):
+        with pytest.raises(RequestFailed) as exc:
+            daemon.call("allow", target=target, duration=duration)
+        assert exc.value.code == "bad_request", exc.value.message
+    # an unprivileged user may ask why, not allow
+    code = (f"import sys; sys.path[:0] = {sys.path!r}\n"
+            "from codetainer.control.client import Client, RequestFailed\n"
+            f"c = Client({daemon.socket!r}, timeout=10)\n"
+            "print(c.call('why', target='allowed.test')['allowlisted'])\n"
+            "try:\n    c.call('allow', target='x.test')\nexcept RequestFailed as e:\n    print(e.code)\n")
+    argv = ["setpriv", f"--reuid={AGENT}", f"--regid={AGENT}", "--clear-groups", sys.executable, "-c", code]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    assert out.stdout.split() == ["True", "permission_denied"], out.stderr
+
+
+def test_reload_keeps_an_established_connection(daemon: DaemonProc, world: World) -> None:
+    wait_boot(daemon)
+    proc = world.spawn_in(world.inner, [PYTHON, "-I", "-c", _HOLD, ALLOWED, "443"], uid=AGENT)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline().strip() == "up"
+
+    def echo(word: str) -> str:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(word + "\n")
+        proc.stdin.flush()
+        return str(proc.stdout.readline()).strip()
+
+    allow_file = Path(daemon.tmp, "domains.conf")
+    assert echo("one") == "one"
+    try:
+        # allowed.test leaves the allowlist: new connections to it are refused at once,
+        # the established one lives on.
+        allow_file.write_text("*.wild.test:443\n")
+        result = daemon.call("reload")["network"]
+        assert result["ok"] and result["removed"] == ["allowed.test"] and result["dns_restarted"], result
+        assert echo("two") == "two"
+        assert dig(world, "allowed.test") == ("NXDOMAIN", [])
+        assert world.connect(ALLOWED, 443, uid=AGENT)[0] == "ECONNREFUSED"
+        # a hostile edit is refused as a whole, nothing changes
+        allow_file.write_text("allowed.test\nevil.test}\n")
+        bad = daemon.call("reload")["network"]
+        assert not bad["ok"] and "domains.conf:2" in bad["error"]
+        assert dig(world, "allowed.test") == ("NXDOMAIN", [])
+    finally:
+        allow_file.write_text(ALLOWLIST)
+        restored = daemon.call("reload")["network"]
+    assert restored["added"] == ["allowed.test"]
+    assert echo("three") == "three"
+    assert dig(world, "allowed.test") == ("NOERROR", [ALLOWED])
+    assert world.connect(ALLOWED, 443, uid=AGENT)[0] == "connected"
+
+
+def test_total_upstream_failure_changes_nothing(daemon: DaemonProc, world: World) -> None:
+    wait_boot(daemon)
+    before = nft_set(world, "s4_80_443")
+    assert ALLOWED in before
+    assert world.dns is not None
+    world.dns.terminate()
+    world.dns.wait(5)
+    try:
+        st = daemon.wait_until(lambda: (n := daemon.status()["network"])["degraded"] and n, 20,
+                               "DEGRADED after upstream failure")  # fmt: skip
+        assert "lookups failed" in st["degraded"] and "firewall unchanged" in st["degraded"]
+        assert "DEGRADED" in st["text"]
+        time.sleep(2)  # several more failing refreshes
+        assert nft_set(world, "s4_80_443") == before
+        assert world.connect(ALLOWED, 443, uid=AGENT)[0] == "connected"
+    finally:
+        world._start_dns()
+    daemon.wait_until(lambda: daemon.status()["network"]["degraded"] is None, 20, "recovery")
+
+
+def test_iptables_backend_boots_and_filters(tmp_path: Path) -> None:
+    with World() as world:
+        for name, addrs in RECORDS.items():
+            world.set_records(name, addrs)
+        d = start_daemon(world, tmp_path, env={"CODETAINER_FIREWALL": "iptables"})
+        try:
+            st = wait_boot(d)
+            assert st["state"] == "READY", (st["reasons"], d.log()[-3000:])
+            assert st["network"]["backend"] == "iptables"
+            assert "ipset=/allowed.test/ct-d4_80_443" in (tmp_path / "run/dns/dnsmasq.conf").read_text()
+            assert dig(world, "a.wild.test") == ("NOERROR", [WILD])
+            assert world.connect(WILD, 443, uid=AGENT)[0] == "connected"  # ipset filled first
+            assert world.connect(ALLOWED, 443, uid=AGENT)[0] == "connected"
+            assert world.connect(DENIED, 443, uid=AGENT)[0] == "ECONNREFUSED"
+            assert dig(world, "allowed.test", server=UPSTREAM)[0] == "TIMEOUT"
+            why = d.call("why", target="allowed.test")["addresses"][0]
+            assert why["allowed"] and "s4_80_443" in why["sets"], why
+        finally:
+            d.close()
+
+
+# -- failing closed ------------------------------------------------------------------------
+
+HOSTILE = "\n".join([
+    "allowed.test",
+    "evil.test}",  # brace injection into a Corefile block
+    "server=/#/8.8.8.8",  # dnsmasq option injection
+    "a" * 300 + ".test",  # 300-character label
+    "ctl\x01.test",  # control byte
+    "*",
+    "0.0.0.0/0",
+]) + "\n"  # fmt: skip
+
+
+def test_hostile_allowlist_fails_boot_without_weakening_the_firewall(tmp_path: Path) -> None:
+    with World() as world:
+        _hostile(world, tmp_path)
+
+
+def _hostile(world: World, tmp_path: Path) -> None:
+    import asyncio
+
+    from codetainer.network.firewall import FirewallPolicy, Runner, make_backend
+
+    # A firewall from an earlier boot is in place: only 203.0.113.10 allowed.
+    backend = make_backend("nftables", Runner(["ip", "netns", "exec", world.inner]))
+    asyncio.run(backend.apply(FirewallPolicy.build({(443,): [ALLOWED]}, dns_uid=65534, upstreams=[UPSTREAM])))
+    before = world.run_in(world.inner, ["nft", "list", "table", "inet", "codetainer"]).stdout
+    d = start_daemon(world, tmp_path, HOSTILE)
+    try:
+        st = wait_boot(d)
+        assert st["state"] == "FAILED"
+        rec = step(st, "network-config")
+        assert rec["state"] == "FAILED"
+        path = str(tmp_path / "domains.conf")
+        for line in (2, 3, 4, 5, 6, 7):
+            assert f"{path}:{line}:" in rec["reason"], (line, rec["reason"])
+        assert f"{path}:1:" not in rec["reason"]
+        assert any(f"{path}:2:" in r for r in st["reasons"])
+        assert all(step(st, n)["state"] == "SKIPPED" for n in ("dns", "firewall", "network-selftest"))
+        assert d.service("dns")["state"] == "STOPPED"
+        assert not (tmp_path / "run" / "dns").exists()  # nothing was generated
+        assert st["network"]["active"] is False
+        after = world.run_in(world.inner, ["nft", "list", "table", "inet", "codetainer"]).stdout
+        assert after == before
+        assert world.connect(NEVER_HOSTS[0], 443, uid=AGENT)[0] == "ECONNREFUSED"
+    finally:
+        d.close()
+        asyncio.run(backend.teardown())
