@@ -147,6 +147,39 @@ async def test_upstream_dns_only_for_the_dns_user(world: World, backend_name: st
     assert dig.stdout.split() == [A]
 
 
+_UDP_FROM_PORT = r"""
+import errno, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[3])))
+try:
+    s.sendto(bytes.fromhex(sys.argv[4]), (sys.argv[1], int(sys.argv[2]))); s.recv(4096); print("answered")
+except TimeoutError:
+    print("timeout")
+except OSError as e:
+    print(errno.errorcode.get(e.errno or 0, "error"))
+"""
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+async def test_agent_cannot_ride_the_dns_users_conntrack_entry(world: World, backend_name: str) -> None:
+    """The DNS server's query leaves a conntrack entry (ESTABLISHED once answered) that
+    outlives its socket; the agent binding that same source port must not be let
+    through by ``ct state established`` (a DNS tunnel to the upstreams)."""
+    world.set_records("api.test", [A])
+    await applied(world, backend_name, policy())
+
+    def from_port(uid: int, port: int) -> str:
+        out = world.python_in(world.inner, _UDP_FROM_PORT, UPSTREAM, "53", str(port), DNS_QUERY, uid=uid)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    for port in (40053, 40054, 40055):
+        assert from_port(DNS_UID, port) == "answered"  # the DNS user's flow: allowed, answered
+        assert from_port(AGENT, port) in {"EPERM", "timeout"}, port  # same 5-tuple, other uid
+        assert from_port(0, port) in {"EPERM", "timeout"}, port
+
+
 @pytest.mark.parametrize("backend_name", BACKENDS)
 async def test_ipv6_policies(world: World, backend_name: str) -> None:
     v6 = V6_HOSTS[0]

@@ -233,15 +233,33 @@ class NetworkController:
                 f"({health.latency * 1000:.0f} ms); {self.settings.resolv_conf} points at it")
 
     async def _start_dns(self) -> None:
+        """Start the ``dns`` service and return as soon as it serves.
+
+        A server that answers real queries is up, whatever ``startsecs`` says: the boot
+        goes on then (the supervisor still moves it to RUNNING at ``startsecs`` and
+        restarts it if it dies later). Until it answers, a process that exits is the
+        supervisor's to retry (BACKOFF); the step fails only at FATAL or the deadline.
+        """
+        opts, plan, _ = self._ready()
         svc = self.services.start("dns")
-        await svc.wait_state({ProcessState.RUNNING, ProcessState.FATAL},
-                             svc.config.startsecs + DNS_START_TIMEOUT)  # fmt: skip
-        if svc.state is not ProcessState.RUNNING:
-            tail = " | ".join(list(svc.tail)[-3:])
-            err = f" ({svc.fsm.spawnerr})" if svc.fsm.spawnerr else ""
-            raise StepError(f"the DNS server did not start: {svc.state.name}{err}"
-                            + (f"; output: {tail}" if tail else ""),
-                            "see the dns service in `codetainer status`")
+        probe = plan.allowlist.names[0] if plan.allowlist.names else dnscheck.DENIED_PROBE
+        deadline = time.monotonic() + svc.config.startsecs + DNS_START_TIMEOUT
+        while time.monotonic() < deadline:
+            state = svc.state
+            if state is ProcessState.RUNNING:
+                return
+            if state is ProcessState.FATAL:
+                break
+            if state is ProcessState.STARTING:
+                answer = await dnscheck.query(probe, "A", opts.listen, 53, timeout=0.1)
+                if answer.rcode not in ("TIMEOUT", "ERROR"):  # it answered: it serves
+                    return
+            await asyncio.sleep(0.02)
+        tail = " | ".join(list(svc.tail)[-3:])
+        err = f" ({svc.fsm.spawnerr})" if svc.fsm.spawnerr else ""
+        raise StepError(f"the DNS server did not start: {svc.state.name}{err}"
+                        + (f"; output: {tail}" if tail else ""),
+                        "see the dns service in `codetainer status`")
 
     async def _restart_dns(self) -> None:
         svc = self.services.get("dns")

@@ -140,7 +140,10 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jump: bool) -> str
         for proto in ("udp", "tcp"):
             rule(f"-d {rendered(policy.fly_resolver)} -p {proto} --dport 53 "
                  f"-m owner --uid-owner {uid} -j ACCEPT")  # fmt: skip
-    else:
+    # Before the conntrack shortcut (see firewall_nft): UDP off loopback is the DNS
+    # server's alone, whatever conntrack remembers of an earlier flow on the same ports.
+    rule(f"-p udp -m owner ! --uid-owner {uid} -j {DENY}")
+    if not fly:
         rule("-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT")
         rule("-m conntrack --ctstate INVALID -j DROP")
     if v == 4 or policy.ipv6 != "deny":

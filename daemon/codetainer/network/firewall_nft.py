@@ -118,6 +118,11 @@ def render_rules(policy: FirewallPolicy) -> list[str]:
             f"meta skuid {uid} ip6 daddr {rendered(policy.fly_resolver)} "
             "meta l4proto { tcp, udp } th dport 53 accept",
         )
+    # Before the conntrack shortcut: a conntrack entry outlives its socket, so another
+    # uid that binds the DNS server's old source port would otherwise ride the entry of
+    # an answered upstream query ("established") to the upstreams. No uid but the DNS
+    # server's has any UDP off loopback; socketless packets do not match (skuid breaks).
+    rule("output", f"meta l4proto udp meta skuid != {uid} goto deny")
     rule("output", "ct state established,related accept")
     rule("output", "ct state invalid drop")
     rule("output", f"meta skuid {uid} meta l4proto {{ tcp, udp }} th dport 53 ip daddr @upstream4 accept")
