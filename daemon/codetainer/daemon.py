@@ -6,6 +6,9 @@ Signal handlers only enqueue; the main task acts and logs:
 * SIGQUIT: forced shutdown at once
 * SIGHUP: reload the services file (and the network policy when it is active)
 * SIGUSR1: log a status snapshot
+* SIGUSR2: toggle debug logging (and back to ``CODETAINER_LOG_LEVEL``)
+
+The init also forwards SIGWINCH, whose default disposition (ignore) is kept.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ class Daemon:
     # -- startup -----------------------------------------------------------------------
     async def startup(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                    signal.SIGUSR2):
             loop.add_signal_handler(sig, self.queue.put_nowait, ("signal", sig))
         try:
             self.services.load()
@@ -153,6 +157,10 @@ class Daemon:
                     await self.reload()
                 elif arg == signal.SIGUSR1:
                     log.info("status_snapshot", **self.status(tail=False))
+                elif arg == signal.SIGUSR2:
+                    from codetainer.log import toggle_debug
+
+                    log.warning("log_level_changed", log_level=toggle_debug(self.settings.log_level))
             elif kind == "shutdown":
                 return ExitCode.OK
 

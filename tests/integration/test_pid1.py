@@ -187,3 +187,29 @@ def test_bad_services_file_exits_with_reserved_code(tmp_path: Path) -> None:
         assert "daemon_halt" in d.log()
     finally:
         d.close()
+
+
+def test_every_forwarded_signal_is_handled_and_survived(tmp_path: Path) -> None:
+    """As PID 1 a signal with no handler is dropped by the kernel; in the daemon one with
+    the default action would kill it. Each signal the init forwards does what README says
+    and leaves the daemon and its service running."""
+    env = {"CODETAINER_LOG_LEVEL": "info", "CODETAINER_LOG_FORMAT": "json"}
+    d = DaemonProc(tmp_path, conf(prog("idle", "sleep 1000")), env=env)
+    try:
+        d.wait_socket()
+        d.wait_until(lambda: d.service("idle")["state"] == "RUNNING", what="RUNNING")
+        pid = d.service("idle")["pid"]
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGUSR2):
+            d.signal(sig)
+            time.sleep(0.2)
+            assert d.proc.poll() is None, (sig, d.log()[-2000:])
+        events = [e["event"] for e in d.events()]
+        assert "status_snapshot" in events
+        levels = [e["log_level"] for e in d.events() if e["event"] == "log_level_changed"]
+        assert levels == ["debug", "info"]  # SIGUSR2 toggles debug on, then back
+        st = d.status()
+        assert st["daemon"]["pid"] and d.service("idle")["pid"] == pid  # nothing restarted
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0
+    finally:
+        d.close()

@@ -42,9 +42,40 @@ def test_app_placeholder_without_fly_app_name() -> None:
 def test_redact() -> None:
     s = {"GH_PAT": "ghp_abcdefgh", "short": "abc"}
     assert secrets.redact("token ghp_abcdefgh here; abc", s) == "token [redacted] here; abc"
-    proc = secrets.redacting_processor(s)
-    assert proc(None, "info", {"event": "x", "msg": "ghp_abcdefgh", "n": 1}) == {
-        "event": "x", "msg": "[redacted]", "n": 1}
+
+
+
+def test_log_lines_redact_registered_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import structlog
+    from codetainer import log
+
+    log.configure("info", "json")
+    log.register_secrets({"GH_PAT": "ghp_abcdefgh"})
+    try:
+        structlog.get_logger("t").info("x", msg="clone failed: ghp_abcdefgh rejected", n=1)
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert line["msg"] == "clone failed: [redacted] rejected" and line["n"] == 1
+    finally:
+        log._secrets.clear()
+        structlog.reset_defaults()
+
+
+def test_log_level_toggles_at_run_time(capsys: pytest.CaptureFixture[str]) -> None:
+    import structlog
+    from codetainer import log
+
+    log.configure("info", "json")
+    logger = structlog.get_logger("t")
+    logger.debug("hidden")
+    assert log.toggle_debug("info") == "debug"
+    logger.debug("shown")
+    assert log.toggle_debug("info") == "info"
+    logger.debug("hidden-again")
+    out = capsys.readouterr().out
+    structlog.reset_defaults()
+    assert "shown" in out and "hidden" not in out
 
 
 @pytest.mark.parametrize(("url", "clean", "creds"), [

@@ -20,6 +20,7 @@ import structlog
 
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.init.environ import scrub_process_environ
+from codetainer.log import register_secrets
 
 log = structlog.get_logger("codetainer.boot")
 
@@ -80,24 +81,6 @@ def redact(text: str, secrets: Mapping[str, str]) -> str:
     return text
 
 
-def redacting_processor(
-    secrets: Mapping[str, str],
-) -> Any:
-    """A structlog processor that redacts secret values from every string field.
-
-    Defence in depth for the logging setup; no code path should log a secret.
-    """
-
-    def processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        if secrets:
-            for key, value in event_dict.items():
-                if isinstance(value, str):
-                    event_dict[key] = redact(value, secrets)
-        return event_dict
-
-    return processor
-
-
 async def _run(ctx: BootContext) -> str:
     found, problems = read_secrets(os.environ)
     scrub_process_environ((*REQUIRED, *ALSO_REMOVED))
@@ -110,9 +93,12 @@ async def _run(ctx: BootContext) -> str:
         # Credentials embedded in REPO_URL are a secret too: services and the agent
         # (REPO_URL is passed through to it) get the stripped URL.
         ctx.secrets["REPO_URL"] = repo_url
+        user, password = url_credentials(repo_url) or ("", "")
+        register_secrets({k: v for k, v in (("REPO_URL user", user), ("REPO_URL password", password)) if v})
         os.environ["REPO_URL"] = strip_credentials(repo_url)
         scrub_process_environ(("REPO_URL",))
         log.warning("repo_url_credentials_stripped", url=os.environ["REPO_URL"])
+    register_secrets(ctx.secrets)  # log lines redact these values from now on
     log.info("secrets_loaded", names=sorted(found))
     return f"{', '.join(REQUIRED)} present"
 
