@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, MutableMapping
-from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import structlog
