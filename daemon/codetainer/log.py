@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -19,13 +19,13 @@ _threshold = {"level": logging.INFO}
 _secrets: dict[str, str] = {}
 
 
-def _filter(_logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _filter(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     if LEVELS.get(method, logging.INFO) < _threshold["level"]:
         raise structlog.DropEvent
     return event_dict
 
 
-def _redact(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Defence in depth: no code path logs a secret, and this catches one that would."""
     if _secrets:
         from codetainer.boot.secrets import redact
