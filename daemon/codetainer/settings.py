@@ -32,16 +32,19 @@ class Settings:
     root: str = _opt("directory holding supervisord/, network/ and hooks/", str(_source_root()))
     run_dir: str = _opt("runtime directory (socket, generated configs)", "/run/codetainer")
     socket: str = _opt("control socket path (also --socket)", "/run/codetainer/control.sock")
-    services: str = _opt("supervisord-format services file (also --services)", "")
+    services: str = _opt("supervisord-format services file (also --services; empty: "
+                         "<root>/supervisord/codetainer.conf)", "")
     log_level: str = _opt("minimum log level: debug, info, warning, error", "info")
     log_format: str = _opt("log format: auto (JSON unless stdout is a TTY), json, console", "auto")
     shutdown_timeout: str = _opt("seconds the whole shutdown may take before SIGKILL", "30")
     # network
-    allowlist: str = _opt("allowlist file", "")
+    allowlist: str = _opt("allowlist file (empty: <root>/network/domains.conf)", "")
     allow: str = _opt("extra allowlist entries, comma-separated", "")
     dns_engine: str = _opt("DNS engine: auto (CoreDNS if installed, else dnsmasq), coredns, dnsmasq", "auto")
     dns_listen: str = _opt("address the local DNS server listens on", "127.0.0.53")
     upstreams: str = _opt("upstream resolvers, comma-separated", "8.8.8.8,1.1.1.1")
+    dns_hook: str = _opt("the daemon's DNS forwarding hook, ip:port (empty: on for CoreDNS at "
+                         "127.0.0.1:5354, off for dnsmasq; off: never)", "")
     dns_user: str = _opt("user the DNS server runs as (only it may reach upstreams)", "codetainer-dns")
     firewall: str = _opt("firewall backend: auto (probe), nftables, iptables", "auto")
     ipv6: str = _opt("IPv6 policy: deny, fly, allowlist", "deny")

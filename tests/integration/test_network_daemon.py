@@ -46,6 +46,9 @@ RECORDS = {
     "wild.test": [ALLOWED_HOSTS[4]],
     "denied.test": [DENIED],
     "extra.test": [EXTRA],
+    # An attacker's records under an allowlisted wildcard, pointing inside
+    "meta.wild.test": ["169.254.169.254"],
+    "lan.wild.test": ["10.1.2.3", WILD],
 }
 
 SERVICES = """\
@@ -223,6 +226,24 @@ def test_direct_connections_refused_fast_dns_and_udp_blocked(daemon: DaemonProc,
     assert udp in {"EPERM", "timeout"}, udp
     assert world.connect(V6_HOSTS[0], 443, uid=AGENT)[0] == "ECONNREFUSED"  # IPv6 policy: deny
     assert world.connect("169.254.169.254", 80, uid=AGENT)[0] == "ECONNREFUSED"
+
+
+def test_a_name_never_opens_an_internal_address(daemon: DaemonProc, world: World) -> None:
+    """DNS rebinding: an allowlisted wildcard whose records point at the metadata address
+    or a private network. The answer still reaches the client (dnsmasq put it in the
+    dynamic set), but the firewall screens internal addresses before the dynamic sets,
+    and the refresh never puts them in a static set."""
+    wait_boot(daemon)
+    assert dig(world, "meta.wild.test") == ("NOERROR", ["169.254.169.254"])
+    assert dig(world, "lan.wild.test") == ("NOERROR", sorted(["10.1.2.3", WILD]))
+    assert "169.254.169.254" in nft_set(world, "d4_443")  # the DNS server did insert it
+    for addr in ("169.254.169.254", "10.1.2.3"):
+        result, ms = world.connect(addr, 443, uid=AGENT)
+        assert result == "ECONNREFUSED" and ms < 100, (addr, result, ms)  # our reject, at once
+        why = daemon.call("why", target=addr)
+        assert not why["addresses"][0]["allowed"], why["text"]
+        assert "internal address" in why["text"]
+    assert world.connect(WILD, 443, uid=AGENT)[0] == "connected"  # the public one still works
 
 
 def test_why_explains_allowed_and_denied(daemon: DaemonProc, world: World) -> None:

@@ -166,6 +166,43 @@ def test_nft_rule_order() -> None:
     assert any("update @denied4 { ip daddr . meta l4proto . th dport }" in r for r in rules)
 
 
+def test_udp_screen_precedes_the_conntrack_shortcut() -> None:
+    rules = rules_of(nft.render_apply(pol()))
+    assert index(rules, "meta l4proto udp meta skuid != 101 goto deny") < index(rules, "ct state established")
+    for v in (4, 6):
+        lines = ipt.render_rules(pol(ipv6="allowlist"), v, add_jump=False).splitlines()
+        assert index(lines, "-p udp -m owner ! --uid-owner 101 -j CODETAINER-DENY") < index(lines, "ESTABLISHED")
+
+
+@pytest.mark.parametrize("ipv6", ["deny", "allowlist"])
+def test_internal_screen_sits_between_static_and_dynamic_sets(ipv6: str) -> None:
+    """Explicit networks and screened refresh results (static sets) pass; what the DNS
+    server put in a dynamic set never opens an internal address."""
+    rules = rules_of(nft.render_apply(pol(ipv6=ipv6)))
+    screen4 = index(rules, "ip daddr { 0.0.0.0/8, 10.0.0.0/8, ")
+    assert "169.254.0.0/16" in rules[screen4] and rules[screen4].endswith("goto deny")
+    assert max(index(rules, "@s4_80_443 accept"), index(rules, "@s4_8443 accept")) < screen4
+    assert screen4 < min(index(rules, "@d4_80_443 accept"), index(rules, "@d4_8443 accept"))
+    if ipv6 == "allowlist":
+        screen6 = index(rules, "ip6 daddr { ::/127, ")
+        assert "fdaa::/16" in rules[screen6] and "fe80::/10" in rules[screen6]
+        assert index(rules, "@s6_80_443 accept") < screen6 < index(rules, "@d6_80_443 accept")
+    lines = ipt.render_rules(pol(ipv6=ipv6), 4, add_jump=False).splitlines()
+    screen = index(lines, "-d 169.254.0.0/16 -j CODETAINER-DENY")
+    assert index(lines, "ct-s4_8443 dst -j ACCEPT") < screen < index(lines, "ct-d4_80_443 dst -j ACCEPT")
+
+
+def test_is_internal() -> None:
+    from codetainer.network.model import is_internal
+
+    for a in ("169.254.169.254", "10.1.2.3", "127.0.0.1", "100.64.0.1", "172.31.255.255",
+              "192.168.0.1", "0.0.0.0", "::1", "fe80::1", "fdaa::3", "::ffff:10.0.0.1", "224.0.0.1"):
+        assert is_internal(a), a
+    for a in ("203.0.113.10", "192.0.2.1", "8.8.8.8", "2001:db8::1", "fd00:ce:1::10", "172.32.0.1",
+              "not an address"):
+        assert not is_internal(a), a
+
+
 def test_nft_ipv6_policies() -> None:
     deny = "\n".join(rules_of(nft.render_apply(pol(ipv6="deny"))))
     assert "ip6 daddr @s6_80_443" not in deny and "@upstream6" not in deny

@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_setting_is_documented_with_its_default() -> None:
     readme = (ROOT / "README.md").read_text()
-    for var, default, _doc in describe():
+    for var, default, doc in describe():
         rows = [ln for ln in readme.splitlines() if ln.startswith(f"| `{var}` |")]
         assert rows, f"{var} missing from README's settings table"
+        assert rows[0].endswith(f"| {doc} |"), f"{var}: README's description differs from the code's"
         if var != "CODETAINER_ROOT":
             assert f"| `{default}` |" in rows[0], f"{var}: README default differs from code"
 

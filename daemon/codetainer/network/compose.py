@@ -78,14 +78,6 @@ class NetOptions:
         return max(1, min(86400, round(self.max_ttl)))
 
 
-def _setting(settings: Settings, name: str, default: str) -> str:
-    """A setting that may not be declared in Settings yet: field, then env, then default."""
-    value = getattr(settings, name, None)
-    if isinstance(value, str) and value:
-        return value
-    return os.environ.get("CODETAINER_" + name.upper(), default)
-
-
 def parse_options(settings: Settings, engine: Engine) -> NetOptions:
     upstreams = parse_upstreams(settings.upstreams)
     ipv6 = settings.ipv6.strip().lower()
@@ -115,7 +107,7 @@ def parse_options(settings: Settings, engine: Engine) -> NetOptions:
         group: str | None = grp.getgrgid(pw.pw_gid).gr_name
     except KeyError:
         group = None
-    hook_setting = _setting(settings, "dns_hook", "").strip().lower()
+    hook_setting = settings.dns_hook.strip().lower()
     if hook_setting in ("off", "0", "none"):
         hook = None
     elif hook_setting:

@@ -50,6 +50,7 @@ import structlog
 from codetainer.network import model
 from codetainer.network.dnsconfig import Upstream
 from codetainer.network.firewall import Runner, parse_address, rendered
+from codetainer.network.model import is_internal
 
 log = structlog.get_logger("codetainer.network")
 
@@ -316,7 +317,7 @@ class DnsHook:
         except dns.exception.DNSException:
             self.counts["servfail"] += 1
             return _reply(query, dns.rcode.SERVFAIL)
-        addrs = answer_addresses(response)
+        addrs = [a for a in answer_addresses(response) if not is_internal(a)]
         if addrs:
             sets = self.routes.lookup(qname)
             elements = {

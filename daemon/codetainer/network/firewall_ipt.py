@@ -153,11 +153,15 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jump: bool) -> str
                  f"-m set --match-set {up} dst -j ACCEPT")  # fmt: skip
     rule(f"-p tcp --dport 22 -j {DENY}")
     if v == 4 or policy.ipv6 == "allowlist":
-        for g in policy.groups:
-            s4, d4, s6, d6 = g.set_names()
-            sets = (s4, d4) if v == 4 else (s6, d6)
-            for ports in _multiport(g.ports):
-                for name in sets:
+        # Static sets, then the internal screen, then the DNS-filled sets (see firewall_nft).
+        for dynamic in (False, True):
+            if dynamic:
+                for net in model.INTERNAL[v]:
+                    rule(f"-d {net} -j {DENY}")
+            for g in policy.groups:
+                s4, d4, s6, d6 = g.set_names()
+                name = (d4 if dynamic else s4) if v == 4 else (d6 if dynamic else s6)
+                for ports in _multiport(g.ports):
                     rule(f"-p tcp {ports} -m set --match-set {model.ipset_name(name)} dst -j ACCEPT")
     rule(f"-j {DENY}")
     if policy.log_denied:

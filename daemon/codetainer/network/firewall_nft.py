@@ -133,14 +133,23 @@ def render_rules(policy: FirewallPolicy) -> list[str]:
         )
     # Before any allow rule: outbound ssh stays denied even to an allowlisted address.
     rule("output", "tcp dport 22 goto deny")
+    v6 = policy.ipv6 == "allowlist"
+    # Static sets (explicit networks, addresses the refresh resolved and screened) first;
+    # then no name-filled address may open an internal destination (model.INTERNAL);
+    # then the dynamic sets the DNS server fills with whatever its upstream answered.
     for g in policy.groups:
-        s4, d4, s6, d6 = g.set_names()
-        ports = _ports(g.ports)
-        rule("output", f"tcp dport {ports} ip daddr @{s4} accept")
-        rule("output", f"tcp dport {ports} ip daddr @{d4} accept")
-        if policy.ipv6 == "allowlist":
-            rule("output", f"tcp dport {ports} ip6 daddr @{s6} accept")
-            rule("output", f"tcp dport {ports} ip6 daddr @{d6} accept")
+        s4, _d4, s6, _d6 = g.set_names()
+        rule("output", f"tcp dport {_ports(g.ports)} ip daddr @{s4} accept")
+        if v6:
+            rule("output", f"tcp dport {_ports(g.ports)} ip6 daddr @{s6} accept")
+    rule("output", f"ip daddr {{ {', '.join(model.INTERNAL[4])} }} goto deny")
+    if v6:
+        rule("output", f"ip6 daddr {{ {', '.join(model.INTERNAL[6])} }} goto deny")
+    for g in policy.groups:
+        _s4, d4, _s6, d6 = g.set_names()
+        rule("output", f"tcp dport {_ports(g.ports)} ip daddr @{d4} accept")
+        if v6:
+            rule("output", f"tcp dport {_ports(g.ports)} ip6 daddr @{d6} accept")
     rule("output", "goto deny")
     if policy.log_denied:
         for v, daddr in ((4, "ip daddr"), (6, "ip6 daddr")):

@@ -44,6 +44,7 @@ from typing import Any
 import structlog
 
 from codetainer.network.dnscheck import Resolution
+from codetainer.network.model import is_internal
 
 log = structlog.get_logger("codetainer.network")
 
@@ -241,8 +242,12 @@ class Refresher:
                 if s.error is not None:
                     log.info("refresh_name_recovered", name=s.name, failures=s.failures)
                 s.error, s.failures, s.failing_since = None, 0, None
-                s.last_good, s.ttl, s.last_ok = r.addresses, r.ttl, self.wall()
-                for addr in r.addresses:
+                public = tuple(a for a in r.addresses if not is_internal(a))
+                if len(public) != len(r.addresses):
+                    log.warning("refresh_internal_address_ignored", name=s.name,
+                                addresses=sorted(set(r.addresses) - set(public))[:10])
+                s.last_good, s.ttl, s.last_ok = public, r.ttl, self.wall()
+                for addr in public:
                     s.seen[addr] = now
                 self._schedule(s, self.clamp(r.ttl), now)
         expired = 0

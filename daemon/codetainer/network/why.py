@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from codetainer.network.allowlist import Entry
+from codetainer.network.model import is_internal
 
 _DURATION = re.compile(r"([0-9]{1,6})([smhd]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -132,8 +133,15 @@ class WhyAddress:
     names: list[str]
 
     @property
+    def internal(self) -> bool:
+        return is_internal(self.addr)
+
+    @property
     def allowed(self) -> bool:
-        return any(s[0] in "sd" and s[1] in "46" for s in self.sets)
+        # A DNS-filled (dynamic) set does not open an internal address: the firewall
+        # screens those before it looks at the dynamic sets.
+        kinds = "s" if self.internal else "sd"
+        return any(s[0] in kinds and s[1] in "46" for s in self.sets)
 
 
 @dataclass
@@ -177,6 +185,8 @@ class WhyReport:
         for a in self.addresses:
             sets = ", ".join(a.sets) if a.sets else "no set"
             line = f"  {a.addr}: {sets}"
+            if a.internal and not a.allowed:
+                line += " (internal address: a name never opens it, only an explicit network entry)"
             if a.names and self.kind == "ip":
                 line += f"; resolved from {', '.join(a.names)}"
             out.append(line)
