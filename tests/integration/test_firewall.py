@@ -11,6 +11,7 @@ import random
 import statistics
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from codetainer.network.firewall import (
@@ -300,6 +301,39 @@ async def test_probe_picks_nftables(world: World) -> None:
     assert listing.returncode == 0 and listing.stdout.strip() == ""  # the probe left nothing
 
 
+def _failing_tool(bindir: Path, name: str, message: str) -> None:
+    """A stand-in for a tool on a kernel without the feature: exits 1 with the kernel's
+    own words (the tools are real; only what the kernel says is played)."""
+    tool = bindir / name
+    tool.write_text(f"#!/bin/sh\necho '{message}' >&2\nexit 1\n")
+    tool.chmod(0o755)
+
+
+async def test_probe_falls_back_to_iptables_without_nf_tables(world: World, tmp_path: Path) -> None:
+    from codetainer.network.firewall import FirewallError
+    from codetainer.network.firewall_ipt import iptables_tools
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _failing_tool(bindir, "nft", "Error: Could not process rule: Operation not supported")
+    path = f"PATH={bindir}:/usr/sbin:/usr/bin:/sbin:/bin"
+    r = Runner(["ip", "netns", "exec", world.inner, "env", path])
+    assert await probe_backend("auto", r) == "iptables"
+    # The fallback really filters (the real iptables and ipset behind the stand-in nft).
+    backend = make_backend("iptables", r)
+    await backend.apply(policy())
+    assert world.connect(A, 443, uid=AGENT)[0] == "connected"
+    assert world.connect(N, 443, uid=AGENT)[0] == "ECONNREFUSED"
+    await backend.teardown()
+    # Neither works: the error names both problems, and what to do.
+    _failing_tool(bindir, iptables_tools()[0], "iptables: Table does not exist (do you need to insmod?)")
+    with pytest.raises(FirewallError) as err:
+        await probe_backend("auto", r)
+    text = str(err.value)
+    assert "nftables: Error: Could not process rule: Operation not supported" in text
+    assert "iptables: iptables: Table does not exist" in text and "ipset" in text
+
+
 async def test_nft_reload_keeps_dns_filled_addresses(world: World) -> None:
     backend = await applied(world, "nftables", policy())
     add = world.run_in(world.inner, ["nft", "add element inet codetainer d4_80_443 { 203.0.113.30 }"])
@@ -310,6 +344,25 @@ async def test_nft_reload_keeps_dns_filled_addresses(world: World) -> None:
     assert "d4_80_443" in await backend.contains("203.0.113.30")
     assert world.connect("203.0.113.30", 443, uid=AGENT)[0] == "connected"
     assert [(d.addr, d.packets) for d in await backend.read_denied()] == [(N, 2)]
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+async def test_a_boot_starts_the_dns_filled_sets_empty(world: World, backend_name: str) -> None:
+    """A table left by an earlier daemon may hold DNS-filled addresses of names that are no
+    longer allowed: the boot's apply (``fresh``) empties them; a reload's keeps them."""
+    backend = await applied(world, backend_name, policy())
+    add = (["nft", "add element inet codetainer d4_80_443 { 203.0.113.30 }"] if backend_name == "nftables"
+           else ["ipset", "add", "ct-d4_80_443", "203.0.113.30"])
+    assert world.run_in(world.inner, add).returncode == 0
+    connect_many(world, N, 443, 1)
+    await backend.apply(policy())  # a reload
+    assert world.connect("203.0.113.30", 443, uid=AGENT)[0] == "connected"
+    fresh = make_backend(backend_name, runner(world))  # the next daemon's backend
+    await fresh.apply(policy(), fresh=True)
+    assert await fresh.contains("203.0.113.30") == []
+    assert world.connect("203.0.113.30", 443, uid=AGENT)[0] == "ECONNREFUSED"
+    assert world.connect(A, 443, uid=AGENT)[0] == "connected"  # the static sets are as declared
+    assert {d.addr for d in await fresh.read_denied()} == {N, "203.0.113.30"}  # denied list kept
 
 
 async def test_nft_replaces_an_incompatible_table_keeping_dynamic_entries(world: World) -> None:

@@ -89,7 +89,8 @@ for line in sys.stdin:
 
 
 def start_daemon(world: World, tmp: Path, allowlist: str = ALLOWLIST, *,
-                 env: dict[str, str] | None = None, steps: str = NET_STEPS) -> DaemonProc:
+                 env: dict[str, str] | None = None, steps: str = NET_STEPS,
+                 services: str = SERVICES) -> DaemonProc:
     allow = tmp / "domains.conf"
     allow.write_text(allowlist)
     full = {
@@ -105,7 +106,7 @@ def start_daemon(world: World, tmp: Path, allowlist: str = ALLOWLIST, *,
         "CODETAINER_REFRESH_GRACE": "30",
         **(env or {}),
     }
-    d = DaemonProc(tmp, SERVICES.format(run=tmp / "run"), steps=steps, env=full, netns=world.inner)
+    d = DaemonProc(tmp, services.format(run=tmp / "run"), steps=steps, env=full, netns=world.inner)
     try:
         d.wait_socket()
     except BaseException:
@@ -439,3 +440,42 @@ def _hostile(world: World, tmp_path: Path) -> None:
     finally:
         d.close()
         asyncio.run(backend.teardown())
+
+
+def test_failed_selftest_or_dns_start_fails_the_boot(tmp_path: Path) -> None:
+    """The fatal network steps after network-config: a self-test that does not come out
+    right, and a DNS server that cannot start, each leave boot FAILED with the reason,
+    the later steps skipped (no services, no agent), and the default-deny firewall up."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with World() as world:
+        for name, addrs in RECORDS.items():
+            world.set_records(name, addrs)
+        # 1. The "denied" probe target is in fact allowed: the self-test must catch it.
+        d = start_daemon(world, tmp_path / "a", env={"CODETAINER_PROBE_DENIED": f"{ALLOWED}:443"})
+        try:
+            st = wait_boot(d)
+            assert st["state"] == "FAILED", st["reasons"]
+            rec = step(st, "network-selftest")
+            assert rec["state"] == "FAILED" and f"{ALLOWED}:443" in rec["reason"], rec
+            assert "agent stays stopped" in (rec["hint"] or "")
+            assert step(st, "services")["state"] == "SKIPPED"
+            assert any("network-selftest" in r for r in st["reasons"])
+            assert world.connect(DENIED, 443, uid=AGENT)[0] == "ECONNREFUSED"  # still default deny
+        finally:
+            d.close()
+        # 2. The DNS server cannot bind its address: BACKOFF, FATAL, boot FAILED.
+        once = SERVICES.replace("startretries=5", "startretries=1")
+        d = start_daemon(world, tmp_path / "b", env={"CODETAINER_DNS_LISTEN": NEVER_HOSTS[3]},
+                         services=once)
+        try:
+            st = wait_boot(d)
+            assert st["state"] == "FAILED", st["reasons"]
+            rec = step(st, "dns")
+            assert rec["state"] == "FAILED" and "the DNS server did not start: FATAL" in rec["reason"], rec
+            later = ("firewall", "network-selftest", "services")
+            assert all(step(st, n)["state"] == "SKIPPED" for n in later)
+            assert world.connect(ALLOWED, 443, uid=AGENT)[0] == "ECONNREFUSED"  # sets never filled
+            assert world.connect(DENIED, 443, uid=AGENT)[0] == "ECONNREFUSED"
+        finally:
+            d.close()

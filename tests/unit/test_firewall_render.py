@@ -171,7 +171,8 @@ def test_udp_screen_precedes_the_conntrack_shortcut() -> None:
     assert index(rules, "meta l4proto udp meta skuid != 101 goto deny") < index(rules, "ct state established")
     for v in (4, 6):
         lines = ipt.render_rules(pol(ipv6="allowlist"), v, add_jump=False).splitlines()
-        assert index(lines, "-p udp -m owner ! --uid-owner 101 -j CODETAINER-DENY") < index(lines, "ESTABLISHED")
+        screen = index(lines, "-p udp -m owner ! --uid-owner 101 -j CODETAINER-DENY")
+        assert screen < index(lines, "ESTABLISHED")
 
 
 @pytest.mark.parametrize("ipv6", ["deny", "allowlist"])
@@ -205,7 +206,11 @@ def test_is_internal() -> None:
 
 def test_nft_ipv6_policies() -> None:
     deny = "\n".join(rules_of(nft.render_apply(pol(ipv6="deny"))))
-    assert "ip6 daddr @s6_80_443" not in deny and "@upstream6" not in deny
+    assert "ip6 daddr @s6_80_443" not in deny and "@d6_" not in deny
+    # a configured IPv6 upstream stays the DNS user's (Fly's resolver under `deny`)
+    assert "meta skuid 101 meta l4proto { tcp, udp } th dport 53 ip6 daddr @upstream6 accept" in deny
+    v4_only = FirewallPolicy.build({(443,): ["203.0.113.10"]}, dns_uid=101, upstreams=["192.0.2.53"])
+    assert "@upstream6 accept" not in "\n".join(rules_of(nft.render_apply(v4_only)))
     allow = "\n".join(rules_of(nft.render_apply(pol(ipv6="allowlist"))))
     assert "tcp dport { 80, 443 } ip6 daddr @s6_80_443 accept" in allow
     assert "ip6 daddr @upstream6 accept" in allow
@@ -301,7 +306,8 @@ def test_ipt_rules_v4() -> None:
 
 def test_ipt_rules_v6_policies() -> None:
     deny = ipt.render_rules(pol(ipv6="deny"), 6, add_jump=False)
-    assert "ct-s6" not in deny and "upstream6" not in deny and "conntrack" in deny
+    assert "ct-s6" not in deny and "conntrack" in deny
+    assert "-p udp --dport 53 -m owner --uid-owner 101 -m set --match-set ct-upstream6 dst -j ACCEPT" in deny
     assert "--reject-with adm-prohibited" in deny
     allow = ipt.render_rules(pol(ipv6="allowlist"), 6, add_jump=False)
     assert "-m set --match-set ct-s6_80_443 dst -j ACCEPT" in allow

@@ -80,6 +80,16 @@ class Entry:
     source: str = ""
     lineno: int = 0
 
+    def __post_init__(self) -> None:
+        # Every Entry is a validated one, however it was made: generated configs and the
+        # firewall take Entries only, so nothing unvalidated can reach them.
+        try:
+            ok = _revalidate(self)
+        except ValueError as exc:
+            raise ValueError(f"unvalidated allowlist entry {show(self.value)}: {exc}") from None
+        if not ok:
+            raise ValueError(f"unvalidated allowlist entry {show(self.value)}: not in normal form")
+
     @property
     def domain(self) -> str:
         """The host name, or for a wildcard the domain under which it allows names."""
@@ -305,6 +315,20 @@ def parse_entry(text: str, source: str = "", lineno: int = 0) -> Entry:
     if body == "*":
         raise ValueError("'*' alone would allow everything")
     return Entry(EntryKind.HOST, validate_hostname(body), ports, source, lineno)
+
+
+def _revalidate(e: Entry) -> bool:
+    if not e.ports or any(isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 65536
+                          for p in e.ports):
+        raise ValueError(f"bad ports {e.ports!r}")
+    if e.kind is EntryKind.HOST:
+        return validate_hostname(e.value) == e.value
+    if e.kind is EntryKind.WILDCARD:
+        domain = e.value[2:]
+        return e.value.startswith("*.") and "." in domain and validate_hostname(domain) == domain
+    if e.kind is EntryKind.CIDR:
+        return _parse_network(e.value) == e.value
+    return e.kind is EntryKind.GITHUB and e.value == "@github"
 
 
 def _looks_like_ipv4(text: str) -> bool:

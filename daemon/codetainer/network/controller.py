@@ -170,7 +170,7 @@ class NetworkController:
         self._write_dns(plan)
         try:
             # Safe state first: default deny, networks only, dynamic sets present and empty.
-            await backend.apply(build_policy(plan, plan.fixed, opts))
+            await backend.apply(build_policy(plan, plan.fixed, opts), fresh=True)
         except (FirewallError, ValueError) as exc:
             raise StepError(f"cannot install the firewall: {exc}") from None
         self.plan = plan

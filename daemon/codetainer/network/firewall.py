@@ -297,8 +297,12 @@ class FirewallBackend(abc.ABC):
         self.applied: FirewallPolicy | None = None
 
     @abc.abstractmethod
-    async def apply(self, policy: FirewallPolicy) -> None:
-        """Install or replace the whole policy in one atomic step; keeps established flows."""
+    async def apply(self, policy: FirewallPolicy, *, fresh: bool = False) -> None:
+        """Install or replace the whole policy in one atomic step; keeps established flows.
+
+        The DNS-filled (dynamic) sets keep their elements (a reload must not forget what
+        the DNS server handed out), unless ``fresh``: a boot starts them empty, since a
+        table left by an earlier daemon may hold names that are no longer allowed."""
 
     @abc.abstractmethod
     async def _replace_static(self, policy: FirewallPolicy) -> None:
@@ -461,18 +465,24 @@ class SelfTestResult:
     #: upstream -> (udp outcome, tcp outcome)
     dns: dict[str, tuple[str, str]]
     denied_max_ms: float = 1000.0
+    #: the probe targets, host:port, for the messages
+    allowed_target: str = "allowed probe"
+    denied_target: str = "denied probe"
 
     def problems(self) -> list[str]:
         out = []
         if self.allowed != "connected":
             out.append(
-                f"allowed probe did not connect ({self.allowed} after {self.allowed_ms:.0f} ms): "
+                f"allowed probe {self.allowed_target} did not connect ({self.allowed} after "
+                f"{self.allowed_ms:.0f} ms): "
                 "check the allowlist, the DNS server and the probe target"
             )
         if self.denied not in _REFUSED:
-            out.append(f"denied probe was not refused ({self.denied}): the firewall is not filtering")
+            out.append(f"denied probe {self.denied_target} was not refused ({self.denied}): "
+                       "the firewall is not filtering")
         elif self.denied_ms > self.denied_max_ms:
-            out.append(f"denied probe refused only after {self.denied_ms:.0f} ms (want fast reject)")
+            out.append(f"denied probe {self.denied_target} refused only after {self.denied_ms:.0f} ms "
+                       "(want fast reject)")
         for up, (udp, tcp) in self.dns.items():
             if udp == "answered" or tcp == "connected":
                 out.append(f"direct DNS to upstream {up} is not blocked (udp {udp}, tcp {tcp})")
@@ -525,6 +535,8 @@ async def self_test(
             denied_ms=float(data["denied"][1]),
             dns={str(k): (str(v[0]), str(v[1])) for k, v in data["dns"].items()},
             denied_max_ms=denied_max_ms,
+            allowed_target=f"{allowed[0]}:{allowed[1]}",
+            denied_target=f"{denied[0]}:{denied[1]}",
         )
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise FirewallError(f"firewall self-test printed garbage ({exc}): {out[:300]!r}") from None

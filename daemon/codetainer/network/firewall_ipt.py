@@ -146,7 +146,7 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jump: bool) -> str
     if not fly:
         rule("-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT")
         rule("-m conntrack --ctstate INVALID -j DROP")
-    if v == 4 or policy.ipv6 != "deny":
+    if v == 4 or policy.upstreams_of(6):  # an IPv6 upstream: in any policy (see firewall_nft)
         up = model.ipset_name(f"upstream{v}")
         for proto in ("udp", "tcp"):
             rule(f"-p {proto} --dport 53 -m owner --uid-owner {uid} "
@@ -237,9 +237,13 @@ class IptablesBackend(FirewallBackend):
         rc, _o, _e = await self.runner.run([ipt, "-w", "-C", "OUTPUT", "-j", CHAIN], check=False)
         return rc == 0
 
-    async def apply(self, policy: FirewallPolicy) -> None:
+    async def apply(self, policy: FirewallPolicy, *, fresh: bool = False) -> None:
         defs = ipset_definitions(policy)
-        await self._ipset(render_ipsets(policy), "create and fill the ipsets")
+        script = render_ipsets(policy)
+        if fresh:  # before the rules change: a boot starts the DNS-filled sets empty
+            script += "".join(f"flush {ipset}\n" for ipset, (name, _spec) in defs.items()
+                              if name[0] == "d" and name[1] in "46")
+        await self._ipset(script, "create and fill the ipsets")
         for v in (4, 6):
             _ipt, restore = self._tools(v)
             rules = render_rules(policy, v, add_jump=not await self._has_jump(v))

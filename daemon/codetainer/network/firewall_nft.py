@@ -126,7 +126,9 @@ def render_rules(policy: FirewallPolicy) -> list[str]:
     rule("output", "ct state established,related accept")
     rule("output", "ct state invalid drop")
     rule("output", f"meta skuid {uid} meta l4proto {{ tcp, udp }} th dport 53 ip daddr @upstream4 accept")
-    if policy.ipv6 != "deny":
+    if policy.upstreams_of(6):
+        # A configured IPv6 upstream (Fly's resolver fdaa::3) is the DNS server's in any
+        # IPv6 policy: it is configuration, not agent egress.
         rule(
             "output",
             f"meta skuid {uid} meta l4proto {{ tcp, udp }} th dport 53 ip6 daddr @upstream6 accept",
@@ -168,6 +170,7 @@ def render_apply(
     *,
     replace_table: bool = False,
     carry: dict[str, list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]] | None = None,
+    flush_dynamic: bool = False,
 ) -> str:
     """The ``nft -f`` transaction that installs ``policy``.
 
@@ -189,6 +192,8 @@ def render_apply(
         lines.append(f"add set {T} {name} {decl}")
     for name, values in static_contents(policy).items():
         lines += _fill(name, values)
+    if flush_dynamic:
+        lines += [f"flush set {T} {name}" for name in defs if name[0] == "d" and name[1] in "46"]
     for name, elems in (carry or {}).items():
         if name in defs and name[0] == "d" and elems:
             text = ", ".join(f"{rendered(a)} timeout {max(1, int(s))}s" for a, s in elems)
@@ -284,17 +289,17 @@ class NftablesBackend(FirewallBackend):
             raise FirewallError(f"nft could not list table {T}: {err.strip()[:500]}")
         return parse_table(out)
 
-    async def apply(self, policy: FirewallPolicy) -> None:
+    async def apply(self, policy: FirewallPolicy, *, fresh: bool = False) -> None:
         existing = await self._table()
         try:
-            await self._nft(render_apply(policy, existing), "apply the firewall")
+            await self._nft(render_apply(policy, existing, flush_dynamic=fresh), "apply the firewall")
             mode = "update" if existing else "create"
         except FirewallError as first:
             if existing is None:
                 raise
             # The table in the kernel cannot be updated in place (e.g. a set of ours with
             # another type): recreate it in one transaction, keeping DNS-filled addresses.
-            carry = self._carry(existing)
+            carry = {} if fresh else self._carry(existing)
             log.warning("firewall_replace_table", reason=str(first)[:300])
             await self._nft(
                 render_apply(policy, existing, replace_table=True, carry=carry),
