@@ -214,6 +214,14 @@ async def test_denied_destinations_recorded_with_counts(world: World, backend_na
     }
     assert denied[0].addr == NEVER_HOSTS[1]  # most packets first
     assert all(0 < d.expires_in <= 3600 and d.seen_ago < 60 for d in denied)
+    # nftables refreshes the element on every packet (last seen); iptables cannot (first)
+    assert {d.seen for d in denied} == {"last" if backend_name == "nftables" else "first"}
+    time.sleep(1.2)
+    connect_many(world, NEVER_HOSTS[1], 443, 1)
+    again = {d.addr: d for d in await backend.read_denied()}
+    assert again[NEVER_HOSTS[1]].packets == 4
+    if backend_name == "nftables":
+        assert again[NEVER_HOSTS[1]].seen_ago < again[NEVER_HOSTS[2]].seen_ago
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

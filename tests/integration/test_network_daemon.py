@@ -363,12 +363,33 @@ def test_total_upstream_failure_changes_nothing(daemon: DaemonProc, world: World
                                "DEGRADED after upstream failure")  # fmt: skip
         assert "lookups failed" in st["degraded"] and "firewall unchanged" in st["degraded"]
         assert "DEGRADED" in st["text"]
+        failing = {f["name"]: f for f in st["failing"]}
+        assert ALLOWED in failing["allowed.test"]["kept"] and failing["allowed.test"]["failures"] >= 1
+        assert "failing: allowed.test" in st["text"]
         time.sleep(2)  # several more failing refreshes
         assert nft_set(world, "s4_80_443") == before
         assert world.connect(ALLOWED, 443, uid=AGENT)[0] == "connected"
     finally:
         world._start_dns()
     daemon.wait_until(lambda: daemon.status()["network"]["degraded"] is None, 20, "recovery")
+    daemon.wait_until(lambda: daemon.status()["network"]["failing"] == [], 20, "no failing names")
+
+
+def test_status_names_the_denied_destination_it_resolved(daemon: DaemonProc, world: World) -> None:
+    """A denied connection to an address a name resolved to (here: the wildcard's port
+    rule says 443 only) is listed with that name."""
+    wait_boot(daemon)
+    assert dig(world, "a.wild.test") == ("NOERROR", [WILD])
+    for _ in range(30):  # enough packets to rank among the top ten of this module's denials
+        assert world.connect(WILD, 8080, uid=AGENT)[0] == "ECONNREFUSED"
+
+    def row() -> dict[str, Any] | None:
+        return next((d for d in daemon.status()["network"]["denied"]
+                     if d["addr"] == WILD and d["port"] == 8080), None)  # fmt: skip
+    found = daemon.wait_until(row, 15, "the denied destination in status")  # polled every 10 s
+    assert found["name"] == "a.wild.test" and found["proto"] == "tcp" and found["packets"] >= 30
+    assert abs(found["last_seen"] - time.time()) < 30 and found["seen"] == "last"
+    assert f"denied {WILD}:8080/tcp (a.wild.test)" in daemon.status()["network"]["text"]
 
 
 def test_iptables_backend_boots_and_filters(tmp_path: Path) -> None:

@@ -552,10 +552,11 @@ class NetworkController:
             "names": len(self.plan.names) if self.plan else 0, "addresses": 0,
             "last_refresh": None, "next_refresh_in_s": None, "refreshes": 0, "overruns": 0,
             "failing": []}  # fmt: skip
-        now = time.time()
+        read_at = self.denied_at or time.time()  # seen_ago counts from the kernel read
         denied = [
             {"addr": d.addr, "port": d.port, "proto": d.proto, "packets": d.packets,
-             "last_seen": round(now - d.seen_ago, 1), "name": self._name_of(d.addr)}
+             "last_seen": round(read_at - d.seen_ago, 1), "seen": d.seen,
+             "name": self._name_of(d.addr)}
             for d in self.denied[:10]
         ]  # fmt: skip
         degraded = (self.refresher.degraded if self.refresher else None) or self.notes.get("github")

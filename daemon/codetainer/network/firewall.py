@@ -228,6 +228,13 @@ class Denied:
     #: seconds until the record expires; ``seen_ago = denied_timeout - expires_in``
     expires_in: float
     seen_ago: float = 0.0
+    #: iptables cannot refresh an element's timeout without resetting its counters, so
+    #: there ``seen_ago`` is the first packet's, not the last one's
+    first_seen: bool = False
+
+    @property
+    def seen(self) -> str:
+        return "first" if self.first_seen else "last"
 
 
 @dataclass(frozen=True)

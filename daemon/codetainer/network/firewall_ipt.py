@@ -215,6 +215,7 @@ def parse_denied_list(text: str, timeout: float) -> list[Denied]:
                     packets=int(opts.get("packets", 0)),
                     expires_in=expires,
                     seen_ago=max(0.0, timeout - expires),
+                    first_seen=True,
                 )
             )
         except ValueError:
@@ -280,7 +281,7 @@ class IptablesBackend(FirewallBackend):
             return parse_denied_list(out, timeout) if rc == 0 else []
 
         a, b = await asyncio.gather(one(4), one(6))
-        return sorted(a + b, key=lambda d: (-d.packets, d.addr, d.port))
+        return sorted(a + b, key=lambda d: (-d.packets, d.seen_ago, d.addr, d.port))
 
     async def status(self) -> FirewallStatus:
         ipt, _ = self._tools(4)

@@ -349,7 +349,7 @@ class NftablesBackend(FirewallBackend):
             return []
 
         found = await asyncio.gather(one(DENIED_SETS[4]), one(DENIED_SETS[6]))
-        return sorted(found[0] + found[1], key=lambda d: (-d.packets, d.addr, d.port))
+        return sorted(found[0] + found[1], key=lambda d: (-d.packets, d.seen_ago, d.addr, d.port))
 
     async def status(self) -> FirewallStatus:
         table = await self._table()

@@ -192,7 +192,7 @@ class WhyReport:
             out.append(line)
             for d in a.denied[:5]:
                 out.append(
-                    f"    denied {d['packets']}x {d['proto']}/{d['port']}, last {ago(d['seen_ago'])}"
+                    f"    denied {d['packets']}x {d['proto']}/{d['port']}, {d['seen']} {ago(d['seen_ago'])}"
                 )
         if self.refused is not None:
             r = self.refused
@@ -223,7 +223,8 @@ class WhyReport:
 
 def denied_rows(denied: Sequence[Any], addr: str) -> list[dict[str, Any]]:
     return [
-        {"proto": d.proto, "port": d.port, "packets": d.packets, "seen_ago": round(d.seen_ago, 1)}
+        {"proto": d.proto, "port": d.port, "packets": d.packets, "seen_ago": round(d.seen_ago, 1),
+         "seen": d.seen}
         for d in denied if d.addr == addr
     ]  # fmt: skip
 
@@ -248,7 +249,7 @@ def status_text(st: dict[str, Any]) -> str:
     for d in st.get("denied", [])[:5]:
         name = f" ({d['name']})" if d.get("name") else ""
         lines.append(f"denied {d['addr']}:{d['port']}/{d['proto']}{name} x{d['packets']}, "
-                     f"last {ago(time.time() - d['last_seen'])}")
+                     f"{d.get('seen', 'last')} {ago(time.time() - d['last_seen'])}")
     for r in st.get("refused", [])[:5]:
         lines.append(f"refused {r['name']} x{r['count']}, last {ago(time.time() - r['last'])}")
     for g in st.get("grants", []):
