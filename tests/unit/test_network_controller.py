@@ -63,6 +63,21 @@ def test_plan_groups_names_wildcards_and_networks(tmp_path: Path) -> None:
     assert policy.dns_uid == 65534 and policy.dynamic_timeout == plan.config.set_timeout
 
 
+def test_github_ranges_reach_the_firewall_on_the_entrys_ports(tmp_path: Path) -> None:
+    import ipaddress
+
+    opts = parse_options(settings(tmp_path), Engine.DNSMASQ)
+    meta = [ipaddress.ip_network("192.0.2.0/28"), ipaddress.ip_network("2001:db8:1::/48")]
+    plan = make_plan(allowlist("api.test\n@github:443\n"), opts, "nftables", meta)
+    assert plan.fixed == {(443,): ("192.0.2.0/28", "2001:db8:1::/48")}
+    policy = build_policy(plan, {}, opts)
+    group = {g.key: g for g in policy.groups}["443"]
+    assert [str(n) for n in group.v4] == ["192.0.2.0/28"] and [str(n) for n in group.v6] == ["2001:db8:1::/48"]
+    # without @github in the allowlist, fetched ranges open nothing
+    plain = make_plan(allowlist("api.test\n"), opts, "nftables", meta)
+    assert plain.fixed == {}
+
+
 def test_hook_mode_forwards_to_the_hook_and_fills_nothing(tmp_path: Path) -> None:
     opts = parse_options(settings(tmp_path, dns_engine="dnsmasq"), Engine.DNSMASQ)
     assert opts.hook is None
