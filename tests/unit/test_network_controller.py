@@ -72,7 +72,8 @@ def test_github_ranges_reach_the_firewall_on_the_entrys_ports(tmp_path: Path) ->
     assert plan.fixed == {(443,): ("192.0.2.0/28", "2001:db8:1::/48")}
     policy = build_policy(plan, {}, opts)
     group = {g.key: g for g in policy.groups}["443"]
-    assert [str(n) for n in group.v4] == ["192.0.2.0/28"] and [str(n) for n in group.v6] == ["2001:db8:1::/48"]
+    assert [str(n) for n in group.v4] == ["192.0.2.0/28"]
+    assert [str(n) for n in group.v6] == ["2001:db8:1::/48"]
     # without @github in the allowlist, fetched ranges open nothing
     plain = make_plan(allowlist("api.test\n"), opts, "nftables", meta)
     assert plain.fixed == {}
