@@ -82,6 +82,18 @@ def _known_terminal(term: str) -> bool:
     return False
 
 
+def _attach_or_explain(info: dict[str, Any] | None) -> None:
+    """Attach when the session exists (does not return); explain and leave a shell when
+    it failed; return otherwise (not up yet)."""
+    if info and info.get("exists"):
+        exec_tmux(info)
+    if info and info.get("state") == "FAILED":
+        reason = str(info.get("reason") or "unknown reason")
+        if info.get("hint"):
+            reason += f" (fix: {info['hint']})"
+        _failed([reason], "the agent session could not start")
+
+
 def exec_tmux(info: dict[str, Any]) -> NoReturn:
     argv = tmux_attach_argv(info)
     os.environ.pop("TMUX", None)  # we are not nesting: attach even from inside tmux
@@ -262,13 +274,7 @@ def _await_session(path: str) -> NoReturn:
             _failed([exc.why], f"lost the daemon at {exc.path} while waiting for the session")
         except RequestFailed as exc:
             _failed([exc.message], "the daemon could not report the session")
-        if info and info.get("exists"):
-            exec_tmux(info)
-        if info and info.get("state") == "FAILED":
-            reason = str(info.get("reason") or "unknown reason")
-            if info.get("hint"):
-                reason += f" (fix: {info['hint']})"
-            _failed([reason], "the agent session could not start")
+        _attach_or_explain(info)
         if time.monotonic() >= deadline:
             _failed([str((info or {}).get("reason") or "no session yet")],
                      f"the agent session did not appear within {SESSION_DEADLINE_S:g}s")
@@ -391,13 +397,7 @@ def run(argv: list[str] | None = None, socket: str | None = None) -> int:
         _say("codetainer: stdin is not a terminal; not attaching. Status:")
         _print_status(path)
         return NO_TTY
-    if info and info.get("exists"):
-        exec_tmux(info)
-    if info and info.get("state") == "FAILED":
-        reason = str(info.get("reason") or "unknown reason")
-        if info.get("hint"):
-            reason += f" (fix: {info['hint']})"
-        _failed([reason], "the agent session could not start")
+    _attach_or_explain(info)
     _follow_boot(path)
 
 
