@@ -45,6 +45,8 @@ class Settings:
     upstreams: str = _opt("upstream resolvers, comma-separated", "8.8.8.8,1.1.1.1")
     dns_hook: str = _opt("the daemon's DNS forwarding hook, ip:port (empty: on for CoreDNS at "
                          "127.0.0.1:5354, off for dnsmasq; off: never)", "")
+    dns_health_interval: str = _opt("seconds between the DNS server's health checks (three "
+                                    "failures in a row restart it)", "15")
     dns_user: str = _opt("user the DNS server runs as (only it may reach upstreams)", "codetainer-dns")
     firewall: str = _opt("firewall backend: auto (probe), nftables, iptables", "auto")
     ipv6: str = _opt("IPv6 policy: deny, fly, allowlist", "deny")

@@ -500,3 +500,35 @@ def test_failed_selftest_or_dns_start_fails_the_boot(tmp_path: Path) -> None:
             assert world.connect(DENIED, 443, uid=AGENT)[0] == "ECONNREFUSED"
         finally:
             d.close()
+
+
+def test_a_dns_server_that_stops_answering_is_restarted(tmp_path: Path) -> None:
+    """A hung server (SIGSTOP: alive to the supervisor, silent to clients) is caught by
+    the real health queries and restarted through the supervisor; filtering resumes."""
+    import os
+    import signal as sig
+
+    with World() as world:
+        for name, addrs in RECORDS.items():
+            world.set_records(name, addrs)
+        d = start_daemon(world, tmp_path, env={"CODETAINER_DNS_HEALTH_INTERVAL": "0.3"})
+        try:
+            assert wait_boot(d)["state"] == "READY"
+            d.wait_until(lambda: d.service("dns")["state"] == "RUNNING", 5, "dns RUNNING")
+            old = d.service("dns")["pid"]
+            assert old and dig(world, "allowed.test") == ("NOERROR", [ALLOWED])
+            host_pid = next(p.pid for p in d.descendants() if p.name() == "dnsmasq")
+            os.kill(host_pid, sig.SIGSTOP)
+            assert dig(world, "allowed.test")[0] == "TIMEOUT"
+            new = d.wait_until(lambda: (p := d.service("dns")["pid"]) not in (None, old) and p, 20,
+                               "the dns service restarted with a new pid")  # fmt: skip
+            assert new != old
+            d.wait_until(lambda: dig(world, "allowed.test") == ("NOERROR", [ALLOWED]), 10, "answers again")
+            assert dig(world, "denied.test") == ("NXDOMAIN", [])
+            events = [e["event"] for e in d.events()]
+            assert events.count("dns_health_failed") >= 3 and "dns_restart" in events
+            health = d.wait_until(lambda: (h := d.status()["network"]["dns_health"])["ok"] and h,
+                                  5, "health ok")  # fmt: skip
+            assert "refused" in health["reason"], health
+        finally:
+            d.close()

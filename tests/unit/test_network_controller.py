@@ -335,7 +335,6 @@ def test_dns_output_feeds_refused_names_and_address_names(tmp_path: Path) -> Non
 async def test_an_unresponsive_dns_server_is_restarted_after_three_checks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from codetainer.network import controller as mod
     from codetainer.network.dnscheck import HealthResult
     from codetainer.services.states import ProcessState
 
@@ -347,7 +346,7 @@ async def test_an_unresponsive_dns_server_is_restarted_after_three_checks(
             return Svc()
 
     nc = NetworkController(settings(tmp_path), EventBus(), Services())  # type: ignore[arg-type]
-    monkeypatch.setattr(mod, "DNS_HEALTH_S", 0.0)
+    nc.health_interval = 0.0
     answers = iter(["TIMEOUT", "TIMEOUT", "NXDOMAIN", "TIMEOUT", "TIMEOUT", "TIMEOUT", "NXDOMAIN"])
     restarts: list[int] = []
 

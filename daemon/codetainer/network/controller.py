@@ -90,7 +90,6 @@ log = structlog.get_logger("codetainer.network")
 
 DENIED_POLL_S = 10.0
 DNS_START_TIMEOUT = 20.0
-DNS_HEALTH_S = 15.0
 
 
 class NetworkController:
@@ -117,6 +116,7 @@ class NetworkController:
         self.notes: dict[str, str] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._listening = False
+        self.health_interval = 15.0
 
     # -- boot steps ------------------------------------------------------------------
 
@@ -152,6 +152,10 @@ class NetworkController:
             ) from None
         try:
             opts = parse_options(s, detect_engine(s.dns_engine))
+            self.health_interval = s.number("dns_health_interval")
+            if not 0.1 <= self.health_interval <= 3600:
+                raise ValueError(f"CODETAINER_DNS_HEALTH_INTERVAL={s.dns_health_interval!r}: "
+                                 "use 0.1 to 3600 seconds")
         except ValueError as exc:
             raise StepError(str(exc), "fix the setting and restart") from None
         if allow.github:
@@ -285,12 +289,12 @@ class NetworkController:
         return result
 
     async def _watch_dns(self) -> None:
-        """Real queries every ``DNS_HEALTH_S``; a server that stops answering at all (not
+        """Real queries every ``CODETAINER_DNS_HEALTH_INTERVAL`` s; a server that stops answering at all (not
         an upstream outage: then it still answers NXDOMAIN for the probe) is restarted
         through the supervisor after three failed checks in a row."""
         failures = 0
         while True:
-            await asyncio.sleep(DNS_HEALTH_S)
+            await asyncio.sleep(self.health_interval)
             if self.services.get("dns").state is not ProcessState.RUNNING:
                 continue  # the supervisor is already restarting it
             health = await self._health()
