@@ -247,7 +247,7 @@ def test_why_report_text_fits_one_screen() -> None:
     assert rep.verdict().startswith("ALLOWED")
     assert len(rep.text().splitlines()) <= 24
     rep = WhyReport("192.0.2.9", "ip", None, None)
-    denied = [{"proto": "tcp", "port": 443, "packets": 3, "seen_ago": 5}]
+    denied = [{"proto": "tcp", "port": 443, "packets": 3, "seen_ago": 5, "seen": "last"}]
     rep.addresses = [WhyAddress("192.0.2.9", [], denied, [])]
     assert "NOT ALLOWED" in rep.text() and "denied 3x tcp/443" in rep.text()
 

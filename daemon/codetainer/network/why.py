@@ -191,9 +191,8 @@ class WhyReport:
                 line += f"; resolved from {', '.join(a.names)}"
             out.append(line)
             for d in a.denied[:5]:
-                out.append(
-                    f"    denied {d['packets']}x {d['proto']}/{d['port']}, {d['seen']} {ago(d['seen_ago'])}"
-                )
+                seen = d.get("seen", "last")
+                out.append(f"    denied {d['packets']}x {d['proto']}/{d['port']}, {seen} {ago(d['seen_ago'])}")
         if self.refused is not None:
             r = self.refused
             out.append(f"  DNS refused it {r['count']}x, last {ago(time.time() - r['last'])}")
