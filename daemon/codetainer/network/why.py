@@ -192,7 +192,8 @@ class WhyReport:
             out.append(line)
             for d in a.denied[:5]:
                 seen = d.get("seen", "last")
-                out.append(f"    denied {d['packets']}x {d['proto']}/{d['port']}, {seen} {ago(d['seen_ago'])}")
+                when = ago(d["seen_ago"])
+                out.append(f"    denied {d['packets']}x {d['proto']}/{d['port']}, {seen} {when}")
         if self.refused is not None:
             r = self.refused
             out.append(f"  DNS refused it {r['count']}x, last {ago(time.time() - r['last'])}")
