@@ -72,7 +72,7 @@ from codetainer.network.refresh import Contents, Refresher
 from codetainer.network.why import (
     AddressNames,
     RefusedTable,
-    status_text,
+    network_status,
 )
 from codetainer.services.manager import UnknownService
 from codetainer.services.states import ProcessState
@@ -550,48 +550,7 @@ class NetworkController:
 
     def status(self) -> dict[str, Any]:
         """The ``network`` section of status; includes ``text`` for the human renderer."""
-        if self.opts is None or self.backend is None:
-            return {"active": False, "text": "not set up (the network boot steps did not run)"}
-        fig = self.refresher.figures() if self.refresher else {
-            "names": len(self.plan.names) if self.plan else 0, "addresses": 0,
-            "last_refresh": None, "next_refresh_in_s": None, "refreshes": 0, "overruns": 0,
-            "failing": []}  # fmt: skip
-        read_at = self.denied_at or time.time()  # seen_ago counts from the kernel read
-        denied = [
-            {"addr": d.addr, "port": d.port, "proto": d.proto, "packets": d.packets,
-             "last_seen": round(read_at - d.seen_ago, 1), "seen": d.seen,
-             "name": self._name_of(d.addr)}
-            for d in self.denied[:10]
-        ]  # fmt: skip
-        degraded = (self.refresher.degraded if self.refresher else None) or self.notes.get("github")
-        out: dict[str, Any] = {
-            "active": True,
-            "engine": self.opts.engine.value,
-            "listen": self.opts.listen,
-            "hook": self.hook.address if self.hook else None,
-            "backend": self.backend.name,
-            "ipv6": self.opts.ipv6,
-            **fig,
-            "denied": denied,
-            "refused": self.refused.top(10),
-            "grants": [g.as_dict() for g in self.ops.grants.values()],
-            "degraded": degraded,
-            "selftest_ok": None if self.selftest is None else self.selftest.ok,
-            "dns_health": None if self.health is None else {
-                "ok": self.health.ok, "reason": self.health.reason,
-                "latency_ms": round(self.health.latency * 1000, 1)},
-        }
-        if self.hook is not None:
-            out["hook_counts"] = dict(self.hook.counts)
-        out["text"] = status_text(out)
-        return out
-
-    def _name_of(self, addr: str) -> str | None:
-        last = self.addr_names.get(addr)
-        if last:
-            return last[0]
-        names = self.refresher.names_for(addr) if self.refresher else []
-        return names[0] if names else None
+        return network_status(self)
 
     async def close(self) -> None:
         """Stop background tasks. The firewall stays in place (fail closed)."""

@@ -12,10 +12,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from codetainer.network.allowlist import Entry
 from codetainer.network.model import is_internal
+
+if TYPE_CHECKING:
+    from codetainer.network.controller import NetworkController
 
 _DURATION = re.compile(r"([0-9]{1,6})([smhd]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -255,3 +258,51 @@ def status_text(st: dict[str, Any]) -> str:
     for g in st.get("grants", []):
         lines.append(f"grant {g['target']}: expires in {span(g['expires_in_s'])}")
     return "\n".join(lines)
+
+
+def name_of(nc: NetworkController, addr: str) -> str | None:
+    """The name an address was last handed out for (DNS server log or hook), else one
+    the refresh resolved it from."""
+    last = nc.addr_names.get(addr)
+    if last:
+        return last[0]
+    names = nc.refresher.names_for(addr) if nc.refresher else []
+    return names[0] if names else None
+
+
+def network_status(nc: NetworkController) -> dict[str, Any]:
+    """The ``network`` section of status; includes ``text`` for the human renderer."""
+    if nc.opts is None or nc.backend is None:
+        return {"active": False, "text": "not set up (the network boot steps did not run)"}
+    fig = nc.refresher.figures() if nc.refresher else {
+        "names": len(nc.plan.names) if nc.plan else 0, "addresses": 0,
+        "last_refresh": None, "next_refresh_in_s": None, "refreshes": 0, "overruns": 0,
+        "failing": []}  # fmt: skip
+    read_at = nc.denied_at or time.time()  # seen_ago counts from the kernel read
+    denied = [
+        {"addr": d.addr, "port": d.port, "proto": d.proto, "packets": d.packets,
+         "last_seen": round(read_at - d.seen_ago, 1), "seen": d.seen, "name": name_of(nc, d.addr)}
+        for d in nc.denied[:10]
+    ]  # fmt: skip
+    degraded = (nc.refresher.degraded if nc.refresher else None) or nc.notes.get("github")
+    out: dict[str, Any] = {
+        "active": True,
+        "engine": nc.opts.engine.value,
+        "listen": nc.opts.listen,
+        "hook": nc.hook.address if nc.hook else None,
+        "backend": nc.backend.name,
+        "ipv6": nc.opts.ipv6,
+        **fig,
+        "denied": denied,
+        "refused": nc.refused.top(10),
+        "grants": [g.as_dict() for g in nc.ops.grants.values()],
+        "degraded": degraded,
+        "selftest_ok": None if nc.selftest is None else nc.selftest.ok,
+        "dns_health": None if nc.health is None else {
+            "ok": nc.health.ok, "reason": nc.health.reason,
+            "latency_ms": round(nc.health.latency * 1000, 1)},
+    }  # fmt: skip
+    if nc.hook is not None:
+        out["hook_counts"] = dict(nc.hook.counts)
+    out["text"] = status_text(out)
+    return out
