@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -91,6 +91,10 @@ class Daemon:
 
                 ensure_writable_run_dir(self.settings)
             os.chmod(self.settings.run_dir, 0o755)  # noqa: S103 - the agent's tmux socket dir lives here
+        except OSError as exc:
+            raise DaemonHalt(f"cannot create runtime directory {self.settings.run_dir} "
+                             f"(CODETAINER_RUN_DIR): {exc}", ExitCode.RUNTIME) from None
+        try:
             await self.control.start()
         except OSError as exc:
             raise DaemonHalt(f"cannot create control socket {self.settings.socket}: {exc}",
@@ -398,8 +402,16 @@ class Daemon:
         return int(await self.shutdown(code))
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad command line exits 64 (README: exit codes), not argparse's 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="codetainerd",
         description="codetainer init daemon (container entrypoint). "
         "Settings are CODETAINER_* environment variables; see README.md.",

@@ -184,7 +184,9 @@ def test_bad_services_file_exits_with_reserved_code(tmp_path: Path) -> None:
     d = DaemonProc(tmp_path, "[supervisord]\n[program:x]\nstartsecs=abc\ncommand=/bin/true\n")
     try:
         assert d.wait(10) == 78
-        assert "daemon_halt" in d.log()
+        [halt] = [e for e in d.events() if e.get("event") == "daemon_halt"]
+        assert halt["exit_code"] == 78
+        assert str(d.conf) in halt["reason"] and "program:x" in halt["reason"], halt
     finally:
         d.close()
 
@@ -211,5 +213,47 @@ def test_every_forwarded_signal_is_handled_and_survived(tmp_path: Path) -> None:
         assert st["daemon"]["pid"] and d.service("idle")["pid"] == pid  # nothing restarted
         d.signal(signal.SIGTERM)
         assert d.wait() == 0
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize(("extra_args", "env", "message"), [
+    (["--bogus"], {}, "codetainerd: error: unrecognized arguments: --bogus"),
+    (["--steps", "nope"], {}, "codetainerd: unknown boot step(s) nope; known: secrets"),
+    ([], {"CODETAINER_SHUTDOWN_TIMEOUT": "soon"},
+     "codetainerd: CODETAINER_SHUTDOWN_TIMEOUT='soon' is not a number"),
+], ids=["unknown-option", "unknown-step", "bad-setting"])
+def test_bad_command_line_or_setting_exits_64(tmp_path: Path, extra_args: list[str],
+                                              env: dict[str, str], message: str) -> None:
+    d = DaemonProc(tmp_path, conf(prog("idle", "sleep 1000")), extra_args=extra_args, env=env)
+    try:
+        assert d.wait(10) == 64, d.log()
+        assert message in d.log()
+        assert "daemon_started" not in d.log()  # refused before doing anything
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("what", ["socket", "run_dir"])
+def test_unusable_runtime_dir_or_socket_exits_71(tmp_path: Path, what: str) -> None:
+    blocker = tmp_path / "a-regular-file"
+    blocker.write_text("not a directory\n")
+    if what == "socket":
+        target = blocker / "control.sock"
+        kw: dict[str, object] = {"extra_args": ["--socket", str(target)]}
+        expected = f"cannot create control socket {target}: "
+    else:
+        target = blocker / "run"
+        kw = {"env": {"CODETAINER_RUN_DIR": str(target)}}
+        expected = f"cannot create runtime directory {target} (CODETAINER_RUN_DIR): "
+    d = DaemonProc(tmp_path, conf(prog("idle", "sleep 1000")), **kw)  # type: ignore[arg-type]
+    try:
+        assert d.wait(10) == 71, d.log()
+        [halt] = [e for e in d.events() if e.get("event") == "daemon_halt"]
+        assert halt["exit_code"] == 71
+        assert halt["reason"].startswith(expected), halt
+        assert str(blocker) in halt["reason"]
+        assert blocker.read_text() == "not a directory\n"  # left as it was
+        assert not any(e.get("event") == "service_spawned" for e in d.events())
     finally:
         d.close()

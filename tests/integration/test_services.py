@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import grp
 import json
+import os
+import pwd
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 from codetainer.services.config import load_services
 
@@ -20,17 +27,60 @@ ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 
 
+STOCK_DNS_COMMAND = "/bin/sh -c 'echo stock-dns-up; exec sleep 1000'"
+SUPERVISORCTL_SECTIONS = """
+[unix_http_server]
+file=/run/stock-supervisor.sock
+username=ct
+password=ct
+
+[supervisorctl]
+serverurl=unix:///run/stock-supervisor.sock
+username=ct
+password=ct
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+"""
+
+
+def _stock_supervisord(conf_file: Path) -> subprocess.Popen[bytes]:
+    """Stock supervisord on ``conf_file``, in private mount and pid namespaces whose /run and
+    /tmp are fresh tmpfs (the file's pidfile and sockets never touch the host). The file is
+    copied into the new /run first, since the new /tmp hides pytest's tmp_path."""
+    supervisord = Path(sys.executable).parent / "supervisord"
+    script = (f"mount -t tmpfs none /run && cp {conf_file} /run/stock.conf && "
+              f"mount -t tmpfs none /tmp && exec {supervisord} -n -c /run/stock.conf")
+    return subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--kill-child", "sh", "-c",
+                             script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _dns_runnable_copy(tmp_path: Path) -> Path:
+    """The repository's file with, in [program:dns], ONLY ``command=`` (the generated exec
+    script does not exist here) and ``autostart=`` (forced true) changed, plus the sections
+    supervisorctl needs to ask supervisord about it."""
+    out, section, changed = [], "", []
+    for line in (ROOT / "supervisord" / "codetainer.conf").read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip()
+        key = line.split("=", 1)[0].strip()
+        if section == "[program:dns]" and key in ("command", "autostart"):
+            line = f"command={STOCK_DNS_COMMAND}" if key == "command" else "autostart=true"
+            changed.append(key)
+        out.append(line)
+    assert sorted(changed) == ["autostart", "command"]
+    copy = tmp_path / "codetainer.conf"
+    copy.write_text("\n".join(out) + "\n" + SUPERVISORCTL_SECTIONS)
+    return copy
+
+
 def test_repo_services_file_parses_and_starts_under_stock_supervisord(tmp_path: Path) -> None:
     services = load_services(ROOT / "supervisord" / "codetainer.conf")
     assert [s.name for s in services] == ["dns"]
     dns = services[0]
     assert (dns.autostart, dns.autorestart, dns.stopasgroup) == (False, "true", True)
-    # Stock supervisord, in a private mount namespace with its own /run, on the same file.
-    supervisord = Path(sys.executable).parent / "supervisord"
-    script = (f"mount -t tmpfs none /run && mount -t tmpfs none /tmp && "
-              f"exec {supervisord} -n -c {ROOT / 'supervisord' / 'codetainer.conf'}")
-    proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--kill-child", "sh", "-c",
-                             script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Stock supervisord accepts the unmodified file (dns has autostart=false: nothing runs).
+    proc = _stock_supervisord(ROOT / "supervisord" / "codetainer.conf")
     try:
         time.sleep(2.0)
         assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
@@ -38,6 +88,58 @@ def test_repo_services_file_parses_and_starts_under_stock_supervisord(tmp_path: 
         proc.kill()  # unshare ignores SIGTERM; --kill-child takes supervisord with it
         out = proc.communicate(timeout=10)[0].decode()
     assert "Error" not in out and "CRIT" not in out, out
+
+    # Stock supervisord really runs [program:dns] as the file defines it: a copy where only
+    # command= and autostart= change reaches RUNNING (after startsecs=1).
+    copy = _dns_runnable_copy(tmp_path)
+    [stock_dns] = load_services(copy)
+    assert stock_dns == dataclasses.replace(dns, command=tuple(shlex.split(STOCK_DNS_COMMAND)),
+                                            autostart=True)
+    proc = _stock_supervisord(copy)
+    try:
+        def supervisord_pid() -> int | None:
+            for child in psutil.Process(proc.pid).children():
+                if child.name() == "supervisord" or "supervisord" in " ".join(child.cmdline()):
+                    return child.pid
+            return None
+
+        pid = _until(supervisord_pid, 10, "stock supervisord")
+
+        def ctl_status_running() -> str | None:
+            r = subprocess.run(["nsenter", f"--target={pid}", "--mount",
+                                str(Path(sys.executable).parent / "supervisorctl"),
+                                "-c", "/run/stock.conf", "status", "dns"],
+                               capture_output=True, text=True, timeout=10)
+            return r.stdout if "RUNNING" in r.stdout else None
+
+        line = _until(ctl_status_running, 15, "dns RUNNING")
+        assert line.split()[:2] == ["dns", "RUNNING"], line
+        dns_pid = int(line.split("pid ")[1].split(",")[0])  # in supervisord's pid namespace
+        [child] = psutil.Process(pid).children()
+        assert child.cmdline() == ["sleep", "1000"]
+        nspid = next(ln for ln in Path(f"/proc/{child.pid}/status").read_text().splitlines()
+                     if ln.startswith("NSpid:"))
+        assert int(nspid.split()[-1]) == dns_pid  # the process supervisorctl reports
+        os.kill(pid, signal.SIGTERM)  # supervisord stops dns (stopsignal=TERM), then exits
+        assert proc.wait(15) == 0
+        assert not psutil.pid_exists(child.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate(timeout=10)[0].decode()
+    assert "stock-dns-up" in out, out  # stdout_logfile=/dev/stdout: the program's output
+    assert "success: dns entered RUNNING state" in out, out
+    assert "Error" not in out and "CRIT" not in out, out
+
+
+def _until(pred: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_running_only_after_startsecs_real(tmp_path: Path) -> None:
@@ -69,16 +171,34 @@ def test_stop_during_backoff_real(tmp_path: Path) -> None:
         assert d.service("crash")["state"] == "STOPPED"
 
 
+def _user_with_supplementary_groups() -> pwd.struct_passwd:
+    """A non-root user of this host with a supplementary group if there is one (the real
+    drop is then visible), else nobody: its groups ([65534]) still differ from root's."""
+    for pw in sorted(pwd.getpwall(), key=lambda p: p.pw_uid):
+        if pw.pw_uid != 0 and len(set(os.getgrouplist(pw.pw_name, pw.pw_gid))) > 1:
+            return pw
+    return pwd.getpwnam("nobody")
+
+
 def test_user_environment_directory(open_tmp: Path) -> None:
     tmp_path = open_tmp
     out = tmp_path / "who"
-    cmd = f"/bin/sh -c 'echo $(id -u) $(id -g) $(id -G) $FOO $(pwd) > {out}; exec sleep 1000'"
-    p = prog("who", cmd, user="nobody", environment='FOO="bar baz"', directory="/tmp")
+    user = _user_with_supplementary_groups()
+    expected_groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
+    assert os.getgroups() != sorted(expected_groups)  # the daemon (root) has other groups
+    cmd = (f"/bin/sh -c 'grep -E \"^(Uid|Gid|Groups):\" /proc/self/status > {out}.tmp; "
+           f"echo $FOO $(pwd) >> {out}.tmp; mv {out}.tmp {out}; exec sleep 1000'")
+    p = prog("who", cmd, user=user.pw_name, environment='FOO="bar baz"', directory="/tmp")
     with running(tmp_path, conf(p)) as d:
-        d.wait_until(lambda: out.exists() and out.read_text(), what="output")
-        uid, _gid, *rest = out.read_text().split()
-        assert int(uid) == NOBODY
-        assert rest[-3:] == ["bar", "baz", "/tmp"]
+        d.wait_until(lambda: out.exists(), what="output")
+        lines = out.read_text().splitlines()
+        fields = {ln.split(":")[0]: ln.split(":", 1)[1].split() for ln in lines if ":" in ln}
+        # real, effective, saved and filesystem ids are all the user's
+        assert fields["Uid"] == [str(user.pw_uid)] * 4, (user.pw_name, lines)
+        assert fields["Gid"] == [str(user.pw_gid)] * 4, (user.pw_name, lines)
+        groups = {int(g) for g in fields["Groups"]}
+        assert groups == expected_groups, (user.pw_name, grp.getgrgid(user.pw_gid).gr_name, lines)
+        assert lines[-1].split() == ["bar", "baz", "/tmp"]
 
 
 def test_output_becomes_log_events_and_tail(tmp_path: Path) -> None:
@@ -90,6 +210,38 @@ def test_output_becomes_log_events_and_tail(tmp_path: Path) -> None:
         evs = [e for e in d.events() if e.get("event") == "service_output"]
         assert {"service": "talk", "stream": "stderr", "line": "oops"}.items() <= \
             next(e for e in evs if e["line"] == "oops").items()
+
+
+def test_output_flood_is_rate_limited_counted_and_tailed(tmp_path: Path) -> None:
+    """README: output is rate-limited (100 lines/s, bursts of 200), the last 50 lines are kept."""
+    cli = str(Path(sys.executable).parent / "codetainer")
+    lines = [f"line{i}" for i in range(1, 5001)]
+    cmd = "/bin/sh -c 'seq -f line%%g 5000; exec sleep 1000'"  # %% : supervisor's format escape
+    with running(tmp_path, conf(prog("flood", cmd))) as d:
+        def dropped_reports() -> list[dict[str, object]]:
+            return [e for e in d.events() if e.get("event") == "service_output_dropped"
+                    and e.get("service") == "flood"]
+
+        d.wait_until(lambda: d.service("flood")["tail"][-1:] == ["line5000"], what="tail")
+        d.wait_until(dropped_reports, timeout=5, what="service_output_dropped")
+        time.sleep(1.5)  # a second report, if one were (wrongly) due, would come by now
+        logged = [e["line"] for e in d.events() if e.get("event") == "service_output"
+                  and e.get("service") == "flood"]
+        # The burst passes in order; the bucket refills at 100/s while the daemon reads the
+        # 5000 lines, which takes far less than a second.
+        assert logged[:200] == lines[:200]
+        assert 200 <= len(logged) <= 300, len(logged)
+        reports = dropped_reports()
+        assert len(reports) == 1, reports
+        assert reports[0]["dropped"] == reports[0]["total"] == 5000 - len(logged)
+        assert (reports[0]["rate"], reports[0]["burst"]) == (100.0, 200.0)
+        assert reports[0]["level"] == "warning"
+        assert d.service("flood")["tail"] == lines[-50:]  # the tail is never rate-limited
+        r = subprocess.run([cli, "--socket", d.socket, "status", "--tail"], capture_output=True,
+                           text=True, timeout=10)
+        shown = [ln.removeprefix("      | ") for ln in r.stdout.splitlines()
+                 if ln.startswith("      | ")]
+        assert shown == lines[-50:], r.stdout
 
 
 def test_priority_start_order(tmp_path: Path) -> None:
@@ -194,3 +346,69 @@ def test_status_exit_codes_and_unreachable(tmp_path: Path) -> None:
                            timeout=10)
         assert r.returncode == 1  # DEGRADED: the services step is degraded policy
         assert "not running: bad FATAL" in r.stdout
+
+
+def _cli(socket_path: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "codetainer"), "--socket",
+                           socket_path, *args], capture_output=True, text=True, timeout=20)
+
+
+STEP_KEYS = {"name", "state", "duration_s", "reason"}
+SERVICE_KEYS = {"name", "state", "pid", "restarts", "last_exit"}
+
+
+def test_status_exit_code_2_when_a_fatal_step_failed(tmp_path: Path) -> None:
+    # secrets is a fatal step; without GH_PAT (DaemonProc passes no environment) it fails.
+    with running(tmp_path, conf(prog("idle", "/bin/sleep 1000")), steps="secrets") as d:
+        d.wait_until(lambda: d.status()["state"] != "BOOTING", what="boot end")
+        r = _cli(d.socket, "status")
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "FAILED" in r.stdout and "GH_PAT" in r.stdout
+        r = _cli(d.socket, "status", "--json")
+        assert r.returncode == 2
+        st = json.loads(r.stdout)
+        assert st["state"] == "FAILED"
+        [step] = st["steps"]
+        assert set(step) >= STEP_KEYS, step
+        assert (step["name"], step["state"]) == ("secrets", "FAILED")
+        assert "GH_PAT" in step["reason"] and isinstance(step["duration_s"], float)
+        assert [s["name"] for s in st["services"]] == ["idle"]
+        assert set(st["services"][0]) >= SERVICE_KEYS
+        # FAILED is unhealthy, and `wait` reports the same outcome with the same code
+        r = _cli(d.socket, "status", "--check")
+        assert r.returncode == 1 and r.stdout.startswith("UNHEALTHY: FAILED")
+        r = _cli(d.socket, "wait")
+        assert r.returncode == 2 and "boot: FAILED" in r.stdout
+
+
+def test_status_exit_code_3_while_booting_and_while_stopping(tmp_path: Path) -> None:
+    # The services step waits for `slow` to be RUNNING: boot stays BOOTING for startsecs.
+    slow = prog("slow", "/bin/sleep 1000", startsecs=4)
+    stubborn = prog("stubborn", f"/bin/sh -c 'trap \"\" TERM; {LOOPER}'", stopwaitsecs=4)
+    with running(tmp_path, conf(slow, stubborn)) as d:
+        r = _cli(d.socket, "status", "--json")
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        st = json.loads(r.stdout)
+        assert st["state"] == "BOOTING"
+        [step] = st["steps"]
+        assert set(step) >= STEP_KEYS, step
+        assert (step["name"], step["state"], step["duration_s"]) == ("services", "RUNNING", None)
+        svcs = {s["name"]: s for s in st["services"]}
+        assert set(svcs) == {"slow", "stubborn"}
+        for s in svcs.values():
+            assert set(s) >= SERVICE_KEYS, s
+        assert svcs["slow"]["state"] == "STARTING" and isinstance(svcs["slow"]["pid"], int)
+        assert (svcs["slow"]["restarts"], svcs["slow"]["last_exit"]) == (0, None)
+        r = _cli(d.socket, "status")
+        assert r.returncode == 3 and "BOOTING" in r.stdout
+        r = _cli(d.socket, "status", "--check")
+        assert r.returncode == 1 and r.stdout.strip() == "UNHEALTHY: BOOTING"
+
+        d.wait_until(lambda: d.status()["state"] == "READY", what="READY")
+        assert _cli(d.socket, "status").returncode == 0
+        # Shutdown waits up to stopwaitsecs for `stubborn`: STOPPING meanwhile.
+        d.signal(signal.SIGTERM)
+        d.wait_until(lambda: d.status()["state"] == "STOPPING", what="STOPPING")
+        r = _cli(d.socket, "status")
+        assert r.returncode == 3 and "STOPPING" in r.stdout, (r.stdout, r.stderr)
+        assert d.wait() == 0

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import statistics
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -56,6 +57,19 @@ async def status_latency(path: str) -> float:
     return time.perf_counter() - t0
 
 
+#: "status answerable within milliseconds": bounds for a noisy 2-core machine
+MEDIAN_S, MAX_S = 0.05, 0.2
+
+
+def assert_fast(latencies: list[float]) -> None:
+    assert statistics.median(latencies) < MEDIAN_S, latencies
+    assert max(latencies) < MAX_S, latencies
+
+
+async def assert_status_fast(path: str, probes: int = 7) -> None:
+    assert_fast([await status_latency(path) for _ in range(probes)])
+
+
 async def test_status_reply_shape(daemon: Daemon) -> None:
     [reply] = await roundtrip(daemon.settings.socket, protocol.request("status"))
     assert reply["v"] == 1 and reply["ok"] is True
@@ -87,20 +101,43 @@ async def test_bad_requests_get_clear_errors(daemon: Daemon, payload: bytes, cod
     assert isinstance(err, dict)
     assert err["code"] == code
     assert err["message"]
-    assert await status_latency(daemon.settings.socket) < 0.5
+    await assert_status_fast(daemon.settings.socket)
 
 
 async def test_ten_megabyte_line_is_refused(daemon: Daemon) -> None:
-    reader, writer = await asyncio.open_unix_connection(daemon.settings.socket)
-    writer.write(b"x" * (10 * 1024 * 1024) + b"\n")
-    with pytest.raises((ConnectionError, BrokenPipeError)):
-        # The daemon answers too_large and closes; our write may hit the closed socket.
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), 5)
-        assert json.loads(line)["error"]["code"] == "too_large"
-        raise ConnectionError("closed as expected")
-    writer.close()
-    assert await status_latency(daemon.settings.socket) < 0.5
+    # A raw socket, not asyncio streams: a stream transport that fails to write drops what it
+    # had not read yet, which would hide the reply. The kernel keeps the reply queued for us
+    # even after the daemon closed (it was sent first), so it must always be there.
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, daemon.settings.socket)
+        # The daemon reads 64 KiB, answers too_large and closes: the rest of our write
+        # fails (a daemon that went on reading 10 MB would let it succeed).
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            await asyncio.wait_for(loop.sock_sendall(sock, b"x" * (10 * 1024 * 1024) + b"\n"), 10)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+            assert chunk, f"closed without a too_large reply; got {data!r}"
+            data += chunk
+        reply = json.loads(data)
+        assert reply["ok"] is False and reply["error"]["code"] == "too_large", reply
+        assert str(protocol.MAX_REQUEST_BYTES) in reply["error"]["message"]
+        try:
+            rest = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""  # and the connection is closed
+    finally:
+        sock.close()
+    await assert_status_fast(daemon.settings.socket)
+    for _ in range(100):  # and the daemon let go of every connection (the probes' too)
+        if not daemon.control._clients:
+            break
+        await asyncio.sleep(0.01)
+    assert not daemon.control._clients
 
 
 async def test_silent_client_is_disconnected(daemon: Daemon) -> None:
@@ -119,8 +156,7 @@ async def test_five_hundred_clients_at_once(daemon: Daemon) -> None:
     conns = [await asyncio.open_unix_connection(daemon.settings.socket) for _ in range(500)]
     await asyncio.sleep(0.2)
     # With 500 idle connections open, status still answers quickly (busy or served).
-    latencies = [await status_latency(daemon.settings.socket) for _ in range(5)]
-    assert max(latencies) < 0.5
+    await assert_status_fast(daemon.settings.socket)
     served = closed = 0
     for _reader, writer in conns:
         writer.write(protocol.request("ping"))
@@ -155,11 +191,13 @@ async def test_stalled_event_reader_is_cut_off(daemon: Daemon) -> None:
     await asyncio.sleep(0.05)
     assert daemon.events.subscribers == 1
     big = "x" * 2000
+    latencies = []
     for i in range(5000):  # far more than the subscriber queue holds
         daemon.events.publish("test.flood", i=i, pad=big)
         if i % 100 == 0:
             await asyncio.sleep(0)
-            assert await status_latency(daemon.settings.socket) < 0.5
+            latencies.append(await status_latency(daemon.settings.socket))
+    assert_fast(latencies)
     for _ in range(100):
         if daemon.events.subscribers == 0:
             break

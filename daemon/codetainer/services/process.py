@@ -30,26 +30,37 @@ log = structlog.get_logger("codetainer.services")
 
 TAIL_LINES = 50
 MAX_LINE = 4096
+#: lines dropped by the rate limit are counted in one ``service_output_dropped`` event
+#: at most this often (the first drop arms it), so a flood costs one line a second
+DROP_REPORT_S = 1.0
 
 
 class RateLimit:
     """Token bucket: ``rate`` lines a second, bursts up to ``burst``."""
 
-    def __init__(self, rate: float = 100.0, burst: float = 200.0) -> None:
+    def __init__(self, rate: float = 100.0, burst: float = 200.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.rate, self.burst = rate, burst
+        self.clock = clock
         self.tokens = burst
-        self.stamp = time.monotonic()
-        self.dropped = 0
+        self.stamp = clock()
+        self.dropped = 0  # in all
+        self.unreported = 0  # since the last take_unreported()
 
     def allow(self) -> bool:
-        now = time.monotonic()
+        now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:
             self.tokens -= 1
             return True
         self.dropped += 1
+        self.unreported += 1
         return False
+
+    def take_unreported(self) -> int:
+        n, self.unreported = self.unreported, 0
+        return n
 
 
 class _LineProtocol(asyncio.Protocol):
@@ -87,6 +98,7 @@ class Service:
         self.base_env = base_env if base_env is not None else dict(os.environ)
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.limit = RateLimit()
+        self._drop_report: asyncio.TimerHandle | None = None
         self.started_at = 0.0  # wall clock of last spawn, for uptime
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd = -1
@@ -111,6 +123,9 @@ class Service:
             self._task = asyncio.create_task(self._loop(), name=f"service:{self.name}")
 
     async def close(self) -> None:
+        if self._drop_report is not None:
+            self._drop_report.cancel()
+            self._report_dropped()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -243,9 +258,9 @@ class Service:
                     log.exception("service_output_listener_failed", service=self.name)
             if self.limit.allow():
                 log.info("service_output", service=self.name, stream=stream, line=line)
-            elif self.limit.dropped % 1000 == 1:
-                log.warning("service_output_dropped", service=self.name,
-                            dropped=self.limit.dropped)
+            elif self._drop_report is None:
+                self._drop_report = asyncio.get_running_loop().call_later(
+                    DROP_REPORT_S, self._report_dropped)
 
         async def connect() -> None:
             loop = asyncio.get_running_loop()
@@ -253,6 +268,14 @@ class Service:
             self._pipes.append(transport)
 
         asyncio.get_running_loop().create_task(connect())
+
+    def _report_dropped(self) -> None:
+        """Say how many output lines the rate limit dropped since the last report."""
+        self._drop_report = None
+        dropped = self.limit.take_unreported()
+        if dropped:
+            log.warning("service_output_dropped", service=self.name, dropped=dropped,
+                        total=self.limit.dropped, rate=self.limit.rate, burst=self.limit.burst)
 
     def _on_exit(self, proc: subprocess.Popen[bytes], pidfd: int) -> None:
         # The only place an exit is recorded: waitpid on our own pid, never -1.

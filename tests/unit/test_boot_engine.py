@@ -1,0 +1,114 @@
+"""Boot engine: a step that outlives its timeout fails, with its policy's consequences."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from codetainer.boot.engine import BootContext, BootEngine, BootState, Policy, Step, StepFn, StepState
+from codetainer.events import EventBus
+from codetainer.settings import Settings
+
+TIMEOUT = 0.2
+
+
+class Probe:
+    """Step bodies that record whether they ran and whether they were cut off."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+        self.cancelled: list[str] = []
+
+    def sleeps_past_timeout(self, name: str) -> StepFn:
+        async def run(ctx: BootContext) -> str:
+            self.ran.append(name)
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled.append(name)
+                raise
+            return "slept"
+
+        return run
+
+    def quick(self, name: str) -> StepFn:
+        async def run(ctx: BootContext) -> str:
+            self.ran.append(name)
+            return f"{name} done"
+
+        return run
+
+
+def engine(steps: list[Step]) -> BootEngine:
+    return BootEngine(steps, BootContext(settings=Settings(), events=EventBus()))
+
+
+async def run_timed(eng: BootEngine) -> tuple[BootState, float]:
+    t0 = time.monotonic()
+    state = await asyncio.wait_for(eng.run(), 10)
+    return state, time.monotonic() - t0
+
+
+async def test_fatal_step_past_its_timeout_fails_boot_and_skips_the_rest() -> None:
+    p = Probe()
+    eng = engine([
+        Step("first", p.quick("first"), timeout=5),
+        Step("slow", p.sleeps_past_timeout("slow"), timeout=TIMEOUT, policy=Policy.FATAL),
+        Step("later", p.quick("later"), timeout=5, policy=Policy.DEGRADED),
+        Step("last", p.quick("last"), timeout=5),
+    ])
+    state, took = await run_timed(eng)
+    assert state is BootState.FAILED and eng.state is BootState.FAILED
+    assert eng.done.is_set()
+    slow = eng.records["slow"]
+    assert slow.state is StepState.FAILED
+    assert slow.reason == f"timed out after {TIMEOUT:g}s"
+    assert slow.duration_s is not None and TIMEOUT <= slow.duration_s < 5  # cut off, not slept
+    assert took < 5
+    assert p.cancelled == ["slow"]  # the step's coroutine was cancelled, not left running
+    assert p.ran == ["first", "slow"]
+    for name in ("later", "last"):
+        assert eng.records[name].state is StepState.SKIPPED
+        assert eng.records[name].reason == "skipped: an earlier fatal step failed"
+    assert eng.records["first"].state is StepState.OK
+    assert eng.reasons() == [f"slow: timed out after {TIMEOUT:g}s"]
+    published = [e for e in eng.ctx.events.history if e["event"] == "boot.step"
+                 and e["name"] == "slow" and e["state"] == "FAILED"]
+    assert len(published) == 1 and published[0]["reason"] == f"timed out after {TIMEOUT:g}s"
+    assert [e["state"] for e in eng.ctx.events.history if e["event"] == "boot.state"] == ["FAILED"]
+
+
+async def test_degraded_step_past_its_timeout_degrades_boot_and_the_rest_run() -> None:
+    p = Probe()
+    eng = engine([
+        Step("slow", p.sleeps_past_timeout("slow"), timeout=TIMEOUT, policy=Policy.DEGRADED),
+        Step("later", p.quick("later"), timeout=5),
+        Step("needs-slow", p.quick("needs-slow"), timeout=5, requires=("slow",)),
+        Step("last", p.quick("last"), timeout=5, policy=Policy.DEGRADED),
+    ])
+    state, took = await run_timed(eng)
+    assert state is BootState.DEGRADED and eng.state is BootState.DEGRADED
+    slow = eng.records["slow"]
+    assert slow.state is StepState.DEGRADED
+    assert slow.reason == f"timed out after {TIMEOUT:g}s"
+    assert slow.duration_s is not None and TIMEOUT <= slow.duration_s < 5
+    assert took < 5
+    assert p.cancelled == ["slow"]
+    assert p.ran == ["slow", "later", "last"]
+    assert (eng.records["later"].state, eng.records["later"].reason) == (StepState.OK, "later done")
+    assert eng.records["last"].state is StepState.OK
+    # only a step that requires the timed-out one is skipped
+    assert eng.records["needs-slow"].state is StepState.SKIPPED
+    assert eng.records["needs-slow"].reason == "skipped: needs slow"
+    assert eng.reasons() == [f"slow: timed out after {TIMEOUT:g}s"]
+
+
+async def test_step_within_its_timeout_is_not_cut_off() -> None:
+    async def takes_a_while(ctx: BootContext) -> str:
+        await asyncio.sleep(TIMEOUT / 2)
+        return "made it"
+
+    eng = engine([Step("ok", takes_a_while, timeout=TIMEOUT * 10)])
+    state, _ = await run_timed(eng)
+    assert state is BootState.READY
+    assert (eng.records["ok"].state, eng.records["ok"].reason) == (StepState.OK, "made it")
