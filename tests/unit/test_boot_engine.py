@@ -1,15 +1,59 @@
-"""Boot engine: a step that outlives its timeout fails, with its policy's consequences."""
+"""Boot engine: the state table, and a step that outlives its timeout fails, with its
+policy's consequences."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from codetainer.boot.engine import BootContext, BootEngine, BootState, Policy, Step, StepFn, StepState
+from pathlib import Path
+
+import pytest
+from codetainer.boot.engine import (
+    BOOT_TRANSITIONS,
+    BootContext,
+    BootEngine,
+    BootState,
+    InvalidTransition,
+    Policy,
+    Step,
+    StepFn,
+    StepState,
+)
 from codetainer.events import EventBus
 from codetainer.settings import Settings
 
 TIMEOUT = 0.2
+
+ALLOWED = {
+    ("BOOTING", "READY"), ("BOOTING", "DEGRADED"), ("BOOTING", "FAILED"), ("BOOTING", "STOPPING"),
+    ("READY", "STOPPING"), ("DEGRADED", "STOPPING"), ("FAILED", "STOPPING"), ("STOPPING", "STOPPED"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("old", list(BootState))
+@pytest.mark.parametrize("new", list(BootState))
+def test_every_transition_is_allowed_or_raises(old: BootState, new: BootState) -> None:
+    engine = BootEngine([], BootContext(Settings(), EventBus()))
+    engine.state = old  # set up the starting point directly; the move under test goes through
+    if (old.value, new.value) in ALLOWED:
+        engine.change_state(new)
+        assert engine.state is new
+    else:
+        with pytest.raises(InvalidTransition, match=f"{old.value} -> {new.value} is not allowed"):
+            engine.change_state(new)
+        assert engine.state is old
+
+
+def test_the_table_in_code_and_readme_agree() -> None:
+    assert {(a.value, b.value) for a, bs in BOOT_TRANSITIONS.items() for b in bs} == ALLOWED
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for old in BootState:
+        targets = sorted(b for a, b in ALLOWED if a == old.value)
+        if targets:
+            order = [s.value for s in BootState]
+            row = f"| {old.value} | {', '.join(sorted(targets, key=order.index))} |"
+            assert row in readme, row
 
 
 class Probe:
