@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from codetainer.control.client import Client, DaemonUnreachable
 from codetainer.network.allowlist import load_allowlist
 
 from tests.scratchroot import DEFAULT_ENV, OUT, ScratchRoot, Spawned
-from tests.world import ALLOWED_HOSTS, UPSTREAM, World
+from tests.world import ALLOWED_HOSTS, PYTHON, UPSTREAM, World
 
 ROOT = Path(__file__).resolve().parents[1]
 CODETAINERD = str(Path(sys.executable).parent / "codetainerd")
@@ -63,8 +64,12 @@ class FullBoot:
                     "CODETAINER_AGENT_COMMAND": "bash -l", **(env or {})}
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.t0 = time.monotonic()
-        self.proc: Spawned = self.root.spawn(argv, env=self.env, stdout=self._log,
-                                             stderr=subprocess.STDOUT)
+        try:
+            self.proc: Spawned = self.root.spawn(argv, env=self.env, stdout=self._log,
+                                                 stderr=subprocess.STDOUT)
+        except BaseException:
+            self._log.close()
+            raise
 
     def call(self, op: str, **args: Any) -> Any:
         with Client(self.socket, timeout=10) as c:
@@ -108,6 +113,22 @@ class FullBoot:
                 out.append(json.loads(line))
         return out
 
+    def session(self) -> dict[str, Any]:
+        info: dict[str, Any] = self.call("session")
+        return info
+
+    def wait_session(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll the ``session`` op until the agent's session exists; returns its answer."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(DaemonUnreachable, OSError):
+                last = self.session()
+                if last.get("exists"):
+                    return dict(last)
+            time.sleep(0.02)
+        raise AssertionError(f"no session after {timeout}s; last {last}\n{self.log()[-4000:]}")
+
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc.popen.poll() is None:
             self.proc.signal(signal.SIGTERM)
@@ -140,3 +161,118 @@ def full_boot(env: Mapping[str, str] | None = None, steps: str = "",
             yield fb
         finally:
             fb.close()
+
+
+_GIT_SERVER = r"""
+import base64, http.server, json, os, sys, threading
+cfg = json.loads(sys.stdin.readline())  # on stdin: the credentials stay off argv
+stats = {"info_refs": {}, "auth_ok": {}, "auth_denied": {}, "api": 0, "api_auth_ok": 0}
+lock = threading.Lock()
+def bump(key, sub):
+    stats[key][sub] = stats[key].get(sub, 0) + 1
+def save():
+    tmp = cfg["stats"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(stats, f)
+    os.replace(tmp, cfg["stats"])
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, directory=cfg["root"], **kw)
+    def log_message(self, *a):
+        pass
+    def reply(self, code, body=b"", headers=()):
+        self.send_response(code)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        with lock:
+            try:
+                self.route(path)
+            finally:
+                save()
+    def route(self, path):
+        if path.startswith("/api/repos/"):
+            stats["api"] += 1
+            if self.headers.get("Authorization") == "Bearer " + cfg["token"]:
+                stats["api_auth_ok"] += 1
+            slug = path[len("/api/repos/"):].strip("/")
+            parent = cfg["forks"].get(slug)
+            info = {"full_name": slug, "fork": parent is not None}
+            if parent:
+                info["parent"] = {"full_name": parent.split("github.com/")[1][:-4],
+                                  "clone_url": parent}
+            self.reply(200, json.dumps(info).encode(), [("Content-Type", "application/json")])
+            return
+        repo = "/".join(path.split("/")[:3])
+        if path.endswith("/info/refs"):
+            bump("info_refs", repo)
+        want = cfg["auth"].get(path.split("/")[1])
+        if want is not None:
+            got = self.headers.get("Authorization", "")
+            ok = got.startswith("Basic ") and base64.b64decode(got[6:]).decode() == ":".join(want)
+            if not ok:
+                bump("auth_denied", repo)
+                self.reply(401, headers=[("WWW-Authenticate", 'Basic realm="test"')])
+                return
+            bump("auth_ok", repo)
+        super().do_GET()
+httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+httpd.daemon_threads = True
+save()
+print("ready", httpd.server_address[1], flush=True)
+httpd.serve_forever()
+"""
+
+
+class GitServer:
+    """A git server (dumb HTTP) and a stand-in GitHub API on 127.0.0.1 of the machine's netns.
+
+    It runs in the world's inner network namespace (the one the booted machine joins), so
+    the daemon's clone reaches it over loopback, which the firewall always allows; nothing
+    outside the namespace can reach it. Repositories: ``/<owner>/repo.git`` for every
+    owner in ``auth`` (HTTP basic auth required, ``(user, password)``) and ``/open/repo.git``
+    (no auth). The API at ``/api/repos/<owner>/<repo>`` reports the repositories listed in
+    ``forks`` as forks of the given GitHub URL, everything else as not a fork, and counts
+    the requests that carried ``Bearer <token>``. ``stats()`` reads the server's counters.
+    """
+
+    def __init__(self, world: World, base: Path, *, token: str,
+                 auth: Mapping[str, tuple[str, str]], forks: Mapping[str, str]) -> None:
+        self.dir = base / "git"
+        src = base / "git-src"
+        git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+        subprocess.run([*git, "init", "-q", str(src)], check=True)
+        (src / "README.md").write_text("hello\n")
+        subprocess.run([*git, "-C", str(src), "add", "."], check=True)
+        subprocess.run([*git, "-C", str(src), "commit", "-qm", "initial commit"], check=True)
+        for owner in (*auth, "open"):
+            bare = self.dir / owner / "repo.git"
+            subprocess.run([*git, "clone", "-q", "--bare", str(src), str(bare)], check=True)
+            subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
+        self.stats_path = base / "git-stats.json"
+        cfg = {"root": str(self.dir), "stats": str(self.stats_path), "token": token,
+               "auth": {k: list(v) for k, v in auth.items()}, "forks": dict(forks)}
+        self.proc = world.spawn_in(world.inner, [PYTHON, "-I", "-c", _GIT_SERVER])
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cfg) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], 15)
+        line = self.proc.stdout.readline().split() if ready else []
+        if len(line) != 2 or line[0] != "ready":
+            raise RuntimeError(f"git server did not start: {line}")
+        self.base = f"http://127.0.0.1:{line[1]}"
+
+    def url(self, path: str, userinfo: str = "") -> str:
+        return self.base.replace("://", f"://{userinfo}@" if userinfo else "://") + path
+
+    def settings(self) -> dict[str, str]:
+        """Daemon settings that make it treat this server as GitHub (web and API)."""
+        return {"CODETAINER_GITHUB_URL": self.base, "CODETAINER_GITHUB_API_URL": self.base + "/api"}
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.stats_path.read_text())
+        return data

@@ -310,7 +310,10 @@ def inner(spec_path: str) -> None:
     os.rmdir("/.oldroot")
     os.chdir(spec["cwd"])
     # 9. tell the outer half which host PID we are, then become argv
-    Path(OUT, READY_MARK).write_text(host_pid)
+    # atomically: the outer half polls for the file and reads it as soon as it exists
+    tmp = Path(OUT, READY_MARK + ".tmp")
+    tmp.write_text(host_pid)
+    tmp.replace(Path(OUT, READY_MARK))
     env = spec["env"]
     argv = spec["argv"]
     exe = shutil.which(argv[0], path=env.get("PATH")) or argv[0]

@@ -2,7 +2,8 @@
 
 codetainerd runs as PID 1 of fresh PID, mount, UTS and network namespaces pivoted into a
 scratch root; its control socket is put in the shared output directory, so the test
-talks to it from the host with the ordinary client.
+talks to it from the host with the ordinary client. Its stdout and stderr go to a log
+file in the test's directory, read in full once the daemon has stopped.
 
 The boot-step tests need the steps of issue 4 in ``boot/plan.py`` (``all_steps``);
 until the plan lists them, codetainerd rejects ``--steps`` and these tests fail saying so.
@@ -31,17 +32,21 @@ pytestmark = pytest.mark.integration
 
 GH_PAT = "ghp_FULLBOOTsecret0123456789"
 OAUTH = "sk-ant-oat01-FULLBOOToauth98765"
+# as the image boots, minus the network steps (no test world here), plus the session
 BOOT_STEPS = ("secrets,filesystem,credentials,agent-settings,readonly-root,repository,"
-              "readiness,readiness-degraded")
+              "readiness,readiness-degraded,session")
+AGENT_COMMAND = "sleep 100000"
+SOCK = "/run/codetainer/tmux/agent.sock"
 CODETAINERD = str(Path(sys.executable).parent / "codetainerd")
 NO_SERVICES = "[supervisord]\nnodaemon=true\n"
 
 
 class Booted:
-    def __init__(self, root: ScratchRoot, proc: Spawned) -> None:
+    def __init__(self, root: ScratchRoot, proc: Spawned, log_path: Path) -> None:
         self.root = root
         self.proc = proc
         self.socket = str(root.out / "control.sock")
+        self.log_path = log_path
 
     def call(self, op: str, **args: Any) -> Any:
         with Client(self.socket, timeout=10) as c:
@@ -52,9 +57,8 @@ class Booted:
         last: Any = None
         while time.monotonic() < deadline:
             if self.proc.popen.poll() is not None:
-                out, err = self.proc.communicate()
                 raise AssertionError(f"codetainerd exited {self.proc.popen.returncode}:\n"
-                                     f"{out[-3000:]}\n{err[-3000:]}")
+                                     f"{self.log_path.read_text()[-5000:]}")
             with contextlib.suppress(DaemonUnreachable, OSError):
                 last = self.call("status")
                 if last["state"] not in ("BOOTING",):
@@ -65,6 +69,28 @@ class Booted:
     def inside(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return self.proc.nsenter(list(argv))
 
+    def wait_session(self, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        info: Any = None
+        while time.monotonic() < deadline:
+            info = self.call("session")
+            if info["exists"]:
+                return dict(info)
+            time.sleep(0.02)
+        raise AssertionError(f"no session after {timeout}s: {info}")
+
+    def stopped_log(self) -> tuple[str, list[str]]:
+        """SIGTERM, wait for the exit, then the whole log: (text, event names)."""
+        self.proc.signal(signal.SIGTERM)
+        assert self.proc.wait(30) == 0
+        text = self.log_path.read_text(errors="replace")
+        events = [json.loads(line).get("event", "") for line in text.splitlines()
+                  if line.startswith("{")]
+        assert events, f"no JSON log lines in {self.log_path}: {text[-2000:]!r}"
+        for name in ("daemon_started", "boot_step_start", "shutdown_complete"):
+            assert name in events, f"{name} missing from the log"
+        return text, events
+
 
 @contextlib.contextmanager
 def boot(tmp_path: Path, steps: str, env: dict[str, str],
@@ -73,10 +99,13 @@ def boot(tmp_path: Path, steps: str, env: dict[str, str],
     (root.out / "services.conf").write_text(NO_SERVICES)
     argv = [CODETAINERD, "--services", f"{OUT}/services.conf", "--socket",
             f"{OUT}/control.sock", "--steps", steps]
-    full_env = {**DEFAULT_ENV, "CODETAINER_LOG_FORMAT": "json", "FLY_APP_NAME": "myapp", **env}
-    proc = root.spawn(argv, env=full_env)
+    full_env = {**DEFAULT_ENV, "CODETAINER_LOG_FORMAT": "json", "FLY_APP_NAME": "myapp",
+                "CODETAINER_AGENT_COMMAND": AGENT_COMMAND, **env}
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        proc = root.spawn(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        yield Booted(root, proc)
+        yield Booted(root, proc, log_path)
     finally:
         proc.kill()
 
@@ -104,28 +133,38 @@ def _bare_repo(tmp_path: Path) -> Path:
 
 
 def _secret_leaks(b: Booted, st: dict[str, Any]) -> list[str]:
+    """Where the secrets are while the machine runs (the log: after stop, see the tests)."""
     leaks = []
-    out, err = "", ""
-    if b.proc.popen.poll() is not None:
-        out, err = b.proc.communicate()
     for value in (GH_PAT, OAUTH):
         if value in json.dumps(st):
             leaks.append("status reply")
-        if value in out + err:
-            leaks.append("daemon log")
+        if value in json.dumps(b.call("session")):
+            leaks.append("session reply")
     cmdlines = b.inside("sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
+    assert "codetainerd" in cmdlines and AGENT_COMMAND in cmdlines, "command lines not read"
     if GH_PAT in cmdlines or OAUTH in cmdlines:
         leaks.append("a command line")
     # every process but the agent's (which must have them) keeps them out of its environment
     environs = b.inside("sh", "-c", 'for p in /proc/[0-9]*; do [ "$(stat -c %u $p)" = 1000 ] '
                         '|| { printf "%s " "$p"; tr "\\0" " " < $p/environ; echo; }; done'
                         ).stdout
+    assert "/proc/1 " in environs, "environments not read"
     leaks += [f"environment of {line.split()[0]}" for line in environs.splitlines()
               if GH_PAT in line or OAUTH in line]
     files = b.inside("grep", "-rlF", "-e", GH_PAT, "-e", OAUTH, "/etc", "/run", "/workspace",
                      "/tmp", "/home", "/root").stdout.split()
+    # the one file that must hold the token: proves the grep searched where it counts
+    assert "/home/claude/.config/gh/hosts.yml" in files
     leaks += [f for f in files if f != "/home/claude/.config/gh/hosts.yml"]
     return leaks
+
+
+def agent_processes(b: Booted) -> list[str]:
+    """Every process of uid 1000 (real or effective), as ``comm``, and the tmux sessions."""
+    ps = b.inside("ps", "-o", "comm=", "-u", "1000", "-U", "1000")
+    assert ps.returncode in (0, 1), ps.stderr  # 1: none
+    sessions = b.inside("tmux", "-S", SOCK, "list-sessions", "-F", "tmux session #{session_id}")
+    return sorted(ps.stdout.splitlines() + sessions.stdout.splitlines())
 
 
 def test_full_boot_with_clone_is_ready_and_read_only(tmp_path: Path) -> None:
@@ -149,7 +188,18 @@ def test_full_boot_with_clone_is_ready_and_read_only(tmp_path: Path) -> None:
                        "--format=%s").stdout
         assert log.strip() == "first"
         assert b.inside("stat", "-c", "%u", "/workspace/repo").stdout.strip() == "1000"
+        # the session phase ran: the agent is up, and the check below sees it
+        info = b.wait_session()
+        procs = agent_processes(b)
+        assert {"tmux: server", "sleep", "bash", f"tmux session {info['id']}"} <= set(procs), procs
         assert _secret_leaks(b, st) == []
+        # the log, complete once the daemon has exited: the boot and the session are in
+        # it, the secret values are not
+        text, events = b.stopped_log()
+        for name in ("secrets_loaded", "credentials_configured", "repository_ready",
+                     "root_readonly", "session_ready", "session_stopped"):
+            assert name in events, f"{name} missing from the log"
+        assert GH_PAT not in text and OAUTH not in text
 
 
 def test_full_boot_without_secrets_fails_with_instructions(tmp_path: Path) -> None:
@@ -159,5 +209,13 @@ def test_full_boot_without_secrets_fails_with_instructions(tmp_path: Path) -> No
         text = " ".join(st["reasons"])
         assert "GH_PAT is not set" in text and "CLAUDE_CODE_OAUTH_TOKEN is not set" in text
         assert "fly secrets set GH_PAT=<value> -a myapp" in text
-        agent = b.inside("ps", "-o", "user=", "-u", "1000").stdout.split()
-        assert agent == []
+        # the session phase is on (as in the image) but never starts after FAILED: no
+        # tmux server, no agent, nothing of uid 1000 (the same check sees them in
+        # test_full_boot_with_clone_is_ready_and_read_only)
+        info = b.call("session")
+        assert not info["exists"] and info["state"] == "STOPPED", info
+        assert agent_processes(b) == []
+        assert b.inside("test", "-e", SOCK).returncode != 0
+        _text, events = b.stopped_log()
+        assert "boot_step_failed" in events
+        assert not [e for e in events if e.startswith("session_")], "a session was started"

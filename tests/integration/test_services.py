@@ -412,3 +412,20 @@ def test_status_exit_code_3_while_booting_and_while_stopping(tmp_path: Path) -> 
         r = _cli(d.socket, "status")
         assert r.returncode == 3 and "STOPPING" in r.stdout, (r.stdout, r.stderr)
         assert d.wait() == 0
+
+
+def test_services_never_inherit_a_secret(tmp_path: Path) -> None:
+    """supervisord semantics: a child inherits the supervisor's environment, but not the
+    secrets in it (even with no secrets step to take them out first); `environment=`
+    still sets what a program declares."""
+    out = tmp_path / "env"
+    cmd = f"/bin/sh -c 'env > {out}.tmp; mv {out}.tmp {out}; exec sleep 1000'"
+    env = {"GH_PAT": "ghp_servicesMustNotSeeThis", "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-nope",
+           "GH_TOKEN": "ghp_norThis", "REPO_URL": "https://u:pw@example.com/r", "KEEP_ME": "yes"}
+    with running(tmp_path, conf(prog("envdump", cmd, environment="DECLARED=1")), env=env) as d:
+        d.wait_until(lambda: out.exists(), what="the service's environment")
+        seen = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+        assert seen["KEEP_ME"] == "yes" and seen["DECLARED"] == "1"  # inheritance works
+        for name in ("GH_PAT", "CLAUDE_CODE_OAUTH_TOKEN", "GH_TOKEN", "REPO_URL"):
+            assert name not in seen, name
+        assert "ghp_" not in out.read_text() and "pw@" not in out.read_text()

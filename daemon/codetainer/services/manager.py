@@ -45,8 +45,7 @@ class ServiceManager:
         log.info("services_loaded", path=str(self.path), services=[c.name for c in configs])
 
     def _make(self, cfg: ServiceConfig) -> Service:
-        svc = Service(cfg, self.events, self.base_env if self.base_env is not None
-                      else dict(os.environ))
+        svc = Service(cfg, self.events, self.base_env)
         svc.output_listeners.extend(self._listeners.get(cfg.name, []))
         svc.run()
         return svc

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -33,6 +33,17 @@ MAX_LINE = 4096
 #: lines dropped by the rate limit are counted in one ``service_output_dropped`` event
 #: at most this often (the first drop arms it), so a flood costs one line a second
 DROP_REPORT_S = 1.0
+
+
+def inherited_env(base: Mapping[str, str] | None) -> dict[str, str]:
+    """What a service inherits: ``base`` (default: the daemon's environment now), never a
+    secret by name; a program that needs one says so with ``environment=``."""
+    from codetainer.init.environ import SECRET_NAMES
+
+    env = dict(os.environ if base is None else base)
+    for name in SECRET_NAMES:
+        env.pop(name, None)
+    return env
 
 
 class RateLimit:
@@ -95,7 +106,9 @@ class Service:
         self.config = config
         self.fsm = ServiceFSM(config)
         self.events = events
-        self.base_env = base_env if base_env is not None else dict(os.environ)
+        #: None: the daemon's environment as it is at each spawn (after the secrets step
+        #: took the secrets out), never a snapshot from before it
+        self.base_env = base_env
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.limit = RateLimit()
         self._drop_report: asyncio.TimerHandle | None = None
@@ -207,7 +220,7 @@ class Service:
 
     def _spawn(self) -> None:
         cfg = self.config
-        env = dict(self.base_env)
+        env = inherited_env(self.base_env)
         uid = gid = None
         groups: list[int] | None = None
         if cfg.uid is not None:

@@ -130,7 +130,9 @@ class SessionManager:
     ) -> None:
         self.settings = settings
         self.events = events
-        self.secrets = dict(secrets or {})
+        # A live view, not a copy: the daemon builds the manager before the secrets
+        # step has filled its mapping (a copy left the agent without its tokens).
+        self.secrets: Mapping[str, str] = {} if secrets is None else secrets
         self.user = user
         self.environ = os.environ if environ is None else environ
         self.socket = settings.tmux_socket
@@ -512,8 +514,13 @@ class SessionManager:
 
     async def _tmux(self, *args: str) -> str:
         """A tmux client command against our server; raises TmuxGone or SessionError."""
-        rc, out, err = await run([self.settings.tmux, "-u", "-S", self.socket, *args],
-                                  env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        # tmux gives a pane it spawns for a detached client (split-window, respawn-pane)
+        # that client's PATH: the daemon's would leak into the agent's panes.
+        path = os.environ.get("PATH", "/usr/bin:/bin")
+        tmux = shutil.which(self.settings.tmux, path=path) or self.settings.tmux
+        if self.user is not None:
+            path = agent_env(self.user, {}, {})["PATH"]
+        rc, out, err = await run([tmux, "-u", "-S", self.socket, *args], env={"PATH": path})
         if rc != 0:
             msg = err.strip() or f"tmux exited {rc}"
             if any(g in msg for g in GONE):
