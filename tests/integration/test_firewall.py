@@ -197,6 +197,78 @@ async def test_ipv6_policies(world: World, backend_name: str) -> None:
     assert world.connect(A, 443, uid=AGENT)[0] == "connected"
 
 
+# Fly's private network, played inside the test world (fdaa::/16 lies in fd00::/8).
+FLY_MACHINE = "fdaa:0:1::2"  # this machine's 6PN address
+FLY_OPERATOR = "fdaa:0:f1::1"  # `fly ssh console`, arriving over Fly's WireGuard
+FLY_RESOLVER = "fdaa::3"
+_TCP_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16); print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(b"SSH-2.0-stand-in\r\n"); c.close()
+"""
+_UDP_ECHO6 = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(4096); s.sendto(data, peer)
+"""
+_SSH_IN = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6); s.settimeout(2); s.bind((sys.argv[1], 0))
+try:
+    s.connect((sys.argv[2], 22)); print(s.recv(100).decode().strip())
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+async def test_fly_ipv6_policy_for_real(world: World, backend_name: str) -> None:
+    """``fly``: stateless (Fly's kernel has no IPv6 conntrack): replies of the machine's
+    SSH server to fdaa::/16 pass, the DNS user reaches Fly's resolver, nothing else in
+    IPv6 leaves (not even to the private network)."""
+    world.run_in(world.world, ["ip", "addr", "add", f"{FLY_OPERATOR}/128", "dev", "lo"], check=True)
+    world.run_in(world.world, ["ip", "addr", "add", f"{FLY_RESOLVER}/128", "dev", "lo"], check=True)
+    world.run_in(world.world, ["ip", "route", "add", f"{FLY_MACHINE}/128", "via", "fd00:ce::2"], check=True)
+    world.run_in(world.inner, ["ip", "addr", "add", f"{FLY_MACHINE}/128", "dev", "lo"], check=True)
+    servers = [
+        world.spawn_in(world.inner, [PYTHON, "-I", "-c", _TCP_SERVER, FLY_MACHINE, "22"]),  # sshd
+        world.spawn_in(world.world, [PYTHON, "-I", "-c", _TCP_SERVER, FLY_OPERATOR, "443"]),
+        world.spawn_in(world.world, [PYTHON, "-I", "-c", _UDP_ECHO6, FLY_RESOLVER, "53"]),
+    ]
+    for proc in servers:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+
+    def ssh_in() -> str:
+        out = world.python_in(world.world, _SSH_IN, FLY_OPERATOR, FLY_MACHINE)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert ssh_in() == "SSH-2.0-stand-in"  # baseline: no firewall
+    # Be in Fly's position: no IPv6 connection tracking (every IPv6 packet untracked).
+    notrack = ("table ip6 fly_no_conntrack {\n"
+               " chain pre { type filter hook prerouting priority raw; notrack; }\n"
+               " chain out { type filter hook output priority raw; notrack; }\n}\n")  # fmt: skip
+    assert world.run_in(world.inner, ["nft", "-f", "-"], input=notrack).returncode == 0
+    await applied(world, backend_name, policy(ipv6="deny"))
+    assert world.connect(A, 443, uid=AGENT)[0] == "connected"  # IPv4 still tracked
+    assert ssh_in() in {"TimeoutError", "ConnectionRefusedError"}  # untracked replies: cut
+    fly = FirewallPolicy.build({(80, 443): [A, FLY_OPERATOR]}, dns_uid=DNS_UID,
+                               upstreams=[UPSTREAM, FLY_RESOLVER], ipv6="fly")  # fmt: skip
+    await applied(world, backend_name, fly)
+    assert ssh_in() == "SSH-2.0-stand-in"
+    # Only the DNS user reaches Fly's resolver; the agent reaches nothing in IPv6, even an
+    # address listed in the allowlist (the fly policy allows no IPv6 egress of its own).
+    assert udp(world, FLY_RESOLVER, 53, uid=DNS_UID, payload=DNS_QUERY).startswith("answered")
+    assert udp(world, FLY_RESOLVER, 53, uid=AGENT, payload=DNS_QUERY) in {"EPERM", "timeout"}
+    assert world.connect(FLY_OPERATOR, 443, uid=AGENT)[0] == "ECONNREFUSED"
+    assert world.connect(FLY_OPERATOR, 443, uid=0)[0] == "ECONNREFUSED"
+    assert world.connect(A, 443, uid=AGENT)[0] == "connected"  # IPv4 as allowlisted
+
+
 @pytest.mark.parametrize("backend_name", BACKENDS)
 async def test_denied_destinations_recorded_with_counts(world: World, backend_name: str) -> None:
     backend = await applied(world, backend_name, policy())
