@@ -20,6 +20,21 @@ BIN = Path(sys.executable).parent
 CODETAINERD = str(BIN / "codetainerd")
 
 
+def wait_for(pred: Any, timeout: float, what: str, *, interval: float = 0.05,
+             context: Any = None) -> Any:
+    """Poll ``pred`` until it returns something truthy (returned) or ``timeout`` passes
+    (AssertionError naming ``what``, the last value, and ``context()`` if given)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    extra = f"\n{context()}" if context is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last={last!r}{extra}")
+
+
 class DaemonProc:
     def __init__(self, tmp: Path, services: str, *, pid1: bool = True, steps: str = "services",
                  env: dict[str, str] | None = None, extra_args: list[str] | None = None,
@@ -88,14 +103,7 @@ class DaemonProc:
         raise KeyError(name)
 
     def wait_until(self, pred: Any, timeout: float = 10.0, what: str = "condition") -> Any:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = pred()
-            if last:
-                return last
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}; last={last!r}\n{self.log()[-3000:]}")
+        return wait_for(pred, timeout, what, interval=0.02, context=lambda: self.log()[-3000:])
 
     def signal(self, sig: int) -> None:
         os.kill(self.init_pid, sig)

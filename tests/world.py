@@ -33,7 +33,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,13 @@ V6_HOSTS = ("fd00:ce:1::10", "fd00:ce:1::11")
 TCP_PORTS = (80, 443, 8443, 22)
 UDP_ECHO = ("203.0.113.10", 443)
 PYTHON = "/usr/bin/python3"
+
+_HOLD = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), 3); print("up", flush=True)
+for line in sys.stdin:
+    s.sendall(line.encode()); print(s.recv(100).decode().strip(), flush=True)
+"""
 
 _SERVERS = r"""
 import asyncio, json, sys
@@ -301,6 +308,24 @@ class World:
         self, ns: str, code: str, *args: str, uid: int | None = None, timeout: float = 30
     ) -> subprocess.CompletedProcess[str]:
         return self.run_in(ns, [PYTHON, "-I", "-c", code, *args], uid=uid, timeout=timeout)
+
+    def held_connection(self, host: str, port: int, *, uid: int | None = None) -> Callable[[str], str]:
+        """One TCP connection from the inner netns, kept open (a tracked process); returns
+        ``echo(word)``, which sends a line over it and returns what came back."""
+        proc = self.spawn_in(self.inner, [PYTHON, "-I", "-c", _HOLD, host, str(port)], uid=uid)
+        assert proc.stdout is not None and proc.stdin is not None
+        first = proc.stdout.readline().strip()
+        if first != "up":
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"no connection to {host}:{port}: {first!r} {err}")
+
+        def echo(word: str) -> str:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(word + "\n")
+            proc.stdin.flush()
+            return str(proc.stdout.readline()).strip()
+
+        return echo
 
     def connect(
         self, host: str, port: int, *, uid: int | None = None, timeout: float = 3.0

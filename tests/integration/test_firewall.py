@@ -322,21 +322,7 @@ async def test_set_updates_are_atomic(world: World, backend_name: str) -> None:
 @pytest.mark.parametrize("backend_name", BACKENDS)
 async def test_reload_keeps_established_connections(world: World, backend_name: str) -> None:
     backend = await applied(world, backend_name, policy())
-    code = (
-        "import socket,sys\n"
-        "s=socket.create_connection((sys.argv[1],443),3); print('up',flush=True)\n"
-        "for line in sys.stdin:\n"
-        "    s.sendall(line.encode()); print(s.recv(100).decode().strip(),flush=True)\n"
-    )
-    proc = world.spawn_in(world.inner, [PYTHON, "-I", "-c", code, A], uid=AGENT)
-    assert proc.stdout is not None and proc.stdin is not None
-    assert proc.stdout.readline().strip() == "up"
-
-    def echo(word: str) -> str:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(word + "\n")
-        proc.stdin.flush()
-        return proc.stdout.readline().strip()
+    echo = world.held_connection(A, 443, uid=AGENT)
 
     assert echo("one") == "one"
     # A different shape (full re-apply) in which A is no longer allowed at all.

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 from codetainer.boot.privileges import PASSTHROUGH
 
+from tests.daemonproc import wait_for
 from tests.fullboot import FullBoot, GitServer, default_names, publish_names
 from tests.world import World
 
@@ -56,13 +56,7 @@ echo done >$o.done
 
 
 def until(pred: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s: {what}")
+    return wait_for(pred, timeout, what)
 
 
 @pytest.fixture(scope="module")

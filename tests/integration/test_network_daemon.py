@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.daemonproc import BIN, DaemonProc
-from tests.world import ALLOWED_HOSTS, NEVER_HOSTS, PYTHON, UDP_ECHO, UPSTREAM, V6_HOSTS, World
+from tests.world import ALLOWED_HOSTS, NEVER_HOSTS, UDP_ECHO, UPSTREAM, V6_HOSTS, World
 
 pytestmark = pytest.mark.integration
 
@@ -79,14 +79,6 @@ except TimeoutError:
 except OSError as e:
     print(errno.errorcode.get(e.errno or 0, "error"))
 """
-
-_HOLD = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), 3); print("up", flush=True)
-for line in sys.stdin:
-    s.sendall(line.encode()); print(s.recv(100).decode().strip(), flush=True)
-"""
-
 
 def start_daemon(world: World, tmp: Path, allowlist: str = ALLOWLIST, *,
                  env: dict[str, str] | None = None, steps: str = NET_STEPS,
@@ -316,15 +308,7 @@ def test_allow_validates_and_is_root_only(daemon: DaemonProc, world: World) -> N
 
 def test_reload_keeps_an_established_connection(daemon: DaemonProc, world: World) -> None:
     wait_boot(daemon)
-    proc = world.spawn_in(world.inner, [PYTHON, "-I", "-c", _HOLD, ALLOWED, "443"], uid=AGENT)
-    assert proc.stdout is not None and proc.stdin is not None
-    assert proc.stdout.readline().strip() == "up"
-
-    def echo(word: str) -> str:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(word + "\n")
-        proc.stdin.flush()
-        return str(proc.stdout.readline()).strip()
+    echo = world.held_connection(ALLOWED, 443, uid=AGENT)
 
     allow_file = Path(daemon.tmp, "domains.conf")
     assert echo("one") == "one"

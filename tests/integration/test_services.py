@@ -19,7 +19,7 @@ import psutil
 import pytest
 from codetainer.services.config import load_services
 
-from tests.daemonproc import running
+from tests.daemonproc import running, wait_for
 from tests.integration.test_pid1 import LOOPER, conf, prog
 
 pytestmark = pytest.mark.integration
@@ -133,13 +133,7 @@ def test_repo_services_file_parses_and_starts_under_stock_supervisord(tmp_path: 
 
 
 def _until(pred: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(pred, timeout, what, interval=0.1)
 
 
 def test_running_only_after_startsecs_real(tmp_path: Path) -> None:
