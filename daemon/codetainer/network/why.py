@@ -38,14 +38,7 @@ def parse_duration(text: str) -> float:
 
 
 def ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s}s ago"
-    if s < 7200:
-        return f"{s // 60}m ago"
-    return f"{s // 3600}h ago"
+    return "never" if seconds is None else f"{span(seconds)} ago"
 
 
 def span(seconds: float) -> str:
