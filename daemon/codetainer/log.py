@@ -19,8 +19,13 @@ _threshold = {"level": logging.INFO}
 _secrets: dict[str, str] = {}
 
 
+#: structlog method name -> level (``exception`` logs at error, ``msg`` at info)
+_METHOD_LEVELS = {**LEVELS, "warn": logging.WARNING, "exception": logging.ERROR,
+                  "critical": logging.CRITICAL, "fatal": logging.CRITICAL}
+
+
 def _filter(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    if LEVELS.get(method, logging.INFO) < _threshold["level"]:
+    if _METHOD_LEVELS.get(method, logging.INFO) < _threshold["level"]:
         raise structlog.DropEvent
     return event_dict
 

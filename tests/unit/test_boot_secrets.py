@@ -73,9 +73,17 @@ def test_log_level_toggles_at_run_time(capsys: pytest.CaptureFixture[str]) -> No
     logger.debug("shown")
     assert log.toggle_debug("info") == "info"
     logger.debug("hidden-again")
+    log.set_level("error")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logger.exception("kept-at-error")  # an exception is an error, not dropped as info
+    logger.critical("kept-critical")
+    logger.warning("dropped-warning")
     out = capsys.readouterr().out
     structlog.reset_defaults()
     assert "shown" in out and "hidden" not in out
+    assert "kept-at-error" in out and "kept-critical" in out and "dropped-warning" not in out
 
 
 @pytest.mark.parametrize(("url", "clean", "creds"), [
