@@ -193,4 +193,5 @@ def test_500_set_swaps_are_atomic_under_a_prober(tmp: Path) -> None:
         assert result["rounds"] > 500
         assert set(a) == {"connected", "max_ms"}, a
         assert "connected" not in n and n.get("ECONNREFUSED") == result["rounds"], n
-        assert net["overruns"] < net["refreshes"]  # noted, not the rule
+        # (overruns at a 20 ms interval depend on the machine's load; counted per name, they
+        # are a unit test's matter: test_refresh.py::test_ticks_do_not_drift_and_overruns_are_counted)
