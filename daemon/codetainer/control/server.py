@@ -171,7 +171,8 @@ class ControlServer:
             self._idle.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: no extra task per client
+                    await writer.wait_closed()
 
     async def _write(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
         writer.write(protocol.encode(msg))
