@@ -7,7 +7,9 @@ codetainerd as PID 1 in fresh namespaces with the repository's services file, th
 * ``codetainer status`` end-to-end wall time (process start to exit), median of 30;
 * ``status`` request latency p50/p99 with 200 concurrent clients, each polling every
   100 ms over a fresh connection (as the CLI does), from 4 load processes; then the
-  saturation point (the same 200 clients back to back).
+  saturation point (the same 200 clients back to back);
+* the daemon's CPU per ``status`` request: 3,000 sequential requests, a fresh connection
+  each, one client (what the crowd above costs the daemon, without the crowd).
 """
 
 from __future__ import annotations
@@ -120,6 +122,18 @@ def main() -> None:
         lat = load(d.socket, 200, 4, 5.0, 0.0)
         print(f"saturation, 200 clients back to back: {len(lat) / 5:.0f} req/s, "
               f"p50 {pct(lat, 50) * 1000:.2f} ms, p99 {pct(lat, 99) * 1000:.2f} ms")
+
+        from codetainer.control.client import Client
+
+        n = 3000
+        c0 = sum(daemon.cpu_times()[:2])
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with Client(d.socket, timeout=5) as c:
+                c.call("status")
+        wall, cpu = time.perf_counter() - t0, sum(daemon.cpu_times()[:2]) - c0
+        print(f"one status request, {n} in sequence: daemon CPU {cpu / n * 1000:.3f} ms, "
+              f"round trip {wall / n * 1000:.3f} ms")
     finally:
         d.close()
 

@@ -21,6 +21,7 @@ from typing import Any
 from codetainer.control.client import Client, DaemonUnreachable
 from codetainer.network.allowlist import load_allowlist
 
+from tests.daemonproc import wait_for
 from tests.scratchroot import DEFAULT_ENV, OUT, ScratchRoot, Spawned
 from tests.world import ALLOWED_HOSTS, PYTHON, UPSTREAM, World
 
@@ -80,18 +81,18 @@ class FullBoot:
         return st
 
     def wait_boot(self, timeout: float = 60.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
+        def finished() -> dict[str, Any] | None:
             if self.proc.popen.poll() is not None:
                 raise AssertionError(f"codetainerd exited {self.proc.popen.returncode}:\n"
                                      f"{self.log()[-4000:]}")
             with contextlib.suppress(DaemonUnreachable, OSError):
-                last = self.status()
-                if last["state"] != "BOOTING":
-                    return dict(last)
-            time.sleep(0.01)
-        raise AssertionError(f"boot did not finish in {timeout}s; last {last}\n{self.log()[-4000:]}")
+                st = self.status()
+                return dict(st) if st["state"] != "BOOTING" else None
+            return None
+
+        st: dict[str, Any] = wait_for(finished, timeout, "boot to finish", interval=0.01,
+                                      context=lambda: self.log()[-4000:])
+        return st
 
     def inside(self, *argv: str, env: Mapping[str, str] | None = None
                ) -> subprocess.CompletedProcess[str]:
@@ -119,15 +120,15 @@ class FullBoot:
 
     def wait_session(self, timeout: float = 30.0) -> dict[str, Any]:
         """Poll the ``session`` op until the agent's session exists; returns its answer."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
+        def up() -> dict[str, Any] | None:
             with contextlib.suppress(DaemonUnreachable, OSError):
-                last = self.session()
-                if last.get("exists"):
-                    return dict(last)
-            time.sleep(0.02)
-        raise AssertionError(f"no session after {timeout}s; last {last}\n{self.log()[-4000:]}")
+                info = self.session()
+                return dict(info) if info.get("exists") else None
+            return None
+
+        info: dict[str, Any] = wait_for(up, timeout, "the agent's session", interval=0.02,
+                                        context=lambda: self.log()[-4000:])
+        return info
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc.popen.poll() is None:

@@ -16,7 +16,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from codetainer.control.client import Client, DaemonUnreachable
 from scratchroot import DEFAULT_ENV, OUT, ScratchRoot, Spawned
+
+from tests.daemonproc import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -53,31 +54,28 @@ class Booted:
             return c.call(op, **args)
 
     def wait_boot(self, timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
+        def finished() -> dict[str, Any] | None:
             if self.proc.popen.poll() is not None:
                 raise AssertionError(f"codetainerd exited {self.proc.popen.returncode}:\n"
                                      f"{self.log_path.read_text()[-5000:]}")
             with contextlib.suppress(DaemonUnreachable, OSError):
-                last = self.call("status")
-                if last["state"] not in ("BOOTING",):
-                    return dict(last)
-            time.sleep(0.05)
-        raise AssertionError(f"boot did not finish in {timeout}s; last status {last}")
+                st = self.call("status")
+                return dict(st) if st["state"] != "BOOTING" else None
+            return None
+
+        st: dict[str, Any] = wait_for(finished, timeout, "boot to finish")
+        return st
 
     def inside(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return self.proc.nsenter(list(argv))
 
     def wait_session(self, timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        info: Any = None
-        while time.monotonic() < deadline:
+        def up() -> dict[str, Any] | None:
             info = self.call("session")
-            if info["exists"]:
-                return dict(info)
-            time.sleep(0.02)
-        raise AssertionError(f"no session after {timeout}s: {info}")
+            return dict(info) if info["exists"] else None
+
+        info: dict[str, Any] = wait_for(up, timeout, "the agent's session", interval=0.02)
+        return info
 
     def stopped_log(self) -> tuple[str, list[str]]:
         """SIGTERM, wait for the exit, then the whole log: (text, event names)."""

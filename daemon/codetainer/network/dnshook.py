@@ -37,7 +37,7 @@ import ipaddress
 import re
 import socket
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import dns.exception
@@ -272,8 +272,9 @@ class DnsHook:
         client = str(peer[0]) if peer else "?"
         try:
             while True:
-                head = await asyncio.wait_for(reader.readexactly(2), 10.0)
-                data = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", head)[0]), 10.0)
+                async with asyncio.timeout(10.0):  # one deadline for the whole message
+                    head = await reader.readexactly(2)
+                    data = await reader.readexactly(struct.unpack("!H", head)[0])
                 reply = await self.answer(data, client, tcp=True)
                 if reply is None:
                     break
@@ -339,22 +340,31 @@ class DnsHook:
     async def _forward(self, wire: bytes, tcp: bool) -> bytes | None:
         for up in self.upstreams:
             try:
+                # asyncio.timeout, not wait_for: no extra task per query on this hot path
                 if not tcp:
-                    raw = await asyncio.wait_for(self._udp_query(wire, up), self.timeout)
+                    async with asyncio.timeout(self.timeout):
+                        raw = await self._udp_query(wire, up)
                     if len(raw) > 2 and not raw[2] & 0x02:  # not truncated
                         return raw
-                return await asyncio.wait_for(self._tcp_query(wire, up), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    return await self._tcp_query(wire, up)
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 log.warning("dns_hook_upstream_failed", upstream=up.hostport,
                             error=f"{type(exc).__name__}: {exc}"[:200])  # fmt: skip
         return None
 
+    @contextlib.asynccontextmanager
+    async def _connected(self, up: Upstream, kind: int) -> AsyncIterator[socket.socket]:
+        """A non-blocking socket of the DNS user's, connected to ``up``."""
+        family = socket.AF_INET6 if up.ip.version == 6 else socket.AF_INET
+        with owned_socket(family, kind, self.sock_uid) as s:
+            s.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(s, (str(up.ip), up.port))
+            yield s
+
     async def _udp_query(self, wire: bytes, up: Upstream) -> bytes:
         loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if up.ip.version == 6 else socket.AF_INET
-        with owned_socket(family, socket.SOCK_DGRAM, self.sock_uid) as s:
-            s.setblocking(False)
-            await loop.sock_connect(s, (str(up.ip), up.port))
+        async with self._connected(up, socket.SOCK_DGRAM) as s:
             await loop.sock_sendall(s, wire)
             while True:
                 data = await loop.sock_recv(s, 65535)
@@ -363,10 +373,7 @@ class DnsHook:
 
     async def _tcp_query(self, wire: bytes, up: Upstream) -> bytes:
         loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if up.ip.version == 6 else socket.AF_INET
-        with owned_socket(family, socket.SOCK_STREAM, self.sock_uid) as s:
-            s.setblocking(False)
-            await loop.sock_connect(s, (str(up.ip), up.port))
+        async with self._connected(up, socket.SOCK_STREAM) as s:
             await loop.sock_sendall(s, struct.pack("!H", len(wire)) + wire)
             head = await _recv_exactly(loop, s, 2)
             return await _recv_exactly(loop, s, struct.unpack("!H", head)[0])
