@@ -284,13 +284,15 @@ class Daemon:
     def _sample_info(self) -> dict[str, Any]:
         import psutil
 
+        from codetainer.procinfo import PROCESS_GONE
+
         me = psutil.Process()
         info: dict[str, Any] = {
             "pid": me.pid,
             "rss_bytes": me.memory_info().rss,
             "socket": self.settings.socket,
         }
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(*PROCESS_GONE):
             parent = me.parent()
             if parent is not None and parent.name().startswith(("codetainerd", "python")):
                 info["init_pid"] = parent.pid

@@ -235,3 +235,19 @@ async def test_session_handler_reports_failure_reason(clock: Clock) -> None:
     assert info == {"exists": False, "socket": m.socket, "id": None, "name": None,
                     "agent_pane": None, "state": "FAILED",
                     "reason": "tmux new-session failed: boom", "hint": "fix it"}
+
+
+@pytest.mark.parametrize("exc", [IndexError("list index out of range"), FileNotFoundError(2, "gone")])
+def test_a_process_vanishing_mid_read_is_gone_not_a_crash(monkeypatch: pytest.MonkeyPatch,
+                                                           exc: Exception) -> None:
+    """psutil can fail with IndexError when /proc/<pid>/stat reads empty as the process
+    exits (seen in CI while tmux stopped): the session treats it as gone."""
+    import psutil
+
+    def vanishing(pid: int) -> psutil.Process:
+        raise exc
+
+    m = FakeManager()
+    m.server_pid = 4242
+    monkeypatch.setattr(psutil, "Process", vanishing)
+    assert m._tree_pids() == []

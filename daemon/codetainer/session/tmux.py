@@ -45,6 +45,7 @@ import psutil
 import structlog
 
 from codetainer.boot.privileges import AgentUser, agent_env, setpriv_argv
+from codetainer.procinfo import PROCESS_GONE
 from codetainer.session import prompt as prompt_mod
 from codetainer.session.tmuxctl import (
     CLIENT_FMT,
@@ -214,7 +215,7 @@ class SessionManager:
                 await self._tmux("kill-server")
             survivors = await wait_gone(pids, timeout)
             for proc in survivors:
-                with contextlib.suppress(psutil.Error):
+                with contextlib.suppress(*PROCESS_GONE):
                     proc.kill()
             if survivors:
                 log.warning("session_stop_killed", pids=[p.pid for p in survivors])
@@ -405,7 +406,7 @@ class SessionManager:
             self._timeouts += 1
             log.warning("session_query_failed", reason=exc.reason, count=self._timeouts)
             if self._timeouts >= 3 and self.server_pid:
-                with contextlib.suppress(psutil.Error):
+                with contextlib.suppress(*PROCESS_GONE):
                     psutil.Process(self.server_pid).kill()
             return
         self.snapshot = snap
@@ -541,7 +542,7 @@ class SessionManager:
     def _tree_pids(self) -> list[int]:
         pids: list[int] = []
         if self.server_pid:
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(*PROCESS_GONE):
                 root = psutil.Process(self.server_pid)
                 pids = [root.pid, *(c.pid for c in root.children(recursive=True))]
         return pids

@@ -15,6 +15,8 @@ from typing import Any
 
 import psutil
 
+from codetainer.procinfo import PROCESS_GONE
+
 ROLE_OPTION = "@codetainer_role"
 TMUX_TIMEOUT = 5.0
 
@@ -126,12 +128,12 @@ async def wait_gone(pids: list[int], timeout: float) -> list[psutil.Process]:
     deadline = time.monotonic() + timeout
     procs: list[psutil.Process] = []
     for pid in pids:
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(*PROCESS_GONE):
             procs.append(psutil.Process(pid))
     while True:
         alive = []
         for p in procs:
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(*PROCESS_GONE):
                 if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
                     alive.append(p)
         if not alive or time.monotonic() >= deadline:

@@ -14,6 +14,8 @@ from typing import Any
 
 import psutil
 
+from codetainer.procinfo import PROCESS_GONE
+
 BAR_WIDTH = 20
 #: At or above this percentage a mount is flagged (``warn``), the agent is about to fail.
 WARN_PERCENT = 90.0
@@ -96,7 +98,7 @@ class TreeSampler:
         try:
             root = self._procs.get(root_pid) or psutil.Process(root_pid)
             tree = [root, *root.children(recursive=True)]
-        except psutil.Error:
+        except PROCESS_GONE:
             self._procs.clear()
             return None
         seen: dict[int, psutil.Process] = {}
@@ -106,14 +108,14 @@ class TreeSampler:
             proc = found
             kept = self._procs.get(found.pid)
             if kept is not None:
-                with contextlib.suppress(psutil.Error):
+                with contextlib.suppress(*PROCESS_GONE):
                     if kept.create_time() == found.create_time():
                         proc = kept  # the same process: keep its CPU baseline
             try:
                 with proc.oneshot():
                     cpu += proc.cpu_percent(None)
                     rss += proc.memory_info().rss
-            except psutil.Error:
+            except PROCESS_GONE:
                 continue
             seen[proc.pid] = proc
         self._procs = seen
