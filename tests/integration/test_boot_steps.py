@@ -443,7 +443,11 @@ def _driver(steps_arg: str, report_path: str) -> None:
     environ = Path("/proc/self/environ").read_bytes()
     report["environ_hits"] = [v[:4] for v in secret_values if v.encode() in environ]
     hits = []
-    skip = ("/proc", "/sys", "/dev", "/usr", "/work", "/opt", "/scratch-out", "/srv")
+    # not the project's own tree nor the venv, wherever the checkout lives (these hold the
+    # test's literal fake secrets, this very file among them)
+    project = str(Path(__file__).resolve().parents[2])
+    skip = ("/proc", "/sys", "/dev", "/usr", "/work", "/opt", "/scratch-out", "/srv",
+            project, sys.prefix)
     for dirpath, dirnames, filenames in os.walk("/"):
         if dirpath.startswith(skip) and dirpath != "/":
             dirnames[:] = []
