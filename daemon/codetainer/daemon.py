@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -40,6 +41,20 @@ from codetainer.settings import Settings
 log = structlog.get_logger("codetainer.daemon")
 
 FINAL = {BootState.READY, BootState.DEGRADED, BootState.FAILED}
+
+
+def settle_heap() -> None:
+    """Once booted, move what the boot built out of the collector's sight.
+
+    What is alive now (modules, configuration, services, the session) lives as long as
+    the daemon; left in the oldest generation, every full collection walks all of it
+    (~34,000 objects: 20-30 ms under load, one stall a few seconds apart with a crowd of
+    status clients). Collect the boot's garbage first, then freeze the rest: later full
+    collections walk only what came after. The cost is bounded: a frozen object that
+    later becomes cyclic garbage stays, and no more than the boot's heap can be frozen.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class Daemon:
@@ -71,6 +86,8 @@ class Daemon:
         self.stopping = False
         self.extra_status: dict[str, Any] = {}  # name -> callable returning a dict
         self._info_cache: tuple[float, dict[str, Any]] | None = None
+        # main() turns it on: the process is the daemon's own, not a test's
+        self.settle_heap_after_boot = False
 
     # -- startup -----------------------------------------------------------------------
     async def startup(self) -> None:
@@ -145,6 +162,8 @@ class Daemon:
                 self.events.publish("session.failed", reason="internal error, see logs")
             else:
                 self.session_task = asyncio.create_task(self.session.monitor(), name="session")
+        if self.settle_heap_after_boot:
+            settle_heap()
         return state
 
     async def main_loop(self) -> int:
@@ -277,6 +296,7 @@ class Daemon:
             cached = self._info_cache = (now, self._sample_info())
         info = dict(cached[1])
         info["uptime_s"] = round(time.time() - self.started, 1)
+        info["heap_frozen_objects"] = gc.get_freeze_count()  # settle_heap, after boot
         info["boot_s"] = (None if self.engine.finished is None
                           else round(self.engine.finished - self.engine.started, 3))
         return info
@@ -441,4 +461,5 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"codetainerd: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    daemon.settle_heap_after_boot = True
     return asyncio.run(daemon.run())

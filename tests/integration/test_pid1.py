@@ -257,3 +257,18 @@ def test_unusable_runtime_dir_or_socket_exits_71(tmp_path: Path, what: str) -> N
         assert not any(e.get("event") == "service_spawned" for e in d.events())
     finally:
         d.close()
+
+
+def test_heap_is_frozen_once_booted_and_status_keeps_answering(tmp_path: Path) -> None:
+    """The real daemon freezes its boot heap (settle_heap) so full collections do not
+    stall a crowd of status clients; it is still a working daemon afterwards."""
+    with running(tmp_path, conf(prog("idle", "/bin/sleep 1000"))) as d:
+        d.wait_until(lambda: d.status()["state"] == "READY", what="READY")
+        # READY is published before the boot task settles the heap: wait, then bound it
+        frozen = d.wait_until(lambda: d.status()["daemon"]["heap_frozen_objects"],
+                              what="the heap frozen after boot")
+        assert frozen > 10_000, frozen
+        for _ in range(300):
+            assert d.status()["state"] == "READY"
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0

@@ -241,3 +241,53 @@ async def test_wait_streams_boot_and_returns_outcome(tmp_path: Path) -> None:
     assert any(e["event"] == "boot.step" and e["state"] == "OK" and e["name"] == "slow"
                for e in events)
     assert msgs[-1]["result"]["state"] == "READY"
+
+
+async def test_closed_connections_leave_no_cyclic_garbage(daemon: Daemon) -> None:
+    """Each status connection is freed by reference counting, not left to the collector
+    (3.11's socket transport keeps a cycle; release_transport breaks it), so a crowd of
+    status clients never builds up a full-collection stall."""
+    import gc
+
+    from codetainer.control.client import Client
+
+    def fifty() -> None:  # a plain-socket client: no asyncio transport on this side
+        for _ in range(50):
+            with Client(daemon.settings.socket, timeout=5) as c:
+                c.call("status")
+
+    await asyncio.to_thread(fifty)  # warm up: lazy imports, caches
+    await asyncio.sleep(0.05)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        await asyncio.to_thread(fifty)
+        await asyncio.sleep(0.2)  # every server-side connection closed
+        gc.collect()
+        transports = [o for o in gc.garbage if "Transport" in type(o).__name__]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert transports == []
+
+
+def test_settle_heap_collects_the_boot_garbage_then_freezes_the_rest() -> None:
+    """After boot the daemon freezes its heap so full collections stop walking it; the
+    boot's garbage is collected first, never frozen (a subprocess: this one's heap stays
+    as it is)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, weakref\n"
+        "from codetainer.daemon import settle_heap\n"
+        "class C: pass\n"
+        "a = C(); a.self = a; r = weakref.ref(a); del a\n"
+        "gc.disable()\n"  # only settle_heap may collect it
+        "settle_heap()\n"
+        "assert r() is None, 'boot garbage was frozen, not collected'\n"
+        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
