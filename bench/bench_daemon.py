@@ -7,9 +7,13 @@ codetainerd as PID 1 in fresh namespaces with the repository's services file, th
 * ``codetainer status`` end-to-end wall time (process start to exit), median of 30;
 * ``status`` request latency p50/p99 with 200 concurrent clients, each polling every
   100 ms over a fresh connection (as the CLI does), from 4 load processes; then the
-  saturation point (the same 200 clients back to back);
+  saturation point (the same 200 clients back to back), and the daemon's heap figures
+  from ``status`` (objects frozen after boot, full collections and the longest);
 * the daemon's CPU per ``status`` request: 3,000 sequential requests, a fresh connection
   each, one client (what the crowd above costs the daemon, without the crowd).
+
+``--baseline CHECKOUT`` then runs the 200-client figures ``--rounds`` times against the
+daemon of another checkout and this one, alternating, and prints both p99 series.
 """
 
 from __future__ import annotations
@@ -84,17 +88,49 @@ def load(sock: str, total: int, procs: int, duration: float, period: float) -> l
     return lat
 
 
+def boot(tmp: Path, src: str | None = None) -> DaemonProc:
+    """The real daemon, READY; ``src``: another checkout whose daemon/ goes first on its
+    PYTHONPATH (the baseline of a side-by-side run)."""
+    conf = (ROOT / "supervisord" / "codetainer.conf").read_text()
+    conf += "\n[program:idle]\ncommand=/bin/sleep 100000\nstartsecs=0\n"
+    env = {"CODETAINER_LOG_LEVEL": "info"}
+    if src:
+        env["PYTHONPATH"] = str(Path(src).resolve() / "daemon")
+    d = DaemonProc(Path(tempfile.mkdtemp(prefix="ct-bench-", dir=tmp)), conf, env=env)
+    d.wait_socket()
+    d.wait_until(lambda: d.status()["state"] == "READY", what="READY")
+    return d
+
+
+def crowd(d: DaemonProc) -> tuple[str, float]:
+    """The 200-client figures of one daemon (and what its collector did meanwhile)."""
+    lat = load(d.socket, 200, 4, 10.0, 0.1)
+    p99 = pct(lat, 99)
+    line = (f"status latency, 200 concurrent clients each polling every 100 ms "
+            f"({len(lat) / 10:.0f} req/s): p50 {pct(lat, 50) * 1000:.2f} ms, "
+            f"p99 {p99 * 1000:.2f} ms (target p99 <= 10 ms)")
+    lat = load(d.socket, 200, 4, 5.0, 0.0)
+    line += (f"\nsaturation, 200 clients back to back: {len(lat) / 5:.0f} req/s, "
+             f"p50 {pct(lat, 50) * 1000:.2f} ms, p99 {pct(lat, 99) * 1000:.2f} ms")
+    heap = d.status()["daemon"].get("heap")
+    if heap:
+        line += (f"\ndaemon heap: {heap['frozen_objects']} objects frozen after boot; "
+                 f"{heap['full_collections']} full collections since, the longest "
+                 f"{heap['longest_full_collection_ms']:.2f} ms")
+    return line, p99
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--idle", type=float, default=60.0, help="idle window, seconds")
+    ap.add_argument("--baseline", metavar="CHECKOUT",
+                    help="also run the 200-client figures against the daemon of another "
+                    "checkout (e.g. `git worktree add /opt/ct-base REV`), alternating")
+    ap.add_argument("--rounds", type=int, default=6, help="alternating rounds with --baseline")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ct-bench-"))
-    conf = (ROOT / "supervisord" / "codetainer.conf").read_text()
-    conf += "\n[program:idle]\ncommand=/bin/sleep 100000\nstartsecs=0\n"
-    d = DaemonProc(tmp, conf, env={"CODETAINER_LOG_LEVEL": "info"})
+    d = boot(tmp)
     try:
-        d.wait_socket()
-        d.wait_until(lambda: d.status()["state"] == "READY", what="READY")
         init = psutil.Process(d.init_pid)
         daemon = init.children()[0]
         procs = [init, daemon]
@@ -115,13 +151,7 @@ def main() -> None:
         print(f"`codetainer status` wall time: median {statistics.median(walls) * 1000:.1f} ms, "
               f"p90 {pct(walls, 90) * 1000:.1f} ms (n=30; target median <= 120 ms)")
 
-        lat = load(d.socket, 200, 4, 10.0, 0.1)
-        print(f"status latency, 200 concurrent clients each polling every 100 ms "
-              f"({len(lat) / 10:.0f} req/s): p50 {pct(lat, 50) * 1000:.2f} ms, "
-              f"p99 {pct(lat, 99) * 1000:.2f} ms (target p99 <= 10 ms)")
-        lat = load(d.socket, 200, 4, 5.0, 0.0)
-        print(f"saturation, 200 clients back to back: {len(lat) / 5:.0f} req/s, "
-              f"p50 {pct(lat, 50) * 1000:.2f} ms, p99 {pct(lat, 99) * 1000:.2f} ms")
+        print(crowd(d)[0])
 
         from codetainer.control.client import Client
 
@@ -136,6 +166,21 @@ def main() -> None:
               f"round trip {wall / n * 1000:.3f} ms")
     finally:
         d.close()
+    if args.baseline:
+        p99s: dict[str, list[float]] = {"this checkout": [], "baseline": []}
+        for r in range(args.rounds):
+            for name, src in (("baseline", args.baseline), ("this checkout", None)):
+                d = boot(tmp, src)
+                try:
+                    line, p99 = crowd(d)
+                finally:
+                    d.close()
+                p99s[name].append(p99)
+                print(f"-- round {r + 1}, {name}\n{line}")
+        for name, values in p99s.items():
+            ms = ", ".join(f"{v * 1000:.2f}" for v in values)
+            print(f"side by side, {name}: p99 {ms} ms; median "
+                  f"{statistics.median(values) * 1000:.2f} ms")
 
 
 if __name__ == "__main__":

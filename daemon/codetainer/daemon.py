@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import sys
@@ -33,6 +32,7 @@ from codetainer.control import protocol
 from codetainer.control.server import ControlServer, Request, RequestError, Send
 from codetainer.errors import DaemonHalt, ExitCode
 from codetainer.events import EventBus
+from codetainer.heap import HEAP, settle_heap
 from codetainer.network.controller import NetworkController
 from codetainer.services.config import ServiceConfigError
 from codetainer.services.manager import ServiceManager, UnknownService
@@ -43,24 +43,12 @@ log = structlog.get_logger("codetainer.daemon")
 FINAL = {BootState.READY, BootState.DEGRADED, BootState.FAILED}
 
 
-def settle_heap() -> None:
-    """Once booted, move what the boot built out of the collector's sight.
-
-    What is alive now (modules, configuration, services, the session) lives as long as
-    the daemon; left in the oldest generation, every full collection walks all of it
-    (~34,000 objects: 20-30 ms under load, one stall a few seconds apart with a crowd of
-    status clients). Collect the boot's garbage first, then freeze the rest: later full
-    collections walk only what came after. The cost is bounded: a frozen object that
-    later becomes cyclic garbage stays, and no more than the boot's heap can be frozen.
-    """
-    gc.collect()
-    gc.freeze()
-
-
 class Daemon:
     def __init__(self, settings: Settings, steps: list[Step] | None = None,
-                 phases: set[str] | None = None, names: list[str] | None = None) -> None:
-        """``steps`` given: exactly those (tests). Otherwise the plan, filtered by ``names``."""
+                 phases: set[str] | None = None, names: list[str] | None = None, *,
+                 settle_heap_after_boot: bool = False) -> None:
+        """``steps`` given: exactly those (tests). Otherwise the plan, filtered by ``names``.
+        ``settle_heap_after_boot``: the process is the daemon's own (main()), not a test's."""
         self.settings = settings
         self.events = EventBus()
         self.services = ServiceManager(settings.services_file, self.events)
@@ -86,8 +74,7 @@ class Daemon:
         self.stopping = False
         self.extra_status: dict[str, Any] = {}  # name -> callable returning a dict
         self._info_cache: tuple[float, dict[str, Any]] | None = None
-        # main() turns it on: the process is the daemon's own, not a test's
-        self.settle_heap_after_boot = False
+        self.settle_heap_after_boot = settle_heap_after_boot
 
     # -- startup -----------------------------------------------------------------------
     async def startup(self) -> None:
@@ -296,7 +283,7 @@ class Daemon:
             cached = self._info_cache = (now, self._sample_info())
         info = dict(cached[1])
         info["uptime_s"] = round(time.time() - self.started, 1)
-        info["heap_frozen_objects"] = gc.get_freeze_count()  # settle_heap, after boot
+        info["heap"] = HEAP.status()  # settle_heap, after boot
         info["boot_s"] = (None if self.engine.finished is None
                           else round(self.engine.finished - self.engine.started, 3))
         return info
@@ -457,9 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.configure(settings.log_level, settings.log_format)
     names = [n.strip() for n in args.steps.split(",") if n.strip()] if args.steps else None
     try:
-        daemon = Daemon(settings, names=names)
+        daemon = Daemon(settings, names=names, settle_heap_after_boot=True)
     except ValueError as exc:
         print(f"codetainerd: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    daemon.settle_heap_after_boot = True
     return asyncio.run(daemon.run())

@@ -265,7 +265,7 @@ def test_heap_is_frozen_once_booted_and_status_keeps_answering(tmp_path: Path) -
     with running(tmp_path, conf(prog("idle", "/bin/sleep 1000"))) as d:
         d.wait_until(lambda: d.status()["state"] == "READY", what="READY")
         # READY is published before the boot task settles the heap: wait, then bound it
-        frozen = d.wait_until(lambda: d.status()["daemon"]["heap_frozen_objects"],
+        frozen = d.wait_until(lambda: d.status()["daemon"]["heap"]["frozen_objects"],
                               what="the heap frozen after boot")
         assert frozen > 10_000, frozen
         for _ in range(300):

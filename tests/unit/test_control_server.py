@@ -245,11 +245,11 @@ async def test_wait_streams_boot_and_returns_outcome(tmp_path: Path) -> None:
 
 async def test_closed_connections_leave_no_cyclic_garbage(daemon: Daemon) -> None:
     """Each status connection is freed by reference counting, not left to the collector
-    (3.11's socket transport keeps a cycle; release_transport breaks it), so a crowd of
+    (3.11's socket transport keeps a cycle; streams.close_writer breaks it), so a crowd of
     status clients never builds up a full-collection stall."""
-    import gc
-
     from codetainer.control.client import Client
+
+    from tests.gcprobe import transports_left_by
 
     def fifty() -> None:  # a plain-socket client: no asyncio transport on this side
         for _ in range(50):
@@ -258,20 +258,11 @@ async def test_closed_connections_leave_no_cyclic_garbage(daemon: Daemon) -> Non
 
     await asyncio.to_thread(fifty)  # warm up: lazy imports, caches
     await asyncio.sleep(0.05)
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        await asyncio.to_thread(fifty)
-        await asyncio.sleep(0.2)  # every server-side connection closed
-        gc.collect()
-        transports = [o for o in gc.garbage if "Transport" in type(o).__name__]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
+    transports = await transports_left_by(fifty)
     assert transports == []
 
 
-def test_settle_heap_collects_the_boot_garbage_then_freezes_the_rest() -> None:
+def test_settle_heap_collects_then_freezes_and_times_full_collections() -> None:
     """After boot the daemon freezes its heap so full collections stop walking it; the
     boot's garbage is collected first, never frozen (a subprocess: this one's heap stays
     as it is)."""
@@ -280,13 +271,22 @@ def test_settle_heap_collects_the_boot_garbage_then_freezes_the_rest() -> None:
 
     code = (
         "import gc, weakref\n"
-        "from codetainer.daemon import settle_heap\n"
+        "from codetainer.heap import settle_heap\n"
         "class C: pass\n"
         "a = C(); a.self = a; r = weakref.ref(a); del a\n"
         "gc.disable()\n"  # only settle_heap may collect it
         "settle_heap()\n"
         "assert r() is None, 'boot garbage was frozen, not collected'\n"
         "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+        # from then on every full collection is counted and timed, the others are not
+        "from codetainer.heap import HEAP as F\n"
+        "gc.collect(0); gc.collect(1)\n"
+        "assert F.status()['full_collections'] == 0, F.status()\n"
+        "alive = [{} for _ in range(200_000)]\n"  # new, unfrozen: a full GC walks them
+        "gc.collect(); gc.collect()\n"
+        "st = F.status()\n"
+        "assert st['full_collections'] == 2 and st['longest_full_collection_ms'] > 0, st\n"
+        "assert st['frozen_objects'] == gc.get_freeze_count(), st\n"
         "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=30, check=False)

@@ -25,6 +25,7 @@ import structlog
 
 from codetainer.control import protocol
 from codetainer.control.protocol import ProtocolError
+from codetainer.streams import close_writer
 
 log = structlog.get_logger("codetainer.control")
 
@@ -148,7 +149,7 @@ class ControlServer:
                 writer.write(protocol.encode(protocol.error(
                     protocol.BUSY, "too many control connections; try again shortly")))
                 await asyncio.wait_for(writer.drain(), 1.0)
-            writer.close()
+            await close_writer(writer)
             return
         self._clients.add(task)
         self._idle[task] = time.monotonic()
@@ -169,11 +170,7 @@ class ControlServer:
         finally:
             self._clients.discard(task)
             self._idle.pop(task, None)
-            writer.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1.0):  # not wait_for: no extra task per client
-                    await writer.wait_closed()
-                release_transport(writer.transport)
+            await close_writer(writer)
 
     async def _write(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
         writer.write(protocol.encode(msg))
@@ -258,21 +255,6 @@ class ControlServer:
         except TypeError:
             await self._write(writer, protocol.error(protocol.INTERNAL, "unserialisable reply"))
         return True
-
-
-def release_transport(transport: asyncio.BaseTransport) -> None:
-    """Break the reference cycle a closed socket transport keeps on Python 3.11.
-
-    3.11's ``_SelectorSocketTransport`` caches a bound method of itself
-    (``_read_ready_cb``), so every closed connection is left to the cyclic garbage
-    collector instead of being freed at once; with a crowd of ``status`` clients those
-    pile up until a full collection stalls the loop for tens of milliseconds (measured:
-    the p99 of bench_daemon). CPython fixed it in 3.12 (gh-100348) by dropping the
-    attribute in ``close()``; we do the same once the connection is lost, when no
-    callback can run any more. Bookworm ships 3.11, hence this.
-    """
-    if transport.is_closing() and getattr(transport, "_read_ready_cb", None) is not None:
-        transport._read_ready_cb = None  # type: ignore[attr-defined]
 
 
 def dumps(obj: Any) -> str:

@@ -51,6 +51,7 @@ from codetainer.network import model
 from codetainer.network.dnsconfig import Upstream
 from codetainer.network.firewall import Runner, parse_address, rendered
 from codetainer.network.model import is_internal
+from codetainer.streams import close_writer
 
 log = structlog.get_logger("codetainer.network")
 
@@ -283,9 +284,7 @@ class DnsHook:
         except (TimeoutError, asyncio.IncompleteReadError, OSError):
             pass
         finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            await close_writer(writer)
 
     # -- one query -------------------------------------------------------------------
 
