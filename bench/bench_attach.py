@@ -32,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 from codetainer.boot.privileges import AgentUser
 from codetainer.control.server import ControlServer
 from codetainer.events import EventBus
@@ -63,10 +64,15 @@ def time_attach(argv: list[str], env: dict[str, str], sock: str, deadline_s: flo
                 break
         if elapsed is None:
             raise RuntimeError(f"no attach within {deadline_s}s; output: {buf[-400:]!r}")
-        clients = subprocess.run(["tmux", "-S", sock, "list-clients", "-F", "#{client_tty}"],
-                                 capture_output=True, text=True, timeout=5).stdout.split()
-        if tty not in clients:
-            raise RuntimeError(f"{tty} not among tmux clients {clients}")
+        # As root, codetainer attach runs its client on a relay pty (attach.dropped_attach):
+        # a client counts when it is this attach's own or descends from it.
+        out = subprocess.run(["tmux", "-S", sock, "list-clients", "-F",
+                              "#{client_tty} #{client_pid}"],
+                             capture_output=True, text=True, timeout=5).stdout.split("\n")
+        clients = [line.split() for line in out if line.strip()]
+        if not any(t == tty or proc.pid in {a.pid for a in psutil.Process(int(pid)).parents()}
+                   for t, pid in clients):
+            raise RuntimeError(f"{tty} (pid {proc.pid}) not among tmux clients {clients}")
         return elapsed
     finally:
         try:

@@ -50,6 +50,8 @@ class Settings:
     dns_user: str = _opt("user the DNS server runs as (only it may reach upstreams)", "codetainer-dns")
     firewall: str = _opt("firewall backend: auto (probe), nftables, iptables", "auto")
     ipv6: str = _opt("IPv6 policy: deny, fly, allowlist", "deny")
+    inbound: str = _opt("published ports (docker -p) that accept inbound connections, comma-separated "
+                        "tcp/PORT or udp/PORT (empty: nothing comes in)", "")
     refresh_min_ttl: str = _opt("floor of the per-name refresh interval, seconds", "30")
     refresh_max_ttl: str = _opt("ceiling of the per-name refresh interval, seconds", "300")
     refresh_grace: str = _opt("seconds an address stays allowed after it stops resolving", "600")

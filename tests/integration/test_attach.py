@@ -8,6 +8,7 @@ handlers and the real ``SessionManager.session_handler``; tmux is real and runs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import re
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from codetainer.boot.privileges import AgentUser
 from codetainer.control.server import ControlServer, Request, Send
@@ -128,8 +130,26 @@ class World:
                               text=True, timeout=10)
 
     def clients(self) -> list[str]:
-        r = self.tmux("list-clients", "-F", "#{client_tty}")
-        return r.stdout.split() if r.returncode == 0 else []
+        """The operator ttys attached: each client's own tty is a relay pty (see
+        ``attach.dropped_attach``), so a client is named by the tty of the ``attach`` it
+        runs under (the session leader of the operator's terminal)."""
+        r = self.tmux("list-clients", "-F", "#{client_pid}\t#{client_uid}\t#{client_tty}")
+        if r.returncode != 0:
+            return []
+        found = []
+        for line in r.stdout.splitlines():
+            pid, uid, tty = line.split("\t")
+            assert int(uid) == UID, f"a tmux client runs as uid {uid}, not the agent's"
+            assert tty not in {p.tty for p in self.procs}, "a client holds the operator's tty"
+            found.append(self.operator_tty(int(pid)))
+        return found
+
+    def operator_tty(self, pid: int) -> str:
+        for p in self.procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if p.proc.pid in {a.pid for a in psutil.Process(pid).parents()}:
+                    return p.tty
+        return f"unrelated client {pid}"
 
 
 @pytest.fixture
@@ -186,6 +206,47 @@ async def test_session_up_attaches_at_once_even_renamed_and_twice(world: World) 
     assert active == world.sm.agent_pane
     status = await world.sm.session_handler(None)
     assert status["name"] == "renamed-by-hook"
+
+
+#: What the agent asks an attached client to run (``detach-client -E``): who it runs as.
+REPORT = ("{ id -u; grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status; "
+          "readlink /proc/self/fd/0; } > %s 2>&1")
+
+
+async def test_agent_cannot_run_a_command_in_an_operators_client(world: World) -> None:
+    """The agent commands its own tmux server to make the operator's attached client run a
+    command (``detach-client -E``): it runs as the agent, unprivileged, on the relay pty."""
+    await world.server.start()
+    await world.sm.start()
+    p = world.attach()
+    await until(lambda: p.tty in world.clients(), what="operator attached")
+    out = world.base / "ws" / "detach-report"
+    agent = ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "--no-new-privs",
+             "--bounding-set=-all", "tmux", "-S", world.socket]
+    r = subprocess.run([*agent, "detach-client", "-E", REPORT % out], capture_output=True,
+                       text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+    await until(out.exists, what="the command the agent sent to the client")
+    await until(lambda: "NoNewPrivs" in out.read_text(), what="its report")
+    report = out.read_text().splitlines()
+    assert report[0] == str(UID), report
+    assert "CapEff:\t0000000000000000" in report, report
+    assert "CapBnd:\t0000000000000000" in report, report
+    assert "NoNewPrivs:\t1" in report, report
+    assert report[-1] != p.tty, "the client held the operator's own terminal"
+    assert os.stat(out).st_uid == UID
+
+
+async def test_detach_returns_to_roots_shell(world: World) -> None:
+    await world.server.start()
+    await world.sm.start()
+    p = world.attach()
+    await until(lambda: p.tty in world.clients(), what="operator attached")
+    p.write(b"\x02d")  # C-b d
+    await p.expect(r"detached; `codetainer attach` goes back")
+    await until(lambda: not world.clients(), what="the client gone")
+    p.write(b"echo UID=$(id -u) NOATTACH=$CODETAINER_NO_ATTACH\n")
+    await p.expect(r"UID=0 NOATTACH=1")
 
 
 async def test_slow_boot_shows_progress_then_attaches(world: World) -> None:

@@ -4,13 +4,16 @@ A second dnsmasq on 127.0.0.2 in the same namespace is the "upstream": it answer
 every test name (including the subdomains and names we must refuse), so a refusal
 can only come from our config. The nft table ``inet codetainer`` with the dynamic sets
 lives in the namespace too; we check that answered addresses land in it (the zero-race
-path: dnsmasq inserts before it replies).
+path: dnsmasq inserts before it replies), and that answers pointing at internal
+addresses (DNS rebinding under an allowlisted wildcard) never do. Internal addresses
+are only ever *answers* here: nothing connects anywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import os
 import secrets
 import subprocess
@@ -31,7 +34,9 @@ from codetainer.network import dnscheck
 from codetainer.network.allowlist import Allowlist, parse_text
 from codetainer.network.dnsconfig import (
     DnsOptions,
+    DynamicSet,
     GeneratedConfig,
+    SetBackend,
     dnsmasq_version,
     exec_script,
     generate_dnsmasq,
@@ -60,7 +65,35 @@ address=/denied.test/203.0.113.30
 host-record=target.cdn.test,203.0.113.40
 cname=alias.test,target.cdn.test
 address=/ports.test/203.0.113.50
+address=/fd.wild.test/203.0.113.21
+address=/fd.wild.test/fd00:ce:1::10
+host-record=mixed.wild.test,203.0.113.22
+host-record=mixed.wild.test,10.9.9.9
+cname=cn.wild.test,inside.other.test
+host-record=inside.other.test,10.7.7.7
+address=/tcp.wild.test/172.31.255.255
+address=/cidr.wild.test/10.1.2.3
 """
+
+#: an attacker's records under the allowlisted ``*.wild.test``, one per internal range
+#: class of model.INTERNAL (the upstream answers them; our server must not)
+REBIND = {
+    "meta.wild.test": ("A", "169.254.169.254"),
+    "ten.wild.test": ("A", "10.1.2.3"),
+    "cgnat.wild.test": ("A", "100.64.1.1"),
+    "lo.wild.test": ("A", "127.0.0.1"),
+    "r192.wild.test": ("A", "192.168.1.1"),
+    "r172.wild.test": ("A", "172.16.0.1"),
+    "zero.wild.test": ("A", "0.1.2.3"),
+    "mcast.wild.test": ("A", "224.0.0.251"),
+    "resv.wild.test": ("A", "240.0.0.1"),
+    "ll6.wild.test": ("AAAA", "fe80::1"),
+    "lo6.wild.test": ("AAAA", "::1"),
+    "mapped6.wild.test": ("AAAA", "::ffff:169.254.169.254"),
+    "fly6.wild.test": ("AAAA", "fdaa::3"),
+    "mcast6.wild.test": ("AAAA", "ff02::1"),
+}
+UPSTREAM_CONF += "".join(f"address=/{n}/{a}\n" for n, (_t, a) in REBIND.items())
 
 ALLOWLIST = """\
 allowed.test          # exact: its subdomains must be refused
@@ -167,7 +200,13 @@ def wait_answering(ns: Netns, server: str, proc: subprocess.Popen[bytes], log: P
     raise AssertionError(f"dnsmasq on {server} never answered: {log.read_text()}")
 
 
-def make_sets(ns: Netns, cfg: GeneratedConfig) -> None:
+def make_sets(ns: Netns, cfg: GeneratedConfig, backend: SetBackend = SetBackend.NFTSET) -> None:
+    if backend is SetBackend.IPSET:
+        for s in cfg.dynamic_sets:
+            family = "inet" if s.family == 4 else "inet6"
+            ns.run("ipset", "create", s.ipset, "hash:ip", "family", family,
+                   "timeout", str(cfg.set_timeout))  # fmt: skip
+        return
     rules = ["add table inet codetainer"]
     for s in cfg.dynamic_sets:
         kind = "ipv4_addr" if s.family == 4 else "ipv6_addr"
@@ -182,10 +221,27 @@ def set_elements(ns: Netns, set_name: str) -> str:
     return ns.run("nft", "list", "set", "inet", "codetainer", set_name)
 
 
+def members(ns: Netns, s: DynamicSet, backend: SetBackend) -> set[str]:
+    """The addresses in a dynamic set, read from the kernel (``nft -j`` / ``ipset save``)."""
+    if backend is SetBackend.IPSET:
+        out = ns.run("ipset", "save", s.ipset)
+        return {ln.split()[2] for ln in out.splitlines() if ln.startswith("add ")}
+    data = json.loads(ns.run("nft", "-j", "list", "set", "inet", "codetainer", s.name))
+    elems = next(o["set"] for o in data["nftables"] if "set" in o).get("elem", [])
+    return {str(e["elem"]["val"] if isinstance(e, dict) else e) for e in elems}
+
+
 def start_pair(
-    ns: Netns, tmp: Path, listen: str, ipv6: bool
+    ns: Netns,
+    tmp: Path,
+    listen: str,
+    ipv6: bool,
+    *,
+    allowlist: str = ALLOWLIST,
+    backend: SetBackend = SetBackend.NFTSET,
+    edit: Callable[[str], str] = lambda text: text,
 ) -> tuple[GeneratedConfig, Path]:
-    allow = Allowlist(tuple(parse_text(ALLOWLIST, "domains.conf")))
+    allow = Allowlist(tuple(parse_text(allowlist, "domains.conf")))
     cfg = generate_dnsmasq(
         allow,
         DnsOptions(
@@ -196,9 +252,10 @@ def start_pair(
             user="nobody",  # dnsmasq drops root and must still fill nft sets
             group="nogroup",
         ),
+        backend,
     )
     conf = tmp / f"dnsmasq-{listen}.conf"
-    conf.write_text(cfg.text)
+    conf.write_text(edit(cfg.text))
     script = tmp / f"run-{listen}.sh"
     script.write_text(exec_script(cfg.engine, str(conf)))
     script.chmod(0o755)
@@ -334,6 +391,97 @@ def test_dnscheck_against_real_dnsmasq(world: tuple[Netns, Path]) -> None:
     assert not down.ok and down.latency < 3
 
 
+# -- internal answers (DNS rebinding) ---------------------------------------------------
+
+
+def rebind_world(
+    world: tuple[Netns, Path],
+    backend: SetBackend,
+    *,
+    allowlist: str = ALLOWLIST,
+    edit: Callable[[str], str] = lambda text: text,
+) -> tuple[GeneratedConfig, Path]:
+    """The kernel sets, then our dnsmasq (IPv6 on, so AAAA answers reach the v6 sets)."""
+    ns, tmp = world
+    for name, (rdtype, addr) in REBIND.items():  # the upstream really answers them
+        assert addresses(ask(ns, name, rdtype, server="127.0.0.2"), rdtype) == {addr}, name
+    allow = Allowlist(tuple(parse_text(allowlist, "domains.conf")))
+    make_sets(ns, generate_dnsmasq(allow, DnsOptions(ipv6=True), backend), backend)
+    return start_pair(ns, tmp, "127.0.0.53", ipv6=True, allowlist=allowlist, backend=backend,
+                      edit=edit)  # fmt: skip
+
+
+def wild_sets(cfg: GeneratedConfig) -> tuple[DynamicSet, DynamicSet]:
+    by_name = {s.name: s for s in cfg.dynamic_sets}
+    return by_name["d4_443"], by_name["d6_443"]
+
+
+@pytest.mark.parametrize("backend", list(SetBackend))
+def test_internal_answers_never_reach_the_dynamic_sets(
+    world: tuple[Netns, Path], backend: SetBackend
+) -> None:
+    """``*.wild.test`` is allowlisted and its upstream answers with addresses inside
+    (model.INTERNAL): dnsmasq turns those answers into NXDOMAIN before its nftset=/
+    ipset= run, so no internal address enters a set and the client gets none."""
+    ns = world[0]
+    cfg, log = rebind_world(world, backend)
+    d4, d6 = wild_sets(cfg)
+
+    for name, (rdtype, _addr) in REBIND.items():
+        r = ask(ns, name, rdtype)
+        assert r.rcode() == dns.rcode.NXDOMAIN and not r.answer, (name, r.to_text())
+    # every A/AAAA of the answer counts: a public address beside an internal one, and an
+    # internal address at the end of a CNAME chain, take the whole answer down
+    for name in ("mixed.wild.test", "cn.wild.test"):
+        r = ask(ns, name)
+        assert r.rcode() == dns.rcode.NXDOMAIN and not r.answer, (name, r.to_text())
+    q = dns.message.make_query("tcp.wild.test", "A")  # TCP goes through the same screen
+    assert ns.call(lambda: dns.query.tcp(q, "127.0.0.53", timeout=2)).rcode() == dns.rcode.NXDOMAIN
+
+    # positive control: public answers under the same wildcard are answered and inserted,
+    # and fd00::/8 (not in model.INTERNAL: left to the allowlist) is too
+    assert addresses(ask(ns, "a.wild.test")) == {"203.0.113.20"}
+    assert addresses(ask(ns, "a.wild.test", "AAAA"), "AAAA") == {"2001:db8::20"}
+    assert addresses(ask(ns, "fd.wild.test", "AAAA"), "AAAA") == {"fd00:ce:1::10"}
+    assert members(ns, d4, backend) == {"203.0.113.20"}
+    assert members(ns, d6, backend) == {"2001:db8::20", "fd00:ce:1::10"}
+    assert not members(ns, DynamicSet(4, (80, 443)), backend)
+
+    # the screened names show as refused names (dnsmasq logs them as config NXDOMAIN)
+    time.sleep(0.3)  # log-async
+    refused = {r.name for ln in log.read_text().splitlines() if (r := parse_dnsmasq_log_line(ln))}
+    assert {"meta.wild.test", "ll6.wild.test", "mixed.wild.test"} <= refused
+    assert "a.wild.test" not in refused
+
+
+def test_without_the_screen_dnsmasq_inserts_internal_answers(world: tuple[Netns, Path]) -> None:
+    """The finding, reproduced: the same config less its ``bogus-nxdomain=`` lines fills
+    the set with whatever the upstream said (so the test above can tell)."""
+    ns = world[0]
+
+    def unscreened(text: str) -> str:
+        return "".join(ln for ln in text.splitlines(keepends=True)
+                       if not ln.startswith("bogus-nxdomain="))  # fmt: skip
+
+    cfg, _log = rebind_world(world, SetBackend.NFTSET, edit=unscreened)
+    d4, d6 = wild_sets(cfg)
+    assert addresses(ask(ns, "meta.wild.test")) == {"169.254.169.254"}
+    assert addresses(ask(ns, "ll6.wild.test", "AAAA"), "AAAA") == {"fe80::1"}
+    assert "169.254.169.254" in members(ns, d4, SetBackend.NFTSET)
+    assert "fe80::1" in members(ns, d6, SetBackend.NFTSET)
+
+
+def test_a_cidr_entry_keeps_its_internal_network_resolvable(world: tuple[Netns, Path]) -> None:
+    """An explicit ``10.1.0.0/16`` entry opens that network by address, so a name
+    answered inside it is answered; the rest of model.INTERNAL stays screened."""
+    ns = world[0]
+    rebind_world(world, SetBackend.NFTSET, allowlist=ALLOWLIST + "10.1.0.0/16:5432\n")
+    assert addresses(ask(ns, "cidr.wild.test")) == {"10.1.2.3"}
+    assert ask(ns, "meta.wild.test").rcode() == dns.rcode.NXDOMAIN
+    assert ask(ns, "mixed.wild.test").rcode() == dns.rcode.NXDOMAIN  # 10.9.9.9: outside it
+
+
 def test_installed_dnsmasq_supports_what_we_generate() -> None:
-    # filter-AAAA needs 2.90; local=/*.name/ and server=/*.name/ need 2.86
+    # filter-AAAA needs 2.90; local=/*.name/ and server=/*.name/ need 2.86;
+    # bogus-nxdomain=NET/PREFIX, IPv6 included, is what 2.90 does (the tests above)
     assert dnsmasq_version() >= (2, 90)

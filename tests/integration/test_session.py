@@ -254,8 +254,11 @@ async def test_renamed_session_is_still_found(env: Env) -> None:
         assert env.tmux("rename-session", "-t", sid, "fix-flaky-test ✓").returncode == 0
         info = await sm.session_handler(None)
         assert info["exists"] and info["id"] == sid and info["name"] == "fix-flaky-test ✓"
+        user = sm.user
+        assert user is not None
         assert sm.attach_target() == {"socket": env.socket, "id": sid,
-                                      "agent_pane": sm.agent_pane}
+                                      "agent_pane": sm.agent_pane, "user": user.name,
+                                      "uid": user.uid, "gid": user.gid, "home": user.home}
         await asyncio.sleep(0.3)
         assert sm.restarts == {"agent": 0, "server": 0}, "a rename is not a loss"
         assert sm.status()["name"] == "fix-flaky-test ✓"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from codetainer.network.dnsconfig import (
     parse_dnsmasq_log_line,
     parse_upstream,
     parse_upstreams,
+    screened_networks,
 )
+from codetainer.network.model import INTERNAL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -119,6 +122,60 @@ def test_dnsmasq_ignores_cidr_and_github_entries() -> None:
     d = directives(generate_dnsmasq(al("203.0.113.0/24\n@github\n"), opts()).text)
     assert not any(ln.startswith(("server=", "nftset=", "local=")) for ln in d)
     assert "address=/#/" in d
+
+
+def bogus(text: str) -> list[str]:
+    return [ln.removeprefix("bogus-nxdomain=") for ln in directives(text)
+            if ln.startswith("bogus-nxdomain=")]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", list(SetBackend))
+@pytest.mark.parametrize("ipv6", [False, True])
+def test_dnsmasq_screens_every_internal_network_from_the_model(
+    backend: SetBackend, ipv6: bool
+) -> None:
+    """Rebinding: an answer pointing inside becomes NXDOMAIN before nftset=/ipset= run.
+    The networks are model.INTERNAL's, rendered from the data, both families always."""
+    cfg = generate_dnsmasq(al("*.wild.test\nexact.test:443\n"), opts(ipv6=ipv6), backend)
+    assert bogus(cfg.text) == [*INTERNAL[4], *INTERNAL[6]]
+    assert [str(n) for n in cfg.screened] == [*INTERNAL[4], *INTERNAL[6]]
+    assert "169.254.0.0/16" in bogus(cfg.text) and "fe80::/10" in bogus(cfg.text)
+    # dnsmasq's own rebind screen does not match model.INTERNAL (see dnsconfig's doc)
+    assert not any(ln.startswith(("stop-dns-rebind", "rebind-")) for ln in directives(cfg.text))
+
+
+def test_dnsmasq_screen_leaves_out_what_a_cidr_entry_opens() -> None:
+    allow = al("*.wild.test\n10.1.0.0/16:5432\n169.254.0.0/16\n203.0.113.0/24\n[fdaa::/16]\n")
+    nets = screened_networks(allow)
+    text = generate_dnsmasq(allow, opts()).text
+    assert [str(n) for n in nets] == bogus(text)
+    assert "169.254.0.0/16" not in bogus(text) and "fdaa::/16" not in bogus(text)
+    assert "10.0.0.0/16" in bogus(text) and "10.128.0.0/9" in bogus(text)
+    for addr, screened in [("10.1.2.3", False), ("10.2.0.1", True), ("10.0.255.255", True),
+                           ("169.254.169.254", False), ("127.0.0.1", True),
+                           ("203.0.113.9", False), ("fdaa::3", False), ("fe80::1", True)]:
+        ip = ipaddress.ip_address(addr)
+        assert any(ip.version == n.version and ip in n for n in nets) is screened, addr
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(8, 32)), max_size=4),
+       st.integers(0, 2**32 - 1))  # fmt: skip
+def test_screen_is_internal_minus_cidr_entries_exactly(
+    cidrs: list[tuple[int, int]], probe: int
+) -> None:
+    nets = [ipaddress.IPv4Network((a, p), strict=False) for a, p in cidrs]
+    allow = al("".join(f"{n}\n" for n in nets) + "x.test\n")
+    screened = screened_networks(allow)
+    internal = [ipaddress.IPv4Network(n) for n in INTERNAL[4]]
+    for ip in {ipaddress.IPv4Address(probe), *(n.network_address for n in internal),
+               *(n.broadcast_address for n in internal),
+               *(ipaddress.IPv4Address(a) for n in nets
+                 for a in (int(n.network_address) - 1, int(n.broadcast_address) + 1)
+                 if 0 <= a < 2**32)}:  # fmt: skip
+        want = any(ip in n for n in internal) and not any(ip in n for n in nets)
+        got = any(ip.version == n.version and ip in n for n in screened)
+        assert got is want, (str(ip), [str(n) for n in nets])
 
 
 # --- CoreDNS -----------------------------------------------------------------------

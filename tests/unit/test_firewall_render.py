@@ -11,9 +11,11 @@ from codetainer.network import firewall_ipt as ipt
 from codetainer.network import firewall_nft as nft
 from codetainer.network.firewall import (
     FirewallPolicy,
+    InboundPort,
     PortGroup,
     SelfTestResult,
     parse_address,
+    parse_inbound,
     parse_network,
 )
 from hypothesis import given, settings
@@ -170,7 +172,7 @@ def test_udp_screen_precedes_the_conntrack_shortcut() -> None:
     rules = rules_of(nft.render_apply(pol()))
     assert index(rules, "meta l4proto udp meta skuid != 101 goto deny") < index(rules, "ct state established")
     for v in (4, 6):
-        lines = ipt.render_rules(pol(ipv6="allowlist"), v, add_jump=False).splitlines()
+        lines = ipt.render_rules(pol(ipv6="allowlist"), v).splitlines()
         screen = index(lines, "-p udp -m owner ! --uid-owner 101 -j CODETAINER-DENY")
         assert screen < index(lines, "ESTABLISHED")
 
@@ -188,7 +190,7 @@ def test_internal_screen_sits_between_static_and_dynamic_sets(ipv6: str) -> None
         screen6 = index(rules, "ip6 daddr { ::/127, ")
         assert "fdaa::/16" in rules[screen6] and "fe80::/10" in rules[screen6]
         assert index(rules, "@s6_80_443 accept") < screen6 < index(rules, "@d6_80_443 accept")
-    lines = ipt.render_rules(pol(ipv6=ipv6), 4, add_jump=False).splitlines()
+    lines = ipt.render_rules(pol(ipv6=ipv6), 4).splitlines()
     screen = index(lines, "-d 169.254.0.0/16 -j CODETAINER-DENY")
     assert index(lines, "ct-s4_8443 dst -j ACCEPT") < screen < index(lines, "ct-d4_80_443 dst -j ACCEPT")
 
@@ -276,13 +278,15 @@ def test_nft_parse_denied_and_table() -> None:
 
 
 def test_ipt_rules_v4() -> None:
-    text = ipt.render_rules(pol(), 4, add_jump=True)
+    text = ipt.render_rules(pol(), 4, add_jumps=("INPUT", "OUTPUT"))
     lines = text.splitlines()
-    assert lines[:4] == [
+    assert lines[:6] == [
         "*filter",
         ":CODETAINER-OUT - [0:0]",
+        ":CODETAINER-IN - [0:0]",
         ":CODETAINER-DENY - [0:0]",
         "-I OUTPUT 1 -j CODETAINER-OUT",
+        "-I INPUT 1 -j CODETAINER-IN",
     ]
     assert lines[-1] == "COMMIT"
     assert (
@@ -301,17 +305,19 @@ def test_ipt_rules_v4() -> None:
     assert index(lines, "-p tcp -m set --match-set ct-denied4 dst,dst") < index(
         lines, "-p tcp -j SET --add-set ct-denied4"
     )
-    assert "-I OUTPUT" not in ipt.render_rules(pol(), 4, add_jump=False)
+    assert "-I " not in ipt.render_rules(pol(), 4)
+    only_in = ipt.render_rules(pol(), 4, add_jumps=["INPUT"])
+    assert "-I INPUT 1 -j CODETAINER-IN" in only_in and "-I OUTPUT" not in only_in
 
 
 def test_ipt_rules_v6_policies() -> None:
-    deny = ipt.render_rules(pol(ipv6="deny"), 6, add_jump=False)
+    deny = ipt.render_rules(pol(ipv6="deny"), 6)
     assert "ct-s6" not in deny and "conntrack" in deny
     assert "-p udp --dport 53 -m owner --uid-owner 101 -m set --match-set ct-upstream6 dst -j ACCEPT" in deny
     assert "--reject-with adm-prohibited" in deny
-    allow = ipt.render_rules(pol(ipv6="allowlist"), 6, add_jump=False)
+    allow = ipt.render_rules(pol(ipv6="allowlist"), 6)
     assert "-m set --match-set ct-s6_80_443 dst -j ACCEPT" in allow
-    fly = ipt.render_rules(pol(ipv6="fly"), 6, add_jump=False)
+    fly = ipt.render_rules(pol(ipv6="fly"), 6)
     assert "-A CODETAINER-OUT -d fdaa::/16 -p tcp --sport 22 -j ACCEPT" in fly
     assert "-d fdaa::3 -p udp --dport 53 -m owner --uid-owner 101 -j ACCEPT" in fly
     assert "conntrack" not in fly  # Fly has no IPv6 conntrack
@@ -319,7 +325,7 @@ def test_ipt_rules_v6_policies() -> None:
 
 def test_ipt_many_ports_are_chunked() -> None:
     ports = tuple(range(1000, 1020))
-    text = ipt.render_rules(pol(groups={ports: ["203.0.113.1"]}), 4, add_jump=False)
+    text = ipt.render_rules(pol(groups={ports: ["203.0.113.1"]}), 4)
     assert "--dports 1000,1001,1002,1003,1004,1005,1006,1007,1008,1009,1010,1011,1012,1013,1014 " in text
     assert "--dports 1015,1016,1017,1018,1019 " in text
 
@@ -369,3 +375,141 @@ def test_selftest_verdicts() -> None:
     problems = bad.problems()
     assert len(problems) == 3
     assert "did not connect" in problems[0] and "not refused" in problems[1] and "not blocked" in problems[2]
+
+
+# -- ingress: the input chain and the published ports --------------------------------------
+
+
+def chain(rules: list[str], name: str) -> list[str]:
+    prefix = f"add rule inet codetainer {name} "
+    return [r.removeprefix(prefix) for r in rules if r.startswith(prefix)]
+
+
+def ipt_chain(text: str, name: str) -> list[str]:
+    return [line.removeprefix(f"-A {name} ") for line in text.splitlines() if line.startswith(f"-A {name} ")]
+
+
+def test_nft_input_chain_drops_all_but_replies_and_plumbing() -> None:
+    text = nft.render_apply(pol())
+    assert "add chain inet codetainer input { type filter hook input priority filter; policy drop; }" in text
+    assert "flush chain inet codetainer input" in text
+    assert chain(rules_of(text), "input") == [
+        'iif "lo" accept',
+        "ip6 hoplimit 255 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept",
+        "ip6 hoplimit 1 ip6 saddr fe80::/10 icmpv6 type mld-listener-query accept",
+        "ct state invalid drop",
+        "ct direction reply ct state established,related accept",
+    ]
+    # an older table without an input chain gets one; ours is never deleted as obsolete
+    assert "delete chain" not in nft.render_apply(pol(), {"sets": {}, "chains": ["output", "deny"]})
+    assert "input" in nft.CHAINS
+
+
+def test_nft_output_shortcut_is_for_the_containers_own_connections() -> None:
+    output = chain(rules_of(nft.render_apply(pol())), "output")
+    shortcut = [r for r in output if "ct state established" in r]
+    assert shortcut == ["ct direction original ct state established,related accept"]
+    assert not any("ct direction reply" in r for r in output)  # nothing published: no answers
+
+
+def test_nft_published_ports() -> None:
+    p = pol(inbound=("tcp/8080", "udp/5353", "tcp/443", "tcp/8080"))
+    assert [str(x) for x in p.inbound] == ["tcp/443", "tcp/8080", "udp/5353"]
+    rules = rules_of(nft.render_apply(p))
+    inp = chain(rules, "input")
+    assert inp[-2:] == [
+        "ct direction original tcp dport { 443, 8080 } accept",
+        "ct direction original udp dport 5353 accept",
+    ]
+    assert inp.index("ct state invalid drop") < inp.index(inp[-2])
+    output = chain(rules, "output")
+    tcp = output.index("ct direction reply ct state established tcp sport { 443, 8080 } accept")
+    udp = output.index("ct direction reply ct state established udp sport 5353 accept")
+    # a published UDP port answers before the screen that denies UDP to every uid but DNS
+    screen = output.index("meta l4proto udp meta skuid != 101 goto deny")
+    assert max(tcp, udp) < screen
+    assert p.shape() != pol().shape()  # a changed setting re-applies the whole ruleset
+
+
+def test_nft_fly_input_is_stateless_and_narrow() -> None:
+    inp = chain(rules_of(nft.render_apply(pol(ipv6="fly", inbound=("tcp/8080",)))), "input")
+    ssh = inp.index("ip6 saddr fdaa::/16 tcp dport 22 accept")
+    dns = inp.index("ip6 saddr fdaa::3 meta l4proto { tcp, udp } th sport 53 accept")
+    assert max(ssh, dns) < inp.index("ct state invalid drop")  # before conntrack is consulted
+    assert sum("fdaa" in r for r in inp) == 2
+    assert not any("fdaa" in r for r in chain(rules_of(nft.render_apply(pol())), "input"))
+
+
+def test_ipt_input_chain_both_families() -> None:
+    for v in (4, 6):
+        text = ipt.render_rules(pol(ipv6="allowlist"), v)
+        inp = ipt_chain(text, "CODETAINER-IN")
+        assert inp[0] == "-i lo -j ACCEPT"
+        assert inp[-1] == "-j DROP"  # INPUT's own policy is not ours: our chain ends it
+        assert "-m conntrack --ctstate INVALID -j DROP" in inp
+        assert "-m conntrack --ctstate ESTABLISHED,RELATED --ctdir REPLY -j ACCEPT" in inp
+        assert not any("ORIGINAL" in r for r in inp)
+        out = ipt_chain(text, "CODETAINER-OUT")
+        assert "-m conntrack --ctstate ESTABLISHED,RELATED --ctdir ORIGINAL -j ACCEPT" in out
+        assert not any("REPLY" in r for r in out)
+        nd = [r for r in inp if "ipv6-icmp" in r]
+        if v == 4:
+            assert nd == []
+        else:
+            assert nd == [
+                "-p ipv6-icmp --icmpv6-type neighbour-solicitation -m hl --hl-eq 255 -j ACCEPT",
+                "-p ipv6-icmp --icmpv6-type neighbour-advertisement -m hl --hl-eq 255 -j ACCEPT",
+                "-p ipv6-icmp --icmpv6-type router-advertisement -m hl --hl-eq 255 -j ACCEPT",
+                "-s fe80::/10 -p ipv6-icmp --icmpv6-type 130 -m hl --hl-eq 1 -j ACCEPT",
+            ]
+
+
+def test_ipt_published_ports() -> None:
+    ports = tuple(f"tcp/{p}" for p in range(9000, 9020))
+    for v in (4, 6):
+        text = ipt.render_rules(pol(inbound=(*ports, "udp/5353")), v)
+        inp = ipt_chain(text, "CODETAINER-IN")
+        new = "-m conntrack --ctstate NEW,ESTABLISHED --ctdir ORIGINAL -j ACCEPT"
+        assert inp[-4:] == [
+            f"-p tcp -m multiport --dports {','.join(str(p) for p in range(9000, 9015))} {new}",
+            f"-p tcp -m multiport --dports {','.join(str(p) for p in range(9015, 9020))} {new}",
+            f"-p udp --dport 5353 {new}",
+            "-j DROP",
+        ]
+        out = ipt_chain(text, "CODETAINER-OUT")
+        answer = out.index("-p udp --sport 5353 -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j ACCEPT")
+        assert answer < out.index("-p udp -m owner ! --uid-owner 101 -j CODETAINER-DENY")
+        assert sum("--ctdir REPLY" in r for r in out) == 3
+
+
+def test_ipt_fly_input() -> None:
+    fly = ipt.render_rules(pol(ipv6="fly", inbound=("tcp/8080",)), 6)
+    inp = ipt_chain(fly, "CODETAINER-IN")
+    assert "-s fdaa::/16 -p tcp --dport 22 -j ACCEPT" in inp
+    assert "-s fdaa::3 -p udp --sport 53 -j ACCEPT" in inp and "-s fdaa::3 -p tcp --sport 53 -j ACCEPT" in inp
+    assert inp[-1] == "-j DROP"
+    assert "conntrack" not in fly and "8080" not in fly  # no conntrack, so no published ports either
+    v4 = ipt.render_rules(pol(ipv6="fly", inbound=("tcp/8080",)), 4)
+    assert "fdaa" not in v4 and "--dport 8080 -m conntrack" in v4
+
+
+@pytest.mark.parametrize("value", ["8080", "8080/tcp", "TCP/8080", "tcp/", "tcp/0", "tcp/65536", "tcp/08080",
+                                   "tcp/+80", "tcp/8080-8090", "sctp/80", "tcp/80 ", "tcp/²", "tcp//80"])
+def test_inbound_port_validation(value: str) -> None:
+    with pytest.raises(ValueError):
+        InboundPort.parse(value)
+    with pytest.raises(ValueError):
+        pol(inbound=(value,))
+
+
+def test_parse_inbound() -> None:
+    assert parse_inbound("") == () == parse_inbound("  ")
+    parsed = parse_inbound("udp/53, tcp/8080,tcp/22,tcp/8080")
+    assert [str(p) for p in parsed] == ["tcp/22", "tcp/8080", "udp/53"]
+    assert parse_inbound("tcp/65535") == (InboundPort("tcp", 65535),)
+    with pytest.raises(ValueError, match="protocol comes first"):
+        parse_inbound("8080/tcp")
+    with pytest.raises(ValueError, match="is not tcp/PORT"):
+        parse_inbound("tcp/8080,,udp/53")
+    with pytest.raises(ValueError):
+        InboundPort("tcp", 70000)

@@ -110,7 +110,8 @@ async def test_start_publishes_ready_and_failure_allows_retry(clock: Clock) -> N
     info = await m.start()  # FAILED -> STARTING is allowed
     assert info["exists"] and info["id"] == "$0" and info["reason"] == ""
     assert m.names()[-1] == "session.ready"
-    assert m.attach_target() == {"socket": m.socket, "id": "$0", "agent_pane": "%0"}
+    assert m.attach_target() == {"socket": m.socket, "id": "$0", "agent_pane": "%0",
+                                 "user": "claude", "uid": 1000, "gid": 1000, "home": "/h"}
 
 
 async def test_agent_death_respawns_with_growing_backoff(clock: Clock) -> None:
@@ -234,7 +235,8 @@ async def test_session_handler_reports_failure_reason(clock: Clock) -> None:
     info = await m.session_handler(None)
     assert info == {"exists": False, "socket": m.socket, "id": None, "name": None,
                     "agent_pane": None, "state": "FAILED",
-                    "reason": "tmux new-session failed: boom", "hint": "fix it"}
+                    "reason": "tmux new-session failed: boom", "hint": "fix it",
+                    "user": "claude", "uid": 1000, "gid": 1000, "home": "/h"}
 
 
 @pytest.mark.parametrize("exc", [IndexError("list index out of range"), FileNotFoundError(2, "gone")])
@@ -251,3 +253,22 @@ def test_a_process_vanishing_mid_read_is_gone_not_a_crash(monkeypatch: pytest.Mo
     m.server_pid = 4242
     monkeypatch.setattr(psutil, "Process", vanishing)
     assert m._tree_pids() == []
+
+
+def test_pids_the_agents_tmux_reports_are_acted_on_only_when_they_are_the_agents() -> None:
+    """A tmux server on the agent's socket can report any pid as its own (a fake server
+    naming the init or the DNS server): the daemon signals and samples only processes of
+    the agent's uid."""
+    import os
+    import subprocess
+
+    m = FakeManager()
+    m.server_pid = os.getpid()  # root's: the test runner itself
+    assert m._tree_pids() == []
+    child = subprocess.Popen(["sleep", "30"], user=1000, group=1000)
+    try:
+        m.server_pid = child.pid
+        assert m._tree_pids() == [child.pid]
+    finally:
+        child.kill()
+        child.wait()

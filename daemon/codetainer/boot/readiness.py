@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from codetainer.agentfs import read_beneath
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 
 CheckFn = Callable[[BootContext], Awaitable[str | None]]
@@ -31,20 +32,24 @@ class Check:
 
 
 async def check_settings(ctx: BootContext) -> str:
-    home = Path(ctx.settings.home)
-    settings_file = home / ".claude" / "settings.json"
-    claude_json = home / ".claude.json"
+    home = ctx.settings.home
+    claude_json = Path(home, ".claude.json")
+    # Agent code has run by now (plugin installs): read without following its links.
     try:
-        json.loads(settings_file.read_text())
-        data = json.loads(claude_json.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        json.loads(read_beneath(home, ".claude/settings.json"))
+        data = json.loads(read_beneath(home, ".claude.json"))
+    except (OSError, ValueError) as exc:
         raise StepError(f"agent settings unreadable: {exc}",
                         "the agent-settings step must have run") from None
+    if not isinstance(data, dict):
+        raise StepError(f"{claude_json}: not a JSON object", "the agent-settings step must have run")
     if data.get("hasCompletedOnboarding") is not True:
         raise StepError(f"{claude_json}: onboarding is not marked complete")
-    projects = data.get("projects") or {}
+    projects = data.get("projects")
+    projects = projects if isinstance(projects, dict) else {}
     untrusted = [d for d in ctx.state.get("trusted_dirs", [ctx.settings.workspace])
-                 if not (projects.get(d) or {}).get("hasTrustDialogAccepted")]
+                 if not (isinstance(projects.get(d), dict)
+                         and projects[d].get("hasTrustDialogAccepted") is True)]
     if untrusted:
         raise StepError(f"{claude_json}: not trusted: {', '.join(untrusted)}")
     return "settings present"

@@ -306,6 +306,17 @@ async def _add_upstream(repo: Path, url: str, o: RepoOptions, token: str) -> str
     return f"fork of {upstream}"
 
 
+async def hand_over(dest: Path, user: AgentUser) -> None:
+    """Give the checkout to the agent. The tree came from a remote the agent may steer
+    (a symlink to /etc/shadow committed in it): ``-R`` with ``--no-dereference`` changes
+    each link itself and never walks or changes what it points at. Runs before any agent
+    code does (docs/security.md)."""
+    proc = await asyncio.create_subprocess_exec(
+        "chown", "-R", "--no-dereference", f"{user.uid}:{user.gid}", str(dest))
+    if await proc.wait() != 0:
+        raise StepError(f"cannot hand {dest} to {user.name} (chown failed)")
+
+
 async def _run(ctx: BootContext) -> str:
     s = ctx.settings
     # the secrets step keeps a REPO_URL with credentials here and strips the env copy
@@ -339,10 +350,7 @@ async def _run(ctx: BootContext) -> str:
     snapshot = Path(s.run_dir, "remotes.json")
     write_snapshot(snapshot, dest, remotes)
     user: AgentUser = ctx.state.get("agent_user") or AgentUser.lookup(s.agent_user, s.home)
-    proc = await asyncio.create_subprocess_exec(
-        "chown", "-R", "--no-dereference", f"{user.uid}:{user.gid}", str(dest))
-    if await proc.wait() != 0:
-        raise StepError(f"cannot hand {dest} to {user.name} (chown failed)")
+    await hand_over(dest, user)
     ctx.state["repository"] = str(dest)
     log.info("repository_ready", path=str(dest), url=clean_url, attempts=used,
              remotes=sorted(remotes), snapshot=str(snapshot))

@@ -3,7 +3,8 @@
 Root's shell profile in the image ends with ``exec codetainer attach``, so this is what
 ``fly ssh console`` runs. The cases, each tested through a pseudo-terminal:
 
-* session up: ``exec tmux -S SOCK attach-session -t $ID ; select-pane -t %AGENT`` at once;
+* session up: ``exec tmux -S SOCK attach-session -t $ID ; select-pane -t %AGENT`` at once,
+  as the agent user on a relayed pseudo-terminal when run as root (``dropped_attach``);
 * boot in progress: stream the daemon's ``wait`` op, print every step as it starts and
   finishes (a spinner only on a capable terminal), attach the moment the session exists;
   Ctrl-C drops to a login shell;
@@ -28,6 +29,8 @@ import sys
 import threading
 import time
 from typing import Any, NoReturn, TextIO
+
+from codetainer.cli.inert import inert
 
 NO_TTY = 2
 UNREACHABLE = 69
@@ -64,6 +67,56 @@ def tmux_attach_argv(info: dict[str, Any]) -> list[str]:
     return argv
 
 
+#: What the tmux client may carry into the agent's server (a client hands its whole
+#: environment to the server): the terminal's description, never root's variables.
+CLIENT_ENV = ("TERM", "COLORTERM", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+SCRIPT = "/usr/bin/script"
+
+
+class UnsafeAttach(Exception):
+    """Attaching as root cannot be done without giving the agent a root client."""
+
+
+def dropped_attach(info: dict[str, Any], environ: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """argv and environment that attach root's terminal to the agent's session safely,
+    and leave root's login shell after a detach.
+
+    The tmux server is the agent's, and a server can make its client run a program
+    (``detach-client -E``), so the client runs as the agent (the agent's own privilege
+    drop: no_new_privs, empty bounding set). It does not get root's terminal either: it
+    runs on a fresh pseudo-terminal that ``script`` (util-linux, running as root) relays
+    to ours, as ``sudo``'s use_pty does. A client on the operator's own terminal, which is
+    the controlling terminal of root's login shell, could be ptraced by the agent (same
+    uid) and made to push keystrokes into that shell with TIOCSTI.
+    """
+    from shlex import join
+
+    from codetainer.boot.privileges import AgentUser, setpriv_argv
+
+    uid, gid = info.get("uid"), info.get("gid")
+    if not isinstance(uid, int) or not isinstance(gid, int) or uid <= 0 or gid <= 0:
+        raise UnsafeAttach(f"the daemon did not name the agent's uid (got {uid!r}); "
+                           "refusing to attach as root to a server that uid may control")
+    if not os.access(SCRIPT, os.X_OK):
+        raise UnsafeAttach(f"{SCRIPT} (util-linux) is missing: it keeps root's terminal "
+                           "away from the agent's tmux client; install bsdutils")
+    user = AgentUser(str(info.get("user") or uid), uid, gid, str(info.get("home") or "/"))
+    inner = setpriv_argv(user, tmux_attach_argv(info))
+    env = {k: environ[k] for k in CLIENT_ENV if k in environ}
+    env.update(PATH=environ.get("PATH") or "/usr/bin:/bin", SHELL="/bin/sh", HOME=user.home)
+    # -q no banner, -e the client's exit status, -f no buffering; the typescript is discarded.
+    relay = [SCRIPT, "-q", "-e", "-f", "-c", join(inner), "/dev/null"]
+    # A small sh, not this Python, stays behind while attached: it runs the relay with
+    # only ``env``, then (C-b d, or the session went away) hands the terminal to root's
+    # login shell with root's own environment, as a shell with attach switched off.
+    shell = next((sh for sh in (environ.get("SHELL") or "", "/bin/bash", "/bin/sh")
+                  if sh and os.access(sh, os.X_OK)), "/bin/sh")
+    then = ('env -i "$@"; export CODETAINER_NO_ATTACH=1; '
+            "echo 'codetainer: detached; `codetainer attach` goes back'; exec \"$0\" -l")
+    argv = ["/bin/sh", "-c", then, shell, *(f"{k}={v}" for k, v in env.items()), *relay]
+    return argv, dict(environ)
+
+
 _TERMINFO_DIRS = ("/etc/terminfo", "/lib/terminfo", "/usr/share/terminfo", "/usr/lib/terminfo")
 
 
@@ -95,16 +148,23 @@ def _attach_or_explain(info: dict[str, Any] | None) -> None:
 
 
 def exec_tmux(info: dict[str, Any]) -> NoReturn:
-    argv = tmux_attach_argv(info)
     os.environ.pop("TMUX", None)  # we are not nesting: attach even from inside tmux
     term = os.environ.get("TERM", "")
     if not _known_terminal(term):
         # An exotic $TERM (xterm-kitty, ...) would make tmux exit and close the SSH session.
         _say(f"codetainer: terminal type {term!r} is unknown here; using xterm-256color")
         os.environ["TERM"] = "xterm-256color"
+    if os.geteuid() == 0:
+        try:
+            argv, env = dropped_attach(info, dict(os.environ))
+        except UnsafeAttach as exc:
+            _say(f"codetainer: not attaching: {exc}")
+            exec_shell()
+    else:  # nothing to lose: the agent user itself, or a test
+        argv, env = tmux_attach_argv(info), dict(os.environ)
     sys.stdout.flush()
     try:
-        os.execvp(argv[0], argv)  # noqa: S606 - argv, no shell, on purpose
+        os.execvpe(argv[0], argv, env)  # noqa: S606 - argv, no shell, on purpose
     except OSError as exc:
         _say(f"codetainer: cannot run {argv[0]}: {exc.strerror}")
         exec_shell()
@@ -129,6 +189,7 @@ def exec_shell() -> NoReturn:
 
 
 def _fmt_step(ev: dict[str, Any]) -> str:
+    ev = inert(ev)  # a reason can quote what the agent named (docs/security.md)
     state = str(ev.get("state", ""))
     line = f"{_MARKS.get(state, '[ ?? ]')} {ev.get('name', '?')}"
     if ev.get("duration_s") is not None and state in _FINAL - {"SKIPPED"}:
@@ -245,7 +306,7 @@ def _print_status(path: str) -> None:
             session = call("session", path, timeout=3.0)
         except (DaemonUnreachable, RequestFailed):
             pass
-    text = render_status(status, session)
+    text = render_status(inert(status), inert(session))
     if text:
         _say(text)
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
+from codetainer.cli.inert import inert, inert_text
 from codetainer.control.client import Client, DaemonUnreachable, RequestFailed
 
 EXIT_UNREACHABLE = 4
@@ -24,8 +25,16 @@ EXIT_USAGE = 64
 STATE_EXIT = {"READY": 0, "DEGRADED": 1, "FAILED": 2, "BOOTING": 3, "STOPPING": 3, "STOPPED": 3}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors exiting 64 as README says (its own 2 is FAILED's code)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="codetainer", description="Control and inspect codetainerd.")
+    p = _Parser(prog="codetainer", description="Control and inspect codetainerd.")
     p.add_argument("--socket", help="control socket (default $CODETAINER_SOCKET or "
                    "/run/codetainer/control.sock)")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -66,6 +75,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         with Client(args.socket) as c:
             st: dict[str, Any] = c.call("status", tail=bool(args.tail))
+        if not args.json:
+            st = inert(st)  # agent-chosen names and command lines reach root's terminal
     except DaemonUnreachable as exc:
         if args.json:
             print(json.dumps({"state": "UNREACHABLE", "error": str(exc)}))
@@ -114,11 +125,12 @@ def cmd_wait(args: argparse.Namespace) -> int:
                 if "__result__" in ev:
                     result = ev["__result__"]
                 elif ev.get("event") == "boot.step" and ev.get("state") != "PENDING":
-                    print(step_line(ev, color=sys.stdout.isatty()), flush=True)
+                    print(step_line(inert(ev), color=sys.stdout.isatty()), flush=True)
     except DaemonUnreachable as exc:
         return _unreachable(exc)
     except KeyboardInterrupt:
         return 130
+    result = inert(result)
     state = str(result.get("state"))
     print(f"boot: {state}")
     for reason in result.get("reasons") or []:
@@ -136,7 +148,7 @@ def cmd_simple(args: argparse.Namespace, op: str, **kw: Any) -> int:
         _err(exc.message)
         return EXIT_FAILED
     if isinstance(result, dict) and "text" in result:
-        print(result["text"])
+        print(inert_text(str(result["text"])))
     else:
         print(json.dumps(result, indent=2, default=str))
     return 0

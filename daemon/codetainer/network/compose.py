@@ -34,7 +34,13 @@ from codetainer.network.dnsconfig import (
     parse_upstreams,
 )
 from codetainer.network.dnshook import DEFAULT_HOOK, domain_sets, set_ports
-from codetainer.network.firewall import IPV6_POLICIES, FirewallPolicy
+from codetainer.network.firewall import (
+    INBOUND_FORM,
+    IPV6_POLICIES,
+    FirewallPolicy,
+    InboundPort,
+    parse_inbound,
+)
 
 if TYPE_CHECKING:
     from codetainer.settings import Settings
@@ -62,6 +68,8 @@ class NetOptions:
     #: ``host:port`` of the forwarding hook, or None (dnsmasq fills the sets itself)
     hook: str | None
     run_dir: Path
+    #: published ports that accept inbound connections (``CODETAINER_INBOUND``)
+    inbound: tuple[InboundPort, ...] = ()
 
     @property
     def exec_path(self) -> Path:
@@ -93,6 +101,10 @@ def parse_options(settings: Settings, engine: Engine) -> NetOptions:
         )
     if grace < 0:
         raise ValueError(f"CODETAINER_REFRESH_GRACE={grace:g} must not be negative")
+    try:
+        inbound = parse_inbound(settings.inbound)
+    except ValueError as exc:
+        raise ValueError(f"CODETAINER_INBOUND={settings.inbound[:80]!r}: {exc}; use {INBOUND_FORM}") from None
     ipaddress.ip_address(settings.dns_listen)
     try:
         pw = pwd.getpwnam(settings.dns_user)
@@ -120,7 +132,7 @@ def parse_options(settings: Settings, engine: Engine) -> NetOptions:
         engine=engine, listen=settings.dns_listen, upstreams=upstreams, ipv6=ipv6,
         min_ttl=min_ttl, max_ttl=max_ttl, grace=grace, dns_user=settings.dns_user,
         dns_uid=pw.pw_uid, dns_gid=pw.pw_gid, dns_group=group, hook=hook,
-        run_dir=Path(settings.run_dir),
+        run_dir=Path(settings.run_dir), inbound=inbound,
     )  # fmt: skip
 
 
@@ -211,7 +223,7 @@ def build_policy(
         groups.setdefault(ports, []).extend(addrs)
     return FirewallPolicy.build(
         groups, dns_uid=opts.dns_uid, upstreams=[u.ip for u in opts.upstreams],
-        ipv6=opts.ipv6, dynamic_timeout=plan.config.set_timeout,
+        ipv6=opts.ipv6, dynamic_timeout=plan.config.set_timeout, inbound=opts.inbound,
     )  # fmt: skip
 
 

@@ -15,6 +15,13 @@ dnsmasq (verified with 2.90 real queries, ``tests/integration/test_dnsmasq_real.
   the entries that meet there (an exact name and a wildcard over it). Refused names
   never get an answer, hence never an address in a set;
 * AAAA: ``filter-AAAA`` (dnsmasq >= 2.90) empties AAAA answers unless IPv6 is on;
+* internal answers: one ``bogus-nxdomain=NET`` per network of ``model.INTERNAL`` (less
+  what an explicit CIDR entry allows, :func:`screened_networks`). dnsmasq checks every
+  A/AAAA record of the answer (the CNAME chain too) against them *before* it fills any
+  set, and turns a hit into NXDOMAIN (logged ``config NAME is NXDOMAIN``, so it shows as
+  a refused name), over UDP and TCP alike. ``stop-dns-rebind`` is not used: in 2.90 it
+  lets 100.64.0.0/10, 224.0.0.0/4 and 240.0.0.0/4 into the sets and refuses the
+  documentation ranges and all of fc00::/7, which the allowlist may open;
 * dnsmasq fills the set only when it asks upstream (cache miss), and re-adding an
   existing element does not refresh its timeout. Clients are told at most
   ``max_ttl`` (= ``max-cache-ttl``), so an address answered at t0 is used until
@@ -41,9 +48,10 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from codetainer.network.allowlist import Allowlist, Entry, EntryKind, IPAddress
-from codetainer.network.model import FAMILY, TABLE, dynamic_set, ipset_name
+from codetainer.network.allowlist import Allowlist, Entry, EntryKind, IPAddress, IPNetwork
+from codetainer.network.model import FAMILY, INTERNAL, TABLE, dynamic_set, ipset_name
 
 DEFAULT_LISTEN = "127.0.0.53"
 DEFAULT_MAX_TTL = 300
@@ -165,6 +173,8 @@ class GeneratedConfig:
     set_timeout: int
     #: the dynamic sets referenced by the config (dnsmasq) or owed by the hook (CoreDNS)
     dynamic_sets: tuple[DynamicSet, ...]
+    #: dnsmasq: answers with an address in these become NXDOMAIN before any set is filled
+    screened: tuple[IPNetwork, ...] = ()
 
 
 def set_timeout_for(max_ttl: int) -> int:
@@ -215,6 +225,39 @@ def _domains(allowlist: Allowlist) -> list[_Domain]:
     return list(by_name.values())
 
 
+_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _minus(net: _Net, holes: Iterable[_Net]) -> list[_Net]:
+    """``net`` without the addresses of ``holes``, in as few networks as it takes."""
+    parts = [net]
+    for hole in holes:
+        rest: list[_Net] = []
+        for part in parts:
+            if not part.overlaps(hole):
+                rest.append(part)
+            elif part.prefixlen < hole.prefixlen:  # the hole is inside: keep the rest
+                rest.extend(part.address_exclude(hole))
+            # else the hole covers all of the part
+        parts = rest
+    return sorted(parts)
+
+
+def screened_networks(allowlist: Allowlist) -> tuple[IPNetwork, ...]:
+    """Where a DNS answer may not point: ``model.INTERNAL``, less what an explicit CIDR
+    entry opens (the firewall allows those addresses by number anyway, so answering a
+    name with one gives nothing away, and a name the operator allowed together with its
+    internal network keeps resolving)."""
+    v4 = [n for n in allowlist.cidrs if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in allowlist.cidrs if isinstance(n, ipaddress.IPv6Network)]
+    out: list[IPNetwork] = []
+    for text in INTERNAL[4]:
+        out += _minus(ipaddress.IPv4Network(text), v4)
+    for text in INTERNAL[6]:
+        out += _minus(ipaddress.IPv6Network(text), v6)
+    return tuple(out)
+
+
 def _sets_for(d: _Domain, ipv6: bool) -> list[DynamicSet]:
     ports = tuple(sorted(d.ports))
     sets = [DynamicSet(4, ports)]
@@ -250,6 +293,10 @@ def generate_dnsmasq(
         lines.append(f"group={options.group}")
     if not options.ipv6:
         lines.append("filter-AAAA")
+    # Rebinding: an answer pointing inside becomes NXDOMAIN before nftset=/ipset= see it.
+    screened = screened_networks(allowlist)
+    lines.append("# answers with an internal address (model.INTERNAL): NXDOMAIN, no set")
+    lines.extend(f"bogus-nxdomain={net}" for net in screened)
     used: dict[str, DynamicSet] = {}
     for d in _domains(allowlist):
         lines.append(f"# {d.name} ({d.where()})")
@@ -269,7 +316,7 @@ def generate_dnsmasq(
     text = "\n".join(lines) + "\n"
     _check_chars(text)
     return GeneratedConfig(
-        Engine.DNSMASQ, text, set_timeout_for(options.max_ttl), tuple(used.values())
+        Engine.DNSMASQ, text, set_timeout_for(options.max_ttl), tuple(used.values()), screened
     )
 
 

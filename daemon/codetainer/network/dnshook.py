@@ -5,7 +5,11 @@ allowlisted zone to this small forwarder inside the daemon (UDP and TCP, by defa
 ``127.0.0.1:5354``) instead of to the upstream resolvers. For each query it:
 
 1. refuses (NXDOMAIN) a name the allowlist does not allow: defence in depth, CoreDNS
-   already only forwards allowlisted zones;
+   already only forwards allowlisted zones. Names are compared label by label
+   (:func:`host_name`): a label holding a byte no allowlist entry can contain (a dot,
+   NUL, ``\\``, space...) matches nothing, so the one label ``x.githubusercontent``
+   followed by ``com`` is not under ``*.githubusercontent.com`` (dnsmasq 2.90 answers
+   such a name REFUSED);
 2. forwards the query, byte for byte, to the upstream resolvers in order;
 3. adds every A/AAAA address of the answer (the whole CNAME chain) to the dynamic
    set(s) of the name's domain, in **one** firewall transaction, and only then
@@ -43,6 +47,7 @@ from typing import Any, cast
 import dns.exception
 import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rdatatype
 import structlog
@@ -58,6 +63,10 @@ log = structlog.get_logger("codetainer.network")
 DEFAULT_HOOK = "127.0.0.1:5354"
 _SET_NAME = re.compile(r"[ds][46]_[0-9_]{1,90}\Z")
 _NFTSET = re.compile(r"^nftset=/([a-z0-9.-]+)/(\S+)$")
+#: a query label made only of what host names are made of (allowlist._LABEL's
+#: characters, compared after ASCII lower-casing), plus ``_`` as dnsmasq forwards it
+#: (``_dmarc.x.example.com``, SRV names): never a dot, NUL or any other byte
+_HOST_LABEL = re.compile(rb"[a-z0-9_-]{1,63}\Z")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -70,6 +79,24 @@ def domain_sets(dnsmasq_text: str) -> dict[str, tuple[str, ...]]:
             names = tuple(spec.split("#")[-1] for spec in m[2].split(","))
             out[m[1]] = tuple(n for n in names if _SET_NAME.match(n))
     return out
+
+
+def host_name(name: dns.name.Name) -> str | None:
+    """The lower-case dotted text of a query name whose every label is letters, digits
+    and ``-``; None for any other name (the root, a relative name, a label with any
+    other byte).
+
+    Joining labels with dots is unambiguous only when no label holds a dot: the text of
+    ``[x.githubusercontent][com]`` would read as a subdomain of ``githubusercontent.com``.
+    With every label screened, text equality is label equality, so the allowlist's
+    text matcher and :class:`SetRoutes` compare labels.
+    """
+    if not name.is_absolute():
+        return None
+    labels = [label.lower() for label in name.labels[:-1]]
+    if not labels or not all(_HOST_LABEL.match(label) for label in labels):
+        return None
+    return ".".join(label.decode("ascii") for label in labels)
 
 
 def set_ports(set_name: str) -> tuple[int, ...]:
@@ -302,11 +329,13 @@ class DnsHook:
             return None
         if len(query.question) != 1:
             return _reply(query, dns.rcode.FORMERR)
-        qname = query.question[0].name.to_text(omit_final_dot=True).lower()
-        if not self.allowed(qname):
+        wire_name = query.question[0].name
+        qname = host_name(wire_name)
+        if qname is None or not self.allowed(qname):
             self.counts["refused"] += 1
             if self.on_refused is not None:
-                self.on_refused(qname, client)
+                # escaped text for the odd names (dnspython writes \. and \000)
+                self.on_refused(qname or wire_name.to_text(omit_final_dot=True).lower(), client)
             return _reply(query, dns.rcode.NXDOMAIN)
         raw = await self._forward(wire, tcp)
         if raw is None:

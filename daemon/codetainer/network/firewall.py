@@ -8,6 +8,10 @@ reach the rule text the backends render. Two backends implement it:
 * ``iptables`` (:mod:`.firewall_ipt`): chains ``CODETAINER-*`` plus ipsets ``ct-*``,
   for kernels without nf_tables.
 
+Both filter egress *and* ingress: nothing comes in but replies to connections the
+container opened (conntrack, reply direction), loopback, IPv6 link plumbing and the
+explicit exceptions the policy carries (:class:`InboundPort`, Fly's stateless SSH).
+
 :func:`probe_backend` picks one by asking the kernel; :func:`make_backend` builds it.
 """
 
@@ -18,6 +22,7 @@ import asyncio
 import ipaddress
 import json
 import shutil
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,6 +37,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 IPV6_POLICIES = ("deny", "fly", "allowlist")
+INBOUND_PROTOCOLS = ("tcp", "udp")
+INBOUND_FORM = "comma-separated tcp/PORT or udp/PORT (e.g. tcp/8080,udp/5353)"
 BACKENDS = ("nftables", "iptables")
 #: a prefix broader than this is never accepted into a set (0.0.0.0/0 would be "allow all")
 MIN_PREFIX = {4: 8, 6: 16}
@@ -91,6 +98,43 @@ def _port(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ValueError(f"{value!r} is not a TCP port (1-65535)")
     return value
+
+
+@dataclass(frozen=True, order=True)
+class InboundPort:
+    """A port the operator published (Docker ``-p``): connections to it may come in."""
+
+    proto: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if self.proto not in INBOUND_PROTOCOLS:
+            raise ValueError(f"{self.proto!r} is not tcp or udp")
+        _port(self.port)
+
+    def __str__(self) -> str:
+        return f"{self.proto}/{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> InboundPort:
+        """``tcp/8080`` -> InboundPort("tcp", 8080); ``ValueError`` says what is wrong."""
+        proto, sep, port = text.partition("/")
+        if port in INBOUND_PROTOCOLS and proto.isdigit():
+            raise ValueError(f"{text[:20]!r}: the protocol comes first ({port}/{proto})")
+        # ASCII digits, no sign, no leading zero (str.isdigit would take "²").
+        digits = 0 < len(port) <= 5 and set(port) <= set(string.digits) and port[0] != "0"
+        if not sep or proto not in INBOUND_PROTOCOLS or not digits:
+            raise ValueError(f"{text[:20]!r} is not tcp/PORT or udp/PORT")
+        if int(port) > 65535:
+            raise ValueError(f"{text[:20]!r}: port {port} is not in 1-65535")
+        return cls(proto, int(port))
+
+
+def parse_inbound(text: str) -> tuple[InboundPort, ...]:
+    """``"tcp/8080, udp/5353"`` -> sorted, deduplicated ports; empty text: none."""
+    if not text.strip():
+        return ()
+    return tuple(sorted({InboundPort.parse(item.strip()) for item in text.split(",")}))
 
 
 # -- the policy ----------------------------------------------------------------------------
@@ -160,6 +204,9 @@ class FirewallPolicy:
     denied_size: int = 4096
     fly_network: ipaddress.IPv6Network = FLY_NETWORK
     fly_resolver: ipaddress.IPv6Address = FLY_RESOLVER
+    #: published ports that accept inbound connections; nothing else comes in (values or
+    #: ``tcp/8080`` strings)
+    inbound: tuple[InboundPort, ...] = ()
 
     def __post_init__(self) -> None:
         if any(not isinstance(g, PortGroup) for g in self.groups):
@@ -184,6 +231,8 @@ class FirewallPolicy:
             raise ValueError("fly_network and fly_resolver must be IPv6")
         object.__setattr__(self, "fly_network", fly_net)
         object.__setattr__(self, "fly_resolver", fly_res)
+        ports = [p if isinstance(p, InboundPort) else InboundPort.parse(str(p)) for p in self.inbound]
+        object.__setattr__(self, "inbound", tuple(sorted(set(ports))))
 
     @classmethod
     def build(
@@ -208,6 +257,9 @@ class FirewallPolicy:
 
     def upstreams_of(self, version: int) -> tuple[IPAddress, ...]:
         return tuple(u for u in self.upstreams if u.version == version)
+
+    def inbound_ports(self, proto: str) -> tuple[int, ...]:
+        return tuple(p.port for p in self.inbound if p.proto == proto)
 
     def shape(self) -> FirewallPolicy:
         """The policy without static addresses: equal shapes mean a set refresh suffices."""
@@ -354,7 +406,7 @@ add set inet {_PROBE_TABLE} d {{ type ipv4_addr; flags timeout; timeout 60s; }}
 add set inet {_PROBE_TABLE} n {{ type ipv6_addr . inet_proto . inet_service; \
 flags dynamic,timeout; timeout 60s; counter; size 16; }}
 add chain inet {_PROBE_TABLE} c {{ type filter hook output priority filter; policy accept; }}
-add rule inet {_PROBE_TABLE} c ct state established,related accept
+add rule inet {_PROBE_TABLE} c ct direction original ct state established,related accept
 add rule inet {_PROBE_TABLE} c meta skuid 0 ip daddr @s accept
 add rule inet {_PROBE_TABLE} c ip6 daddr . meta l4proto . th dport @n counter
 add rule inet {_PROBE_TABLE} c meta l4proto tcp update @n {{ ip6 daddr . meta l4proto . th dport }}

@@ -1,8 +1,10 @@
 """iptables fallback backend, for kernels without nf_tables.
 
-Our rules live in our own chains ``CODETAINER-OUT`` (jumped to from ``OUTPUT``) and
-``CODETAINER-DENY``, written with ``iptables-restore --noflush``: one commit per family
-replaces both chains at once, nothing else in the table is touched. Addresses live in
+Our rules live in our own chains ``CODETAINER-OUT`` (jumped to from ``OUTPUT``),
+``CODETAINER-IN`` (jumped to from ``INPUT``, ends in DROP) and ``CODETAINER-DENY``,
+written with ``iptables-restore --noflush``: one commit per family replaces all three
+chains at once; nothing else in the table is touched (the jumps are the only rules we
+add to a built-in chain, and its policy stays as it was). Addresses live in
 ipsets named ``ct-<set>`` (:func:`codetainer.network.model.ipset_name`); a static set is
 refreshed by filling a temporary set and ``ipset swap``-ing it in, which is atomic per
 set. ``iptables-legacy`` is preferred when installed (a kernel without nf_tables cannot
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -39,7 +41,10 @@ from codetainer.network.firewall import (
 log = structlog.get_logger("codetainer.network")
 
 CHAIN = "CODETAINER-OUT"
+IN_CHAIN = "CODETAINER-IN"
 DENY = "CODETAINER-DENY"
+#: built-in chain -> our chain it jumps to (first rule)
+JUMPS = {"OUTPUT": CHAIN, "INPUT": IN_CHAIN}
 PREFIX = "ct-"
 _MULTIPORT_MAX = 15
 
@@ -109,20 +114,22 @@ def render_ipsets(policy: FirewallPolicy, *, static_only: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _multiport(ports: tuple[int, ...]) -> list[str]:
+def _multiport(ports: tuple[int, ...], side: str = "d") -> list[str]:
+    """``--dport``/``-m multiport --dports`` matches (``side="s"``: source ports), chunked."""
     chunks = [ports[i : i + _MULTIPORT_MAX] for i in range(0, len(ports), _MULTIPORT_MAX)]
     return [
-        f"--dport {c[0]}" if len(c) == 1 else "-m multiport --dports " + ",".join(map(str, c)) for c in chunks
+        f"--{side}port {c[0]}" if len(c) == 1 else f"-m multiport --{side}ports " + ",".join(map(str, c))
+        for c in chunks
     ]
 
 
-def render_rules(policy: FirewallPolicy, version: int, *, add_jump: bool) -> str:
-    """``iptables-restore --noflush`` input for one family."""
+def render_rules(policy: FirewallPolicy, version: int, *, add_jumps: Iterable[str] = ()) -> str:
+    """``iptables-restore --noflush`` input for one family; ``add_jumps``: the built-in
+    chains (keys of :data:`JUMPS`) that do not jump to ours yet."""
     uid = policy.dns_uid
     v = version
-    out = ["*filter", f":{CHAIN} - [0:0]", f":{DENY} - [0:0]"]
-    if add_jump:
-        out.append(f"-I OUTPUT 1 -j {CHAIN}")
+    out = ["*filter", f":{CHAIN} - [0:0]", f":{IN_CHAIN} - [0:0]", f":{DENY} - [0:0]"]
+    out += [f"-I {hook} 1 -j {JUMPS[hook]}" for hook in JUMPS if hook in set(add_jumps)]
 
     def rule(text: str, chain: str = CHAIN) -> None:
         out.append(f"-A {chain} {text}")
@@ -140,11 +147,18 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jump: bool) -> str
         for proto in ("udp", "tcp"):
             rule(f"-d {rendered(policy.fly_resolver)} -p {proto} --dport 53 "
                  f"-m owner --uid-owner {uid} -j ACCEPT")  # fmt: skip
+    if not fly:
+        # Answers on the published ports, in connections opened from outside only (see
+        # firewall_nft); none in Fly's IPv6, which has no conntrack to tell direction.
+        for proto in ("tcp", "udp"):
+            for ports in _multiport(policy.inbound_ports(proto), "s"):
+                rule(f"-p {proto} {ports} -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j ACCEPT")
     # Before the conntrack shortcut (see firewall_nft): UDP off loopback is the DNS
     # server's alone, whatever conntrack remembers of an earlier flow on the same ports.
     rule(f"-p udp -m owner ! --uid-owner {uid} -j {DENY}")
     if not fly:
-        rule("-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT")
+        # The container's own connections only (original direction; see firewall_nft).
+        rule("-m conntrack --ctstate ESTABLISHED,RELATED --ctdir ORIGINAL -j ACCEPT")
         rule("-m conntrack --ctstate INVALID -j DROP")
     if v == 4 or policy.upstreams_of(6):  # an IPv6 upstream: in any policy (see firewall_nft)
         up = model.ipset_name(f"upstream{v}")
@@ -164,6 +178,7 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jump: bool) -> str
                 for ports in _multiport(g.ports):
                     rule(f"-p tcp {ports} -m set --match-set {model.ipset_name(name)} dst -j ACCEPT")
     rule(f"-j {DENY}")
+    _render_input(policy, v, rule)
     if policy.log_denied:
         denied = model.ipset_name(f"denied{v}")
         for proto in ("tcp", "udp"):
@@ -176,6 +191,30 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jump: bool) -> str
     rule(f"-j REJECT --reject-with {icmp}", DENY)
     out.append("COMMIT")
     return "\n".join(out) + "\n"
+
+
+def _render_input(policy: FirewallPolicy, v: int, rule: Callable[[str, str], None]) -> None:
+    """``CODETAINER-IN``: the nftables input chain's rules (see firewall_nft), ending in
+    DROP since the built-in INPUT chain and its policy are not ours."""
+    fly = v == 6 and policy.ipv6 == "fly"
+    rule("-i lo -j ACCEPT", IN_CHAIN)
+    if v == 6:
+        for t in ("neighbour-solicitation", "neighbour-advertisement", "router-advertisement"):
+            rule(f"-p ipv6-icmp --icmpv6-type {t} -m hl --hl-eq 255 -j ACCEPT", IN_CHAIN)
+        rule("-s fe80::/10 -p ipv6-icmp --icmpv6-type 130 -m hl --hl-eq 1 -j ACCEPT", IN_CHAIN)
+    if fly:
+        # Stateless, no conntrack match in this family (see the output side).
+        rule(f"-s {rendered(policy.fly_network)} -p tcp --dport 22 -j ACCEPT", IN_CHAIN)
+        for proto in ("udp", "tcp"):
+            rule(f"-s {rendered(policy.fly_resolver)} -p {proto} --sport 53 -j ACCEPT", IN_CHAIN)
+    else:
+        rule("-m conntrack --ctstate INVALID -j DROP", IN_CHAIN)
+        rule("-m conntrack --ctstate ESTABLISHED,RELATED --ctdir REPLY -j ACCEPT", IN_CHAIN)
+        for proto in ("tcp", "udp"):
+            for ports in _multiport(policy.inbound_ports(proto)):
+                rule(f"-p {proto} {ports} -m conntrack --ctstate NEW,ESTABLISHED --ctdir ORIGINAL "
+                     "-j ACCEPT", IN_CHAIN)  # fmt: skip
+    rule("-j DROP", IN_CHAIN)
 
 
 def parse_ipset_save(text: str) -> dict[str, list[str]]:
@@ -233,9 +272,9 @@ class IptablesBackend(FirewallBackend):
     async def _ipset(self, script: str, what: str) -> None:
         await self.runner.run(["ipset", "restore"], script, what=what)
 
-    async def _has_jump(self, version: int) -> bool:
+    async def _has_jump(self, version: int, hook: str = "OUTPUT") -> bool:
         ipt, _ = self._tools(version)
-        rc, _o, _e = await self.runner.run([ipt, "-w", "-C", "OUTPUT", "-j", CHAIN], check=False)
+        rc, _o, _e = await self.runner.run([ipt, "-w", "-C", hook, "-j", JUMPS[hook]], check=False)
         return rc == 0
 
     async def apply(self, policy: FirewallPolicy, *, fresh: bool = False) -> None:
@@ -247,7 +286,8 @@ class IptablesBackend(FirewallBackend):
         await self._ipset(script, "create and fill the ipsets")
         for v in (4, 6):
             _ipt, restore = self._tools(v)
-            rules = render_rules(policy, v, add_jump=not await self._has_jump(v))
+            missing = [hook for hook in JUMPS if not await self._has_jump(v, hook)]
+            rules = render_rules(policy, v, add_jumps=missing)
             await self.runner.run([restore, "-w", "--noflush"], rules, what=f"apply IPv{v} rules")
         # Sets the new rules no longer reference: best effort, a leftover set is harmless.
         for name in set(await self._ours()) - set(defs):
@@ -260,6 +300,7 @@ class IptablesBackend(FirewallBackend):
             v4=sum(len(g.v4) for g in policy.groups),
             v6=sum(len(g.v6) for g in policy.groups),
             ipv6=policy.ipv6,
+            inbound=[str(p) for p in policy.inbound],
         )
 
     async def _ours(self) -> dict[str, list[str]]:
@@ -288,8 +329,8 @@ class IptablesBackend(FirewallBackend):
         rc, _o, _e = await self.runner.run([ipt, "-w", "-S", CHAIN], check=False)
         sets = await self._ours()
         counts = {k.removeprefix(PREFIX): len(v) for k, v in sets.items()}
-        active = rc == 0 and await self._has_jump(4)
-        return FirewallStatus(self.name, active, counts, detail=f"{ipt}: chains {CHAIN}, {DENY}")
+        active = rc == 0 and await self._has_jump(4) and await self._has_jump(4, "INPUT")
+        return FirewallStatus(self.name, active, counts, detail=f"{ipt}: chains {CHAIN}, {IN_CHAIN}, {DENY}")
 
     async def contains(self, addr: str) -> list[str]:
         ip = parse_address(addr)
@@ -310,11 +351,12 @@ class IptablesBackend(FirewallBackend):
     async def teardown(self) -> None:
         for v in (4, 6):
             ipt, _ = self._tools(v)
-            while await self._has_jump(v):
-                await self.runner.run([ipt, "-w", "-D", "OUTPUT", "-j", CHAIN], what="unhook")
-            for chain in (CHAIN, DENY):
+            for hook, chain in JUMPS.items():
+                while await self._has_jump(v, hook):
+                    await self.runner.run([ipt, "-w", "-D", hook, "-j", chain], what="unhook")
+            for chain in (CHAIN, IN_CHAIN, DENY):
                 await self.runner.run([ipt, "-w", "-F", chain], check=False)
-            for chain in (CHAIN, DENY):
+            for chain in (CHAIN, IN_CHAIN, DENY):
                 await self.runner.run([ipt, "-w", "-X", chain], check=False)
         for name in await self._ours():
             await self.runner.run(["ipset", "destroy", name], check=False)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -39,11 +39,12 @@ from codetainer.network.firewall import (
 log = structlog.get_logger("codetainer.network")
 
 T = f"{model.FAMILY} {model.TABLE}"
-CHAINS = ("output", "deny")
+CHAINS = ("input", "output", "deny")
 DENIED_SETS = {4: "denied4", 6: "denied6"}
 UPSTREAM_SETS = {4: "upstream4", 6: "upstream6"}
 _ND = "{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }"
 _MLD = "{ mld-listener-report, mld-listener-done, mld2-listener-report }"
+_ND_IN = "{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert }"
 
 
 def _type(version: int) -> str:
@@ -98,7 +99,7 @@ def _fill(name: str, values: tuple[Any, ...]) -> list[str]:
 
 
 def render_rules(policy: FirewallPolicy) -> list[str]:
-    """The ``add rule`` lines of both chains, in evaluation order."""
+    """The ``add rule`` lines of every chain (output, input, deny), in evaluation order."""
     uid = policy.dns_uid
     out: list[str] = []
 
@@ -118,12 +119,21 @@ def render_rules(policy: FirewallPolicy) -> list[str]:
             f"meta skuid {uid} ip6 daddr {rendered(policy.fly_resolver)} "
             "meta l4proto { tcp, udp } th dport 53 accept",
         )
+    # Answers on the published ports: only in connections opened from outside (reply
+    # direction), which the input chain admitted on those ports alone. Before the UDP
+    # screen, so a published UDP port can answer.
+    for proto in ("tcp", "udp"):
+        if ports := policy.inbound_ports(proto):
+            rule("output", f"ct direction reply ct state established {proto} sport {_ports(ports)} accept")
     # Before the conntrack shortcut: a conntrack entry outlives its socket, so another
     # uid that binds the DNS server's old source port would otherwise ride the entry of
     # an answered upstream query ("established") to the upstreams. No uid but the DNS
     # server's has any UDP off loopback; socketless packets do not match (skuid breaks).
     rule("output", f"meta l4proto udp meta skuid != {uid} goto deny")
-    rule("output", "ct state established,related accept")
+    # Only the container's own connections (original direction): a connection opened from
+    # outside gets no answer past here, whatever the input chain let in. ICMP errors the
+    # container sends about its own connections' replies are related in this direction.
+    rule("output", "ct direction original ct state established,related accept")
     rule("output", "ct state invalid drop")
     rule("output", f"meta skuid {uid} meta l4proto {{ tcp, udp }} th dport 53 ip daddr @upstream4 accept")
     if policy.upstreams_of(6):
@@ -153,6 +163,7 @@ def render_rules(policy: FirewallPolicy) -> list[str]:
         if v6:
             rule("output", f"tcp dport {_ports(g.ports)} ip6 daddr @{d6} accept")
     rule("output", "goto deny")
+    _render_input(policy, rule)
     if policy.log_denied:
         for v, daddr in ((4, "ip daddr"), (6, "ip6 daddr")):
             rule("deny", f"meta l4proto {{ tcp, udp }} update @{DENIED_SETS[v]} "
@@ -162,6 +173,32 @@ def render_rules(policy: FirewallPolicy) -> list[str]:
     rule("deny", "meta l4proto tcp reject with tcp reset")
     rule("deny", "reject with icmpx type admin-prohibited")
     return out
+
+
+def _render_input(policy: FirewallPolicy, rule: Callable[[str, str], None]) -> None:
+    """Ingress, policy drop: replies to the container's own connections and the explicit
+    exceptions. Dropped, not rejected (the usual choice for inbound): an unsolicited
+    packet learns nothing, not even that the address is up, and costs no answer."""
+    rule("input", 'iif "lo" accept')
+    # Neighbour discovery (and the router advertisement the output chain's solicitation
+    # asks for) and the router's multicast listener queries: link-local, kernel-only.
+    rule("input", f"ip6 hoplimit 255 icmpv6 type {_ND_IN} accept")
+    rule("input", "ip6 hoplimit 1 ip6 saddr fe80::/10 icmpv6 type mld-listener-query accept")
+    if policy.ipv6 == "fly":
+        # Stateless like their output side (no IPv6 conntrack on Fly): `fly ssh console`
+        # reaching the machine's sshd from 6PN, and the resolver's answers to the DNS user.
+        rule("input", f"ip6 saddr {rendered(policy.fly_network)} tcp dport 22 accept")
+        resolver = rendered(policy.fly_resolver)
+        rule("input", f"ip6 saddr {resolver} meta l4proto {{ tcp, udp }} th sport 53 accept")
+    rule("input", "ct state invalid drop")
+    # Replies (and their ICMP errors) to connections the container opened.
+    rule("input", "ct direction reply ct state established,related accept")
+    # The operator's published ports, from anywhere. Tracked flows only (`ct direction`
+    # never matches an untracked packet): under `fly` no IPv6, where no answer could be
+    # told from a new flow on the output side either.
+    for proto in ("tcp", "udp"):
+        if ports := policy.inbound_ports(proto):
+            rule("input", f"ct direction original {proto} dport {_ports(ports)} accept")
 
 
 def render_apply(
@@ -184,6 +221,8 @@ def render_apply(
     lines += [
         f"add chain {T} output {{ type filter hook output priority filter; policy drop; }}",
         f"flush chain {T} output",
+        f"add chain {T} input {{ type filter hook input priority filter; policy drop; }}",
+        f"flush chain {T} input",
         f"add chain {T} deny",
         f"flush chain {T} deny",
     ]
@@ -315,6 +354,7 @@ class NftablesBackend(FirewallBackend):
             v4=sum(len(g.v4) for g in policy.groups),
             v6=sum(len(g.v6) for g in policy.groups),
             ipv6=policy.ipv6,
+            inbound=[str(p) for p in policy.inbound],
         )
 
     @staticmethod

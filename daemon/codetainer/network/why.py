@@ -228,7 +228,8 @@ def denied_rows(denied: Sequence[Any], addr: str) -> list[dict[str, Any]]:
 def status_text(st: dict[str, Any]) -> str:
     lines = [f"DNS {st['engine']} on {st['listen']}"
              + (f" (hook {st['hook']})" if st.get("hook") else "")
-             + f", firewall {st['backend']}, IPv6 {st['ipv6']}"]  # fmt: skip
+             + f", firewall {st['backend']}, IPv6 {st['ipv6']}"
+             + f", inbound {st.get('inbound') or 'none'}"]  # fmt: skip
     last = st.get("last_refresh")
     refresh = f"{st['names']} names, {st['addresses']} addresses"
     if last:
@@ -285,6 +286,7 @@ def network_status(nc: NetworkController) -> dict[str, Any]:
         "hook": nc.hook.address if nc.hook else None,
         "backend": nc.backend.name,
         "ipv6": nc.opts.ipv6,
+        "inbound": ",".join(str(p) for p in nc.opts.inbound),
         **fig,
         "denied": denied,
         "refused": nc.refused.top(10),

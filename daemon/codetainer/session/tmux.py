@@ -14,9 +14,13 @@ Ownership rules:
   or left for the operator under ``leave``; after ``max_rapid_restarts`` consecutive
   short-lived runs the daemon gives up (like supervisord's FATAL). A lost server or
   session is recreated, with backoff and a limit.
-* Only the session's creation runs as the agent user. Every later tmux call is a client
-  command run by the daemon (root may talk to any tmux server); the server, which runs
-  as the agent user, spawns every pane.
+* Root is never a client of anything the agent controls. The tmux server belongs to the
+  agent, and a tmux server can make its client run a program (``MSG_SHELL``, or
+  ``detach-client -E``), so every tmux client the daemon runs, the creation and every
+  later query or command, goes through the agent's own privilege drop (``setpriv``:
+  agent uid, no_new_privs, empty bounding set). Whatever the server answers is data:
+  a pid it reports is acted on (killed, sampled) only while it belongs to the agent's
+  uid (docs/security.md).
 
 Lifecycle (also in tests/unit/test_session_manager.py)::
 
@@ -41,7 +45,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
 import structlog
 
 from codetainer.boot.privileges import AgentUser, agent_env, setpriv_argv
@@ -56,6 +59,7 @@ from codetainer.session.tmuxctl import (
     SessionError,
     Snapshot,
     TmuxGone,
+    agent_process,
     int_or_none,
     parse_snapshot,
     run,
@@ -406,8 +410,10 @@ class SessionManager:
             self._timeouts += 1
             log.warning("session_query_failed", reason=exc.reason, count=self._timeouts)
             if self._timeouts >= 3 and self.server_pid:
-                with contextlib.suppress(*PROCESS_GONE):
-                    psutil.Process(self.server_pid).kill()
+                server = agent_process(self.server_pid, self._resolve_user().uid)
+                if server is not None:
+                    with contextlib.suppress(*PROCESS_GONE):
+                        server.kill()
             return
         self.snapshot = snap
         self.name = snap.name
@@ -519,9 +525,9 @@ class SessionManager:
         # that client's PATH: the daemon's would leak into the agent's panes.
         path = os.environ.get("PATH", "/usr/bin:/bin")
         tmux = shutil.which(self.settings.tmux, path=path) or self.settings.tmux
-        if self.user is not None:
-            path = agent_env(self.user, {}, {})["PATH"]
-        rc, out, err = await run([tmux, "-u", "-S", self.socket, *args], env={"PATH": path})
+        path = agent_env(self._resolve_user(), {}, {})["PATH"]
+        argv = setpriv_argv(self._resolve_user(), [tmux, "-u", "-S", self.socket, *args])
+        rc, out, err = await run(argv, env={"PATH": path})
         if rc != 0:
             msg = err.strip() or f"tmux exited {rc}"
             if any(g in msg for g in GONE):
@@ -541,10 +547,11 @@ class SessionManager:
 
     def _tree_pids(self) -> list[int]:
         pids: list[int] = []
-        if self.server_pid:
-            with contextlib.suppress(*PROCESS_GONE):
-                root = psutil.Process(self.server_pid)
-                pids = [root.pid, *(c.pid for c in root.children(recursive=True))]
+        if self.server_pid and self.user is not None:
+            root = agent_process(self.server_pid, self.user.uid)
+            if root is not None:
+                with contextlib.suppress(*PROCESS_GONE):
+                    pids = [root.pid, *(c.pid for c in root.children(recursive=True))]
         return pids
 
     # -- views ---------------------------------------------------------------------------
@@ -554,13 +561,19 @@ class SessionManager:
         return {"exists": self.state is SessionState.RUNNING and self.session_id is not None,
                 "socket": self.socket, "id": self.session_id, "name": self.name,
                 "agent_pane": self.agent_pane, "state": self.state.value,
-                "reason": self.reason, "hint": self.hint}
+                "reason": self.reason, "hint": self.hint, **self._owner()}
 
     def attach_target(self) -> dict[str, Any] | None:
-        """``{"socket", "id", "agent_pane"}`` when the session is up, else None."""
+        """``{"socket", "id", "agent_pane", "uid", "gid"}`` when the session is up, else None."""
         if self.state is not SessionState.RUNNING or self.session_id is None:
             return None
-        return {"socket": self.socket, "id": self.session_id, "agent_pane": self.agent_pane}
+        return {"socket": self.socket, "id": self.session_id, "agent_pane": self.agent_pane,
+                **self._owner()}
+
+    def _owner(self) -> dict[str, Any]:
+        """Who a tmux client of this session must run as (``codetainer attach`` drops to it)."""
+        u = self.user
+        return {"user": u.name, "uid": u.uid, "gid": u.gid, "home": u.home} if u else {}
 
     async def session_handler(self, req: Request | None = None) -> dict[str, Any]:
         """Control op ``session``: a live check, so a just-killed server is not reported up."""
@@ -582,7 +595,10 @@ class SessionManager:
         agent = None
         if snap is not None:
             agent = next((p for p in snap.panes if p.id == self.agent_pane), None)
-        tree = self._sampler.sample(agent.pid if agent is not None and not agent.dead else None)
+        pid = agent.pid if agent is not None and not agent.dead else None
+        if pid is not None and (self.user is None or agent_process(pid, self.user.uid) is None):
+            pid = None  # tmux's answer is the agent's to forge: only its own processes
+        tree = self._sampler.sample(pid)
         paths = [self.settings.workspace, "/tmp", self.settings.home]
         return {
             **self.describe(),

@@ -123,6 +123,20 @@ async def run(argv: list[str], env: Mapping[str, str] | None = None,
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
+def agent_process(pid: int, uid: int) -> psutil.Process | None:
+    """``pid`` as a process, only while its real uid is ``uid`` (else None).
+
+    A pid the agent's tmux server reports is the agent's to forge (a server of its own
+    on the socket can name the init or the DNS server): the daemon signals or samples it
+    only when it really belongs to the agent.
+    """
+    with contextlib.suppress(*PROCESS_GONE):
+        proc = psutil.Process(pid)
+        if proc.uids().real == uid:
+            return proc
+    return None
+
+
 async def wait_gone(pids: list[int], timeout: float) -> list[psutil.Process]:
     """Wait until ``pids`` exited (zombies count as gone); return the survivors."""
     deadline = time.monotonic() + timeout

@@ -1,0 +1,149 @@
+"""The DNS hook matches query names on labels, not on their dotted text.
+
+A wire-format name is a sequence of labels, and a label may hold any byte, a dot
+included: ``[x.githubusercontent][com]`` is a two-label name whose text
+(``x\\.githubusercontent.com``) splits on dots into three parts, one of them
+``githubusercontent``. It must not pass as a subdomain of ``*.githubusercontent.com``.
+The hook is asked exactly as the controller wires it (``Allowlist.match``), and a fake
+upstream counts what was forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rrset
+import pytest
+from codetainer.network.allowlist import Allowlist, parse_text
+from codetainer.network.dnsconfig import parse_upstreams
+from codetainer.network.dnshook import DnsHook, SetRoutes, SetWriter, host_name
+
+ALLOWLIST = "*.githubusercontent.com\napi.github.com\n"
+
+
+class Writer(SetWriter):
+    def __init__(self) -> None:
+        self.calls: list[dict[str, list[str]]] = []
+
+    async def add(self, elements: Mapping[str, Sequence[str]]) -> None:
+        self.calls.append({k: list(v) for k, v in elements.items()})
+
+
+class Upstream(asyncio.DatagramProtocol):
+    """Answers every question with 203.0.113.7, whatever the name: a refusal can only
+    come from the hook."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.seen: list[dns.name.Name] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        q = dns.message.from_wire(data)
+        self.seen.append(q.question[0].name)
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 30, "IN", "A", "203.0.113.7"))
+        self.transport.sendto(r.to_wire(), addr)
+
+
+@pytest.fixture
+async def hooked() -> AsyncIterator[tuple[DnsHook, Upstream, Writer, list[str]]]:
+    loop = asyncio.get_running_loop()
+    up = Upstream()
+    transport, _ = await loop.create_datagram_endpoint(lambda: up, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    allow = Allowlist(tuple(parse_text(ALLOWLIST, "domains.conf")))
+    writer = Writer()
+    refused: list[str] = []
+    hook = DnsHook(
+        "127.0.0.1:0", parse_upstreams(f"127.0.0.1:{port}"),
+        SetRoutes({"githubusercontent.com": ("d4_80_443",), "api.github.com": ("d4_80_443",)}),
+        writer, allowed=lambda n: allow.match(n) is not None, sock_uid=None,
+        on_refused=lambda n, c: refused.append(n), timeout=1.0,
+    )  # fmt: skip
+    try:
+        yield hook, up, writer, refused
+    finally:
+        transport.close()
+        await hook.close()
+
+
+async def ask(hook: DnsHook, name: dns.name.Name, *, tcp: bool = False) -> dns.message.Message:
+    reply = await hook.answer(dns.message.make_query(name, "A").to_wire(), "127.0.0.1", tcp=tcp)
+    assert reply is not None
+    return dns.message.from_wire(reply)
+
+
+def labels(*parts: bytes) -> dns.name.Name:
+    return dns.name.Name([*parts, b""])
+
+
+async def test_a_label_with_a_dot_is_refused_not_forwarded(
+    hooked: tuple[DnsHook, Upstream, Writer, list[str]],
+) -> None:
+    hook, up, writer, refused = hooked
+    dotted = labels(b"x.githubusercontent", b"com")
+    assert len(dotted.labels) == 3  # two labels and the root: not x / githubusercontent / com
+    r = await ask(hook, dotted)
+    assert r.rcode() == dns.rcode.NXDOMAIN and not r.answer
+    assert up.seen == [] and writer.calls == []
+    assert refused == ["x\\.githubusercontent.com"] and hook.counts["refused"] == 1
+    # the same name over TCP, and a dot hidden one level deeper
+    assert (await ask(hook, dotted, tcp=True)).rcode() == dns.rcode.NXDOMAIN
+    deeper = labels(b"a", b"b.githubusercontent", b"com")
+    assert (await ask(hook, deeper)).rcode() == dns.rcode.NXDOMAIN
+    assert up.seen == []
+
+
+@pytest.mark.parametrize("odd", [
+    b"a\x00", b"\x00", b"a b", b"a\\", b"*", b"caf\xc3\xa9", b"a/b", b"a\n",
+])  # fmt: skip
+async def test_a_label_with_a_byte_no_entry_can_hold_is_refused(
+    hooked: tuple[DnsHook, Upstream, Writer, list[str]], odd: bytes
+) -> None:
+    hook, up, writer, _ = hooked
+    r = await ask(hook, labels(odd, b"githubusercontent", b"com"))
+    assert r.rcode() == dns.rcode.NXDOMAIN
+    assert up.seen == [] and writer.calls == []
+
+
+async def test_real_subdomains_forward_case_insensitively(
+    hooked: tuple[DnsHook, Upstream, Writer, list[str]],
+) -> None:
+    hook, up, writer, refused = hooked
+    for name in (labels(b"raw", b"githubusercontent", b"com"),
+                 labels(b"a", b"b-c", b"githubusercontent", b"com"),
+                 labels(b"RAW", b"GitHubUserContent", b"COM"),
+                 labels(b"Api", b"GITHUB", b"com"),
+                 labels(b"_dmarc", b"x", b"githubusercontent", b"com")):  # as dnsmasq does
+        r = await ask(hook, name)
+        assert r.rcode() == dns.rcode.NOERROR, name
+        assert [rd.to_text() for rr in r.answer for rd in rr] == ["203.0.113.7"]
+    assert len(up.seen) == 5 and refused == []
+    # the upstream got the question byte for byte (case kept: 0x20 still works)
+    assert up.seen[2].labels[:3] == (b"RAW", b"GitHubUserContent", b"COM")
+    assert writer.calls == [{"d4_80_443": ["203.0.113.7"]}] * 5
+    # the apex of a wildcard, and a name merely ending in the same text, stay refused
+    for name in (labels(b"githubusercontent", b"com"), labels(b"xgithubusercontent", b"com"),
+                 labels(b"sub", b"api", b"github", b"com")):  # fmt: skip
+        assert (await ask(hook, name)).rcode() == dns.rcode.NXDOMAIN
+    assert len(up.seen) == 5
+
+
+def test_host_name_is_the_label_text_or_none() -> None:
+    assert host_name(labels(b"A", b"Example", b"COM")) == "a.example.com"
+    assert host_name(labels(b"x-1", b"y")) == "x-1.y"
+    assert host_name(dns.name.root) is None
+    assert host_name(dns.name.Name([b"a", b"com"])) is None  # relative
+    assert host_name(labels(b"a_b", b"com")) == "a_b.com"  # forwarded, as dnsmasq does
+    for odd in (b"x.y", b"a\x00", b"a b", b"\xff", b"a\\"):
+        assert host_name(labels(odd, b"com")) is None, odd
+    assert host_name(labels(b"a" * 63, b"com")) == "a" * 63 + ".com"
+
