@@ -68,6 +68,11 @@ FROM ${NODE_IMAGE} AS node
 # ---------------------------------------------------------------------------------------
 FROM ${DEBIAN_IMAGE}
 ARG CLAUDE_CODE_VERSION=2.1.330
+# The agent's toolbox from npm, pinned like the CLI (the reference system's set; just and
+# glow are left out: neither is in bookworm or on npm, and a cargo/go build is minutes).
+ARG BUN_VERSION=1.4.5
+ARG TYPESCRIPT_VERSION=7.0.2
+ARG TYPESCRIPT_LANGUAGE_SERVER_VERSION=6.0.2
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV LANG=en_US.UTF-8 \
     LC_ALL=en_US.UTF-8 \
@@ -78,6 +83,9 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         ca-certificates curl dnsmasq-base gh git iproute2 ipset iptables less \
         libevent-core-2.1-7 libncursesw6 locales nftables procps python3 python3-venv \
+        bat bind9-dnsutils fd-find jq ripgrep tree unzip wget xxd \
+    && ln -s /usr/bin/batcat /usr/local/bin/bat \
+    && ln -s /usr/bin/fdfind /usr/local/bin/fd \
     && sed -i 's/^# *\(en_US.UTF-8 UTF-8\)/\1/' /etc/locale.gen \
     && locale-gen \
     && rm -rf /var/lib/apt/lists/*
@@ -90,8 +98,11 @@ COPY --from=node /usr/local/lib/node_modules/npm /usr/local/lib/node_modules/npm
 RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm \
     && ln -s ../lib/node_modules/npm/bin/npx-cli.js /usr/local/bin/npx \
     && npm install -g --no-fund --no-audit "@anthropic-ai/claude-code@${CLAUDE_CODE_VERSION}" \
+        "bun@${BUN_VERSION}" "typescript@${TYPESCRIPT_VERSION}" \
+        "typescript-language-server@${TYPESCRIPT_LANGUAGE_SERVER_VERSION}" \
     && npm cache clean --force \
     && claude --version \
+    && bun --version && tsc --version && typescript-language-server --version \
     && tmux -V
 
 # The agent (uid 1000) and the only user whose packets may reach upstream resolvers.

@@ -45,6 +45,9 @@ from typing import Any
 
 GUARD_ENV = "CODETAINER_NAMER"
 STATE_ENV = "CODETAINER_NAMER_STATE"
+#: codetainer.boot.credentials.CLAUDE_TOKEN_FILE, under the agent's home
+TOKEN_FILE = (".config", "codetainer", "claude-oauth-token")
+TOKEN_FD_ENV = "CLAUDE_CODE_OAUTH_TOKEN_FILE_DESCRIPTOR"
 CLAUDE_ENV = "CODETAINER_CLAUDE_BIN"
 TMUX_ENV = "CODETAINER_TMUX"
 TIMEOUT_ENV = "CODETAINER_NAMER_TIMEOUT"
@@ -252,6 +255,13 @@ def ask_model(context: str, env: dict[str, str], cwd: Path) -> str | None:
         timeout = 60.0
     child_env = dict(env)
     child_env[GUARD_ENV] = "1"
+    token_fd = None
+    if not child_env.get("CLAUDE_CODE_OAUTH_TOKEN"):
+        # Claude Code strips its token from the environment of the hooks it runs: the
+        # daemon leaves it in a 0600 file, handed over on a descriptor, not in the env.
+        token_fd = open_token(env)
+        if token_fd is not None:
+            child_env[TOKEN_FD_ENV] = str(token_fd)
     try:
         proc = subprocess.run(
             [claude, "-p", "--model", "haiku", PROMPT.format(context=context)],
@@ -261,12 +271,25 @@ def ask_model(context: str, env: dict[str, str], cwd: Path) -> str | None:
             capture_output=True,
             timeout=timeout,
             check=False,
+            pass_fds=(token_fd,) if token_fd is not None else (),
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
+    finally:
+        if token_fd is not None:
+            os.close(token_fd)
     if proc.returncode != 0:
         return None
     return proc.stdout.decode("utf-8", "replace")
+
+
+def open_token(env: dict[str, str]) -> int | None:
+    """A descriptor on the Claude Code token file the daemon writes, or None."""
+    path = Path(env.get("HOME") or os.path.expanduser("~")).joinpath(*TOKEN_FILE)
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def rename_session(name: str, env: dict[str, str]) -> str | None:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from codetainer.network.allowlist import load_allowlist
 
 from tests.daemonproc import wait_for
 from tests.scratchroot import DEFAULT_ENV, OUT, ScratchRoot, Spawned
-from tests.world import ALLOWED_HOSTS, PYTHON, UPSTREAM, World
+from tests.world import ALLOWED_HOSTS, API_HOST, PYTHON, UPSTREAM, World
 
 ROOT = Path(__file__).resolve().parents[1]
 CODETAINERD = str(Path(sys.executable).parent / "codetainerd")
@@ -47,9 +48,11 @@ def publish_names(world: World, names: list[str]) -> dict[str, str]:
 class FullBoot:
     def __init__(self, world: World, base: Path, env: Mapping[str, str] | None = None,
                  steps: str = "", binds: tuple[tuple[str, str, bool], ...] = (),
-                 services: str | None = None) -> None:
+                 services: str | None = None, cgroups: Mapping[str, str] | None = None,
+                 show_cgroups: bool = True) -> None:
         self.world = world
-        self.root = ScratchRoot(base, netns=world.inner, binds=binds)
+        self.root = ScratchRoot(base, netns=world.inner, binds=binds, cgroups=cgroups or {},
+                                show_cgroups=show_cgroups)
         conf = services if services is not None else \
             (ROOT / "supervisord" / "codetainer.conf").read_text()
         (self.root.out / "services.conf").write_text(conf)
@@ -62,7 +65,11 @@ class FullBoot:
         self.env = {**DEFAULT_ENV, "CODETAINER_LOG_FORMAT": "json", "FLY_APP_NAME": "sandbox",
                     "GH_PAT": "ghp_SANDBOXnotARealToken0000", "CLAUDE_CODE_OAUTH_TOKEN":
                     "sk-ant-oat01-SANDBOXfake", "CODETAINER_UPSTREAMS": UPSTREAM,
-                    "CODETAINER_AGENT_COMMAND": "bash -l", **(env or {})}
+                    "CODETAINER_AGENT_COMMAND": "bash -l",
+                    # the image's engine (named, so a missing binary fails the boot rather
+                    # than `auto` falling back to dnsmasq); CODETAINER_DNS_ENGINE=dnsmasq
+                    # in ``env`` boots the other one
+                    "CODETAINER_DNS_ENGINE": "coredns", **(env or {})}
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.t0 = time.monotonic()
         try:
@@ -149,7 +156,8 @@ class FullBoot:
 @contextlib.contextmanager
 def full_boot(env: Mapping[str, str] | None = None, steps: str = "",
               binds: tuple[tuple[str, str, bool], ...] = (), world: World | None = None,
-              base: Path | None = None) -> Iterator[FullBoot]:
+              base: Path | None = None, api: bool = False) -> Iterator[FullBoot]:
+    """A booting machine; ``api``: with the stand-in for Anthropic's API in the world."""
     with contextlib.ExitStack() as stack:
         if world is None:
             world = stack.enter_context(World(ttl=60))
@@ -157,11 +165,48 @@ def full_boot(env: Mapping[str, str] | None = None, steps: str = "",
         if base is None:
             base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ct-boot-")))
             os.chmod(base, 0o755)
+        if api:
+            env = {**ApiStandIn(world, base).env(), **(env or {})}
         fb = FullBoot(world, base, env=env, steps=steps, binds=binds)
         try:
             yield fb
         finally:
             fb.close()
+
+
+class ApiStandIn:
+    """tests/apistandin.py in the world on API_HOST:443, published as api.anthropic.com,
+    with a certificate from a test CA whose certificate the container gets at
+    ``/scratch-out/anthropic-ca.pem`` (``env()`` names it in NODE_EXTRA_CA_CERTS)."""
+
+    CA_INSIDE = f"{OUT}/anthropic-ca.pem"
+
+    def __init__(self, world: World, base: Path) -> None:
+        from tests.apistandin import HOSTS, make_ca
+
+        self.dir = base / "standin"
+        ca = make_ca(self.dir)
+        out = base / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ca, out / "anthropic-ca.pem")
+        (out / "anthropic-ca.pem").chmod(0o644)
+        proc = world.spawn_in(world.world, [PYTHON, "-I", str(ROOT / "tests" / "apistandin.py"),
+                                            str(self.dir), API_HOST])
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if line != "listening":
+            raise RuntimeError(f"the API stand-in did not start: {line!r} "
+                               f"{proc.stderr.read() if proc.stderr else ''}")
+        for host in HOSTS:
+            world.set_records(host, [API_HOST])
+
+    def env(self) -> dict[str, str]:
+        return {"NODE_EXTRA_CA_CERTS": self.CA_INSIDE}
+
+    def requests(self) -> list[dict[str, Any]]:
+        from tests.apistandin import requests
+
+        return requests(self.dir)
 
 
 _GIT_SERVER = r"""

@@ -7,15 +7,20 @@ scratch filesystem:
 - the scratch root is a *tmpfs* mounted inside the private mount namespace, so even a
   superblock-level ``remount,ro /`` can only ever affect that tmpfs, never the host;
 - ``/usr`` (and ``/bin``, ``/lib*``, ``/sbin`` as on the host: symlinks on merged-usr
-  systems, else read-only binds), the project and ``/opt/ctvenv`` are bind-mounted
-  read-only at their host paths, so the editable install works unchanged;
+  systems, else read-only binds), the project, ``/opt/ctvenv`` and the tool prefixes
+  ``./dev setup`` installs (``/opt/claude-code-<version>`` and ``/opt/coredns-<version>``,
+  which the host's ``/usr/local/bin/claude`` and ``coredns`` point into) are bind-mounted
+  read-only at their host paths, so the editable install and the tools work unchanged;
 - ``/etc`` is a copy of the host's with our own ``passwd``/``group`` (root, ``claude``
   1000, ``codetainer-dns``, nobody), no ``/etc/gitconfig``;
 - fresh ``/proc`` (the new PID namespace), ``/sys`` (read-only), a minimal ``/dev``
   (null, zero, full, random, urandom, tty, a private devpts for tmux, shm), empty
   ``/tmp``, ``/run``, ``/root``, ``/workspace``, ``/home/claude``;
 - ``base/out`` on the host is bind-mounted read-write at ``/scratch-out`` inside: the
-  way results get out.
+  way results get out;
+- with ``cgroups`` (host cgroup directories a test made, ``tests/cgroups.py``), PID 1
+  joins them before anything else runs and, unless ``show_cgroups`` is off, sees them
+  at ``/sys/fs/cgroup/<controller>`` as a container sees its own cgroup.
 
 ``spawn()`` starts the same thing in the background and returns a :class:`Spawned`
 with the host PID of the namespace's PID 1, ``nsenter()`` to run more commands inside
@@ -63,6 +68,14 @@ DEFAULT_ENV = {
 }
 
 
+def tool_prefixes() -> list[str]:
+    """Prefixes ``./dev setup`` installs tools into, that the host's /usr/local/bin links
+    point at (the Claude Code CLI, CoreDNS): visible inside at the same paths, read-only,
+    so ``/usr/local/bin/coredns`` works inside as in the image."""
+    return sorted(str(p) for pattern in ("claude-code-*", "coredns-*")
+                  for p in Path("/opt").glob(pattern) if p.is_dir())
+
+
 class ScratchRootError(RuntimeError):
     pass
 
@@ -84,6 +97,12 @@ class ScratchRoot:
     netns: str | None = None
     hostname: str = "codetainer-test"
     root_size: str = "512m"
+    #: host cgroup directories the namespace's PID 1 joins before anything runs, by
+    #: controller ({"memory": "/sys/fs/cgroup/memory/.../ct-test-x"}: tests/cgroups.py)
+    cgroups: Mapping[str, str] = field(default_factory=dict)
+    #: and shown inside at /sys/fs/cgroup/<controller>, as a container runtime binds a
+    #: container's own cgroup (False: the limits hold, the machine cannot see them)
+    show_cgroups: bool = True
 
     def __post_init__(self) -> None:
         self.base = Path(self.base)
@@ -102,12 +121,14 @@ class ScratchRoot:
             "argv": list(argv),
             "env": dict(DEFAULT_ENV if env is None else env),
             "cwd": cwd,
-            "ro_binds": [str(self.project), str(self.venv)],
+            "ro_binds": [str(self.project), str(self.venv), *tool_prefixes()],
             "binds": [list(b) for b in self.binds] + [[str(self.out), OUT, False]],
             "files": {"/etc/passwd": self.passwd, "/etc/group": self.group,
                       "/etc/hostname": self.hostname + "\n", **self.files},
             "hostname": self.hostname,
             "root_size": self.root_size,
+            "cgroups": dict(self.cgroups),
+            "show_cgroups": self.show_cgroups,
             "own_netns": self.netns is None,
             "ready": str(self.out / READY_MARK),
         }
@@ -257,6 +278,8 @@ def inner(spec_path: str) -> None:
     root = Path(spec["root"])
     with open("/proc/self/status") as f:  # still the host's /proc: "NSpid: <host> 1"
         host_pid = next(line.split()[1] for line in f if line.startswith("NSpid:"))
+    for d in spec.get("cgroups", {}).values():  # "0": this process; every later one follows
+        Path(d, "cgroup.procs").write_text("0")
     # 1. the scratch root: a tmpfs private to this mount namespace
     _sh("mount", "--make-rprivate", "/")
     _sh("mount", "-t", "tmpfs", "-o", f"size={spec['root_size']},mode=0755", "scratchroot",
@@ -286,6 +309,11 @@ def inner(spec_path: str) -> None:
     (root / "sys").mkdir()
     _sh("mount", "-t", "sysfs", "-o", "ro,nosuid,nodev,noexec", "sysfs", str(root / "sys"))
     _build_dev(root)
+    if spec.get("cgroups") and spec.get("show_cgroups"):
+        _sh("mount", "-t", "tmpfs", "-o", "mode=0755,size=64k", "cgroups",
+            str(root / "sys" / "fs" / "cgroup"))
+        for controller, d in spec["cgroups"].items():
+            _bind(d, root / "sys" / "fs" / "cgroup" / controller, read_only=False)
     # 6. the project, the venv, the output directory, extra binds
     for src in spec["ro_binds"]:
         _bind(src, _inside(root, src), read_only=True)

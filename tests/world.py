@@ -11,6 +11,10 @@
                                              TCP servers on ports 80, 443, 8443, 22 of every
                                              host; UDP echo on 203.0.113.10:443
 
+``World(fly=True)`` adds Fly's private network (6PN), as a Fly Machine sees it: the
+container gets ``FLY_MACHINE`` (fdaa:0:1::2/48) on ct0, the world ``FLY_PEER`` on ct1 and
+``FLY_OPERATOR`` and ``FLY_RESOLVER`` (fdaa::3, where its dnsmasq answers too) on lo.
+
 The world has no route anywhere else and no link to the host. Use it as a context
 manager (``with World() as w:``) or through the ``world`` fixture defined in a test
 module (``yield from world_fixture()``). Every process started through it is tracked and
@@ -49,7 +53,14 @@ NEVER_HOSTS = tuple(f"192.0.2.{i}" for i in range(10, 21))
 V6_HOSTS = ("fd00:ce:1::10", "fd00:ce:1::11")
 TCP_PORTS = (80, 443, 8443, 22)
 UDP_ECHO = ("203.0.113.10", 443)
+#: where the stand-in for Anthropic's API listens (tests/apistandin.py): no generic server
+API_HOST = "203.0.113.50"
 PYTHON = "/usr/bin/python3"
+# Fly's private network (6PN) under ``World(fly=True)``; fdaa::/16 lies inside fd00::/8.
+FLY_MACHINE = "fdaa:0:1::2"  # the container's 6PN address, on ct0 (/48)
+FLY_PEER = "fdaa:0:1::1"  # the world's end of the link, on ct1
+FLY_OPERATOR = "fdaa:0:f1::1"  # `fly ssh console`, arriving over Fly's WireGuard (world lo)
+FLY_RESOLVER = "fdaa::3"  # Fly's internal DNS: the world's dnsmasq answers there too
 
 _HOLD = r"""
 import socket, sys
@@ -166,13 +177,16 @@ class Prober:
 class World:
     """Build with ``with World() as w``; ``w.inner`` and ``w.world`` are the netns names."""
 
-    def __init__(self, *, ttl: int = 1, servers: bool = True, dns: bool = True) -> None:
+    def __init__(self, *, ttl: int = 1, servers: bool = True, dns: bool = True,
+                 fly: bool = False) -> None:
+        """``fly``: add Fly's 6PN (FLY_* addresses above) to both ends, as on a Fly Machine."""
         suffix = secrets.token_hex(3)
         self.inner = f"ctin-{suffix}"
         self.world = f"ctw-{suffix}"
         self.ttl = ttl
         self._want_servers = servers
         self._want_dns = dns
+        self.fly = fly
         self.procs: list[subprocess.Popen[Any]] = []
         self.dir = Path(tempfile.mkdtemp(prefix="ctworld-"))
         self.hosts_file = self.dir / "hosts"
@@ -223,16 +237,22 @@ class World:
             f"addr add {WORLD_V6}/64 dev ct1 nodad",
             "link set ct1 up",
         ]
-        world += [f"addr add {a}/32 dev lo" for a in (*ALLOWED_HOSTS, *NEVER_HOSTS, UPSTREAM)]
+        world += [f"addr add {a}/32 dev lo"
+                  for a in (*ALLOWED_HOSTS, *NEVER_HOSTS, UPSTREAM, API_HOST)]
         world += [f"addr add {a}/128 dev lo nodad" for a in V6_HOSTS]
+        fly = self.fly
+        if fly:
+            inner.append(f"addr add {FLY_MACHINE}/48 dev ct0 nodad")
+            world.append(f"addr add {FLY_PEER}/48 dev ct1 nodad")
+            world += [f"addr add {a}/128 dev lo nodad" for a in (FLY_OPERATOR, FLY_RESOLVER)]
         _ip("-n", self.inner, "-batch", "-", stdin="\n".join(inner) + "\n")
         _ip("-n", self.world, "-batch", "-", stdin="\n".join(world) + "\n")
         # Static neighbours: IPv6 neighbour discovery on a fresh link costs the first
         # connection a 1 s SYN retransmit; tests measure milliseconds.
         mac_in, mac_world = self._mac(self.inner, "ct0"), self._mac(self.world, "ct1")
         for ns, dev, mac, addrs in (
-            (self.inner, "ct0", mac_world, (WORLD_V4, WORLD_V6)),
-            (self.world, "ct1", mac_in, (INNER_V4, INNER_V6)),
+            (self.inner, "ct0", mac_world, (WORLD_V4, WORLD_V6, *([FLY_PEER] if fly else []))),
+            (self.world, "ct1", mac_in, (INNER_V4, INNER_V6, *([FLY_MACHINE] if fly else []))),
         ):
             for addr in addrs:
                 _ip("-n", ns, "neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent")
@@ -366,7 +386,8 @@ class World:
     # -- servers and DNS ---------------------------------------------------------------
 
     def _start_servers(self) -> None:
-        cfg = json.dumps({"hosts": [*ALLOWED_HOSTS, *NEVER_HOSTS, *V6_HOSTS, WORLD_V6],
+        fly = [FLY_OPERATOR, FLY_PEER] if self.fly else []
+        cfg = json.dumps({"hosts": [*ALLOWED_HOSTS, *NEVER_HOSTS, *V6_HOSTS, WORLD_V6, *fly],
                           "ports": list(TCP_PORTS), "udp": [list(UDP_ECHO)]})  # fmt: skip
         proc = self.spawn_in(self.world, [PYTHON, "-I", "-c", _SERVERS, cfg])
         if _read_line(proc, time.monotonic() + 15, "world servers") != "ready":
@@ -380,6 +401,8 @@ class World:
             "--user=root", "--group=root", "--pid-file=", "--log-facility=-",
             "--cache-size=0",
         ]  # fmt: skip
+        if self.fly:
+            argv.append(f"--listen-address={FLY_RESOLVER}")
         self.dns = self.spawn_in(self.world, argv)
         self._wait_dns(None)
 

@@ -33,6 +33,7 @@ from codetainer.control.server import ControlServer, Request, RequestError, Send
 from codetainer.errors import DaemonHalt, ExitCode
 from codetainer.events import EventBus
 from codetainer.heap import HEAP, settle_heap
+from codetainer.limits.controller import LimitsController
 from codetainer.network.controller import NetworkController
 from codetainer.services.config import ServiceConfigError
 from codetainer.services.manager import ServiceManager, UnknownService
@@ -55,8 +56,9 @@ class Daemon:
         self.ctx = BootContext(settings=settings, events=self.events, services=None, daemon=self)
         self.ctx.services = self.services
         self.network = NetworkController(settings, self.events, self.services)
+        self.limits = LimitsController(settings, self.events, self.services)
         if steps is None:
-            steps = plan.select(plan.all_steps(settings, self.network), names)
+            steps = plan.select(plan.all_steps(settings, self.network, self.limits), names)
             phases = set(plan.PHASES) if names is None else {n for n in names if n in plan.PHASES}
         phases = phases or set()
         self.engine = BootEngine(steps, self.ctx)
@@ -67,7 +69,8 @@ class Daemon:
         if "session" in phases:
             from codetainer.session.tmux import SessionManager
 
-            self.session = SessionManager(settings, self.events, self.ctx.secrets)
+            self.session = SessionManager(settings, self.events, self.ctx.secrets,
+                                          limits=self.limits.exec_limits)
         self.started = time.time()
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.boot_task: asyncio.Task[BootState] | None = None
@@ -106,6 +109,7 @@ class Daemon:
         self._register_ops()
         self.network.register(self.control)
         self.extra_status["network"] = self.network.status
+        self.extra_status["limits"] = self.limits.status
         self.ctx.state.setdefault("reloaders", {})["network"] = self.network.reload
         log.info("daemon_started", version=__version__, pid=os.getpid(), ppid=os.getppid(),
                  steps=[s.name for s in self.engine.steps], socket=self.settings.socket)
@@ -272,6 +276,13 @@ class Daemon:
                 out[name] = fn()
             except Exception as exc:
                 out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            # A part that is degraded now (the DNS server down, every lookup failing) makes
+            # the whole DEGRADED while it lasts, whatever the boot ended as.
+            degraded = out[name].get("degraded") if isinstance(out[name], dict) else None
+            if degraded:
+                out["reasons"] = [*out["reasons"], f"{name}: {degraded}"]
+                if out["state"] == BootState.READY.value:
+                    out["state"] = BootState.DEGRADED.value
         return out
 
     def _daemon_info(self) -> dict[str, Any]:

@@ -8,10 +8,17 @@
 * the container: a scratch root filesystem (read-only binds of the system, the project
   and its venv) in fresh PID, mount, UTS and network namespaces, where ``codetainerd``
   runs as PID 1 and performs the full boot: secrets (stand-in values), tmpfs mounts,
-  allowlist DNS + default-deny firewall + self-test, git/gh/npm credentials, agent
-  settings, read-only root, services, readiness, and the agent's tmux session (the agent
-  command is a login shell unless ``--agent-command`` says otherwise: the Claude Code
-  CLI is not installed here).
+  allowlist DNS (CoreDNS as in the image, built by ``./dev setup`` at the Dockerfile's
+  pin; ``--dns-engine dnsmasq`` for the other engine) + default-deny firewall +
+  self-test, git/gh/npm credentials, agent
+  settings, read-only root, services, readiness, and the agent's tmux session with the
+  real Claude Code CLI in it (``./dev setup`` installs it at the Dockerfile's pin),
+  talking to a stand-in for Anthropic's API in the world (tests/apistandin.py: canned
+  replies, ``RUN: <command>`` asks for a Bash tool call) under its real host name,
+  through the allowlist and the firewall; ``--agent-command`` overrides it.
+
+``-e NAME=VALUE`` (repeatable) puts a variable in the daemon's environment, as ``fly
+machine run -e`` does on Fly (``-e CODETAINER_DNS_ENGINE=dnsmasq``, ``-e FLY_MACHINE_ID=…``).
 
 On a terminal it then runs ``codetainer attach`` inside, as ``fly ssh console`` would;
 detach with ``C-b d``. Otherwise it prints the status. Ctrl-C (or ``codetainer
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,15 +40,45 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    """``["NAME=VALUE", ...]`` -> {NAME: VALUE}, the last one winning; ``ValueError`` says
+    which pair is malformed and why."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not _NAME.match(name):
+            raise ValueError(f"-e {pair[:60]!r} is not NAME=VALUE (NAME: letters, digits and _, "
+                             "not starting with a digit)")
+        if "\0" in value:
+            raise ValueError(f"-e {name}: the value has a NUL byte")
+        env[name] = value
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dev sandbox", description=__doc__.splitlines()[0])
     p.add_argument("--dir", default="/tmp/codetainer-sandbox", help="scratch directory")
     p.add_argument("--steps", default="", help="boot steps to run (default: all)")
-    p.add_argument("--agent-command", default="bash -l", help="command of the agent pane")
+    p.add_argument("--agent-command", default="",
+                   help="command of the agent pane (default: the real Claude Code CLI, "
+                   "talking to the test world's stand-in for Anthropic's API; a login "
+                   "shell when ./dev setup has not installed the CLI)")
     p.add_argument("--no-attach", action="store_true", help="do not attach, just boot")
+    p.add_argument("--dns-engine", choices=("coredns", "dnsmasq"),
+                   default=os.environ.get("CODETAINER_DNS_ENGINE", "coredns"),
+                   help="the DNS engine (default: $CODETAINER_DNS_ENGINE, else coredns as the image)")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="set NAME=VALUE in the daemon's environment, as `fly machine run -e` "
+                   "does (repeatable; wins over the options above)")
     args = p.parse_args(argv)
+    try:
+        extra = parse_env(args.env)
+    except ValueError as exc:
+        print(f"sandbox: {exc}", file=sys.stderr)
+        return 64
     if os.geteuid() != 0:
         print("sandbox: run as root (it creates namespaces)", file=sys.stderr)
         return 64
@@ -56,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     os.chmod(base, 0o755)  # noqa: S103 - the scratch root's binds must be reachable
-    env = {"CODETAINER_AGENT_COMMAND": args.agent_command}
-    with full_boot(env=env, steps=args.steps, base=base) as fb:
+    agent = args.agent_command or ("claude --dangerously-skip-permissions"
+                                   if shutil.which("claude") else "bash -l")
+    env = {"CODETAINER_AGENT_COMMAND": agent, "CODETAINER_DNS_ENGINE": args.dns_engine, **extra}
+    if extra:  # names only: a value may be a secret
+        print(f"sandbox: -e {', '.join(sorted(extra))}", flush=True)
+    with full_boot(env=env, steps=args.steps, base=base, api=True) as fb:
         codetainer = str(Path(sys.executable).parent / "codetainer")
         print(f"sandbox: codetainerd is PID 1 (host pid {fb.proc.pid}); log {fb.log_path}\n"
               f"sandbox: from the host: {codetainer} --socket {fb.socket} status", flush=True)

@@ -49,7 +49,8 @@ class Settings:
                                     "failures in a row restart it)", "15")
     dns_user: str = _opt("user the DNS server runs as (only it may reach upstreams)", "codetainer-dns")
     firewall: str = _opt("firewall backend: auto (probe), nftables, iptables", "auto")
-    ipv6: str = _opt("IPv6 policy: deny, fly, allowlist", "deny")
+    ipv6: str = _opt("IPv6 policy: auto (fly on a Fly Machine, else deny), deny, fly, allowlist",
+                     "auto")
     inbound: str = _opt("published ports (docker -p) that accept inbound connections, comma-separated "
                         "tcp/PORT or udp/PORT (empty: nothing comes in)", "")
     refresh_min_ttl: str = _opt("floor of the per-name refresh interval, seconds", "30")
@@ -84,6 +85,14 @@ class Settings:
     agent_command: str = _opt("command run in the agent pane", "claude --dangerously-skip-permissions")
     agent_restart: str = _opt("agent exit policy: respawn or leave", "respawn")
     plugins: str = _opt("Claude Code plugins to install, comma-separated", "")
+    # limits (README: What the agent can consume)
+    agent_memory: str = _opt("memory limit of the agent's cgroup: a size (3g) or a share of the "
+                             "container's memory (75%)", "75%")
+    agent_pids: str = _opt("most tasks (processes and threads) of the agent: its cgroup's "
+                           "pids.max and each agent process's RLIMIT_NPROC", "4096")
+    agent_nice: str = _opt("nice value of every agent process (0-19)", "10")
+    agent_cpu_weight: str = _opt("CPU weight of the agent's cgroup (cgroup v2 units, 1-10000; "
+                                 "the daemon's is 100)", "20")
 
     def path(self, *parts: str) -> Path:
         return Path(self.root, *parts)

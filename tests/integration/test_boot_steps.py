@@ -52,6 +52,11 @@ def step(report: dict[str, Any], name: str) -> dict[str, Any]:
     return next(s for s in report["steps"] if s["name"] == name)
 
 
+#: the files that hold a token on purpose (docs/credentials.md)
+TOKEN_FILES = {"/home/claude/.config/gh/hosts.yml",
+               "/home/claude/.config/codetainer/claude-oauth-token"}
+
+
 def no_secret_anywhere(report: dict[str, Any], allowed_files: set[str]) -> None:
     for value in (GH_PAT, OAUTH, EMBEDDED_PW):
         assert value not in report["stderr"], "a secret reached a log line"
@@ -102,6 +107,7 @@ def test_boot_without_repository_is_ready_and_locked_down(tmp_path: Path) -> Non
     assert st["/home/claude/go/bin"] == [1000, 1000, "755"]
     assert st["/home/claude/.bashrc"] == [1000, 1000, "644"]
     assert st["/home/claude/.config/gh/hosts.yml"] == [1000, 1000, "600"]
+    assert st["/home/claude/.config/codetainer/claude-oauth-token"] == [1000, 1000, "600"]
     assert st["/home/claude/.claude.json"] == [1000, 1000, "600"]
     assert st["/etc/gitconfig"] == [0, 0, "644"]
     # links: no binaries in /usr/local/bin here, so every link is skipped with a reason
@@ -130,7 +136,7 @@ def test_boot_without_repository_is_ready_and_locked_down(tmp_path: Path) -> Non
     assert a["gh_token"] == GH_PAT, "gh must find the token without GH_TOKEN in the env"
     assert f"password={GH_PAT}" in a["git_credential"]
     assert a["git_user"] == "Claude"
-    no_secret_anywhere(r, {"/home/claude/.config/gh/hosts.yml"})
+    no_secret_anywhere(r, TOKEN_FILES)
     assert r["secret_keys"] == ["CLAUDE_CODE_OAUTH_TOKEN", "GH_PAT", "GH_TOKEN"]
 
 
@@ -159,7 +165,7 @@ def test_clone_of_private_fork_uses_token_adds_upstream_and_snapshots(tmp_path: 
     assert r["agent"]["repo_log"] == "initial commit"
     claude_json = json.loads(r["files"]["/home/claude/.claude.json"])
     assert claude_json["projects"]["/workspace/repo"]["hasTrustDialogAccepted"] is True
-    no_secret_anywhere(r, {"/home/claude/.config/gh/hosts.yml"})
+    no_secret_anywhere(r, TOKEN_FILES)
 
 
 def test_embedded_credentials_are_used_then_stripped(tmp_path: Path) -> None:
@@ -171,7 +177,7 @@ def test_embedded_credentials_are_used_then_stripped(tmp_path: Path) -> None:
     assert EMBEDDED_PW not in json.dumps(snap)
     assert snap["remotes"]["origin"]["url"].startswith("http://127.0.0.1:")
     assert "repo_url_credentials_stripped" in {e.get("event") for e in r["events"]}
-    no_secret_anywhere(r, {"/home/claude/.config/gh/hosts.yml"})
+    no_secret_anywhere(r, TOKEN_FILES)
 
 
 def test_failing_clone_is_degraded_with_reason(tmp_path: Path) -> None:
@@ -185,7 +191,7 @@ def test_failing_clone_is_degraded_with_reason(tmp_path: Path) -> None:
     assert "repository: REPO_URL is set" in step(r, "readiness-degraded")["reason"]
     assert step(r, "readiness")["state"] == "OK"
     assert r["server"]["requests"]["/open/missing.git"] == 1, "not found must not be retried"
-    no_secret_anywhere(r, {"/home/claude/.config/gh/hosts.yml"})
+    no_secret_anywhere(r, TOKEN_FILES)
 
 
 def test_clone_timeouts_are_retried_with_backoff_then_degraded(tmp_path: Path) -> None:
@@ -395,6 +401,7 @@ def _driver(steps_arg: str, report_path: str) -> None:
     watched = ["/tmp", "/workspace", "/home/claude", "/home/claude/.local/bin",
                "/home/claude/go/bin", "/home/claude/.bashrc",
                "/home/claude/.config/gh/hosts.yml", "/home/claude/.claude.json",
+               "/home/claude/.config/codetainer/claude-oauth-token",
                "/etc/gitconfig", "/run/codetainer/remotes.json", "/workspace/repo",
                "/workspace/repo/README.md"]
     report["stat"] = {p: [os.lstat(p).st_uid, os.lstat(p).st_gid,

@@ -1,11 +1,12 @@
 """The daemon's DNS hook, for real, asked names whose labels hold a dot.
 
-codetainerd boots as PID 1 in the test world's inner netns in hook mode (dnsmasq
-standing where CoreDNS would, forwarding ``*.wild.test`` to the hook on
-127.0.0.1:5354). The questions go straight to the hook, raw wire format built with
-dnspython, as a CoreDNS that forwarded them would send them: the two-label name
-``[x.wild][test]`` must be refused and never forwarded; ``a.wild.test`` still resolves
-(any letter case) and its address reaches the dynamic set first.
+codetainerd boots as PID 1 in the test world's inner netns with the CoreDNS engine
+(forwarding ``*.wild.test`` to the hook on 127.0.0.1:5354). The questions go straight to
+the hook from the DNS user (the only uid the firewall lets reach it), raw wire format
+built with dnspython, as a CoreDNS that forwarded them would send them: the two-label
+name ``[x.wild][test]`` must be refused and never forwarded; ``a.wild.test`` still
+resolves (any letter case) and its address reaches the dynamic set first. Any other uid,
+the agent's and root's included, is rejected before it reaches the hook.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ pytestmark = pytest.mark.integration
 
 HOOK = "127.0.0.1:5354"
 WILD = ALLOWED_HOSTS[1]
+DNS_UID = 65534  # start_daemon's CODETAINER_DNS_USER=nobody
 
-# Run in the inner netns (as root, like the DNS server that would forward to the hook):
+# Run in the inner netns (as the DNS user, like the DNS server that forwards to the hook):
 # one question to the hook, the reply's rcode and A records as one line.
 ASK = r"""
 import sys
@@ -44,12 +46,13 @@ print(dns.rcode.to_text(r.rcode()), *sorted(rd.to_text() for rr in r.answer for 
 @pytest.fixture(scope="module")
 def hooked() -> Iterator[tuple[World, DaemonProc]]:
     tmp = Path(tempfile.mkdtemp(prefix="ct-hooklabels-"))
+    tmp.chmod(0o755)  # CoreDNS runs as the DNS user and reads its Corefile under it
     try:
         with World() as world:
             world.set_records("allowed.test", [ALLOWED_HOSTS[0]])  # the self-test's probe
             world.set_records("a.wild.test", [WILD])
             d = start_daemon(world, tmp, "allowed.test\n*.wild.test:443\n",
-                             env={"CODETAINER_DNS_HOOK": HOOK})  # fmt: skip
+                             env={"CODETAINER_DNS_HOOK": HOOK}, engine="coredns")  # fmt: skip
             try:
                 st = wait_boot(d)
                 assert st["state"] == "READY", (st["reasons"], d.log()[-3000:])
@@ -61,10 +64,11 @@ def hooked() -> Iterator[tuple[World, DaemonProc]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ask_hook(world: World, *labels: bytes, proto: str = "udp") -> str:
+def ask_hook(world: World, *labels: bytes, proto: str = "udp", uid: int = DNS_UID) -> str:
     arg = ",".join(label.hex() for label in labels)
-    out = world.run_in(world.inner, [sys.executable, "-c", ASK, arg, HOOK, proto])
-    assert out.returncode == 0, out.stderr
+    out = world.run_in(world.inner, [sys.executable, "-c", ASK, arg, HOOK, proto], uid=uid)
+    if out.returncode != 0:
+        return out.stderr.strip().splitlines()[-1]
     return out.stdout.strip()
 
 
@@ -96,3 +100,18 @@ def test_hook_still_forwards_real_subdomains_in_any_case(hooked: tuple[World, Da
     after = counts(d)
     assert after["answered"] - before["answered"] >= 2 and after["refused"] - before["refused"] == 1
     assert WILD in nft_set(world, "d4_443")
+
+
+@pytest.mark.timeout(120)
+def test_only_the_dns_user_reaches_the_hook(hooked: tuple[World, DaemonProc]) -> None:
+    """The firewall rejects any other uid's packets to the hook (TCP reset, ICMP for UDP):
+    the agent cannot fill the dynamic sets by asking the hook for an allowlisted name."""
+    world, _d = hooked
+    for uid in (1000, 0):
+        for proto in ("udp", "tcp"):
+            got = ask_hook(world, b"a", b"wild", b"test", proto=proto, uid=uid)
+            assert not got.startswith("NOERROR"), (uid, proto, got)
+    # the kernel's record of denied destinations has the hook, for both protocols
+    denied = world.run_in(world.inner, ["nft", "list", "set", "inet", "codetainer", "denied4"]).stdout
+    assert "127.0.0.1 . udp . 5354" in denied and "127.0.0.1 . tcp . 5354" in denied, denied
+    assert ask_hook(world, b"a", b"wild", b"test") == f"NOERROR {WILD}"  # the DNS user's do

@@ -151,9 +151,11 @@ def _secret_leaks(b: Booted, st: dict[str, Any]) -> list[str]:
               if GH_PAT in line or OAUTH in line]
     files = b.inside("grep", "-rlF", "-e", GH_PAT, "-e", OAUTH, "/etc", "/run", "/workspace",
                      "/tmp", "/home", "/root").stdout.split()
-    # the one file that must hold the token: proves the grep searched where it counts
-    assert "/home/claude/.config/gh/hosts.yml" in files
-    leaks += [f for f in files if f != "/home/claude/.config/gh/hosts.yml"]
+    # the files that must hold a token: prove the grep searched where it counts
+    holders = {"/home/claude/.config/gh/hosts.yml",
+               "/home/claude/.config/codetainer/claude-oauth-token"}
+    assert holders <= set(files), files
+    leaks += [f for f in files if f not in holders]
     return leaks
 
 

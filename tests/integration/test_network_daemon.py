@@ -1,10 +1,11 @@
 """The network boot steps for real: codetainerd as PID 1 in the test world's inner netns.
 
-The daemon runs its own dnsmasq (the supervised ``dns`` service, from the config it
+The daemon runs its own DNS server (the supervised ``dns`` service, from the config it
 generated), installs the nftables firewall, resolves the allowlist through its server
-and proves it all from the agent's uid. The world's dnsmasq (``UPSTREAM``) answers for
-every test name, including the names we must refuse, so a refusal can only come from
-our server.
+and proves it all from the agent's uid. Every test runs with both engines (``engine``):
+CoreDNS forwarding the allowlisted zones to the daemon's hook, and dnsmasq filling the
+sets itself. The world's dnsmasq (``UPSTREAM``) answers for every test name, including
+the names we must refuse, so a refusal can only come from our server.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.world import ALLOWED_HOSTS, NEVER_HOSTS, UDP_ECHO, UPSTREAM, V6_HOSTS
 pytestmark = pytest.mark.integration
 
 AGENT = 1000
+ENGINES = ["coredns", "dnsmasq"]
 NET_STEPS = "network-config,dns,firewall,network-selftest,services"
 ALLOWED = ALLOWED_HOSTS[0]  # allowed.test
 WILD = ALLOWED_HOSTS[1]  # a.wild.test
@@ -82,10 +84,12 @@ except OSError as e:
 
 def start_daemon(world: World, tmp: Path, allowlist: str = ALLOWLIST, *,
                  env: dict[str, str] | None = None, steps: str = NET_STEPS,
-                 services: str = SERVICES) -> DaemonProc:
+                 services: str = SERVICES, engine: str = "dnsmasq") -> DaemonProc:
+    """``engine``: set explicitly (``auto`` would pick CoreDNS wherever it is on PATH)."""
     allow = tmp / "domains.conf"
     allow.write_text(allowlist)
     full = {
+        "CODETAINER_DNS_ENGINE": engine,
         "CODETAINER_UPSTREAMS": UPSTREAM,
         "CODETAINER_ALLOWLIST": str(allow),
         "CODETAINER_DNS_USER": "nobody",
@@ -135,8 +139,14 @@ def step(st: dict[str, Any], name: str) -> dict[str, Any]:
     return next(s for s in st["steps"] if s["name"] == name)
 
 
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
+def world(engine: str) -> Iterator[World]:
+    """A fresh world per engine: nothing one daemon did carries over to the other."""
     with World() as w:
         for name, addrs in RECORDS.items():
             w.set_records(name, addrs)
@@ -144,10 +154,10 @@ def world() -> Iterator[World]:
 
 
 @pytest.fixture(scope="module")
-def daemon(world: World) -> Iterator[DaemonProc]:
+def daemon(world: World, engine: str) -> Iterator[DaemonProc]:
     tmp = Path(tempfile.mkdtemp(prefix="ct-netd-"))
     tmp.chmod(0o755)  # the agent's uid reaches the control socket too
-    d = start_daemon(world, tmp)
+    d = start_daemon(world, tmp, engine=engine)
     try:
         yield d
     finally:
@@ -158,19 +168,20 @@ def daemon(world: World) -> Iterator[DaemonProc]:
 # -- boot ----------------------------------------------------------------------------------
 
 
-def test_boot_is_ready_with_every_network_step_ok(daemon: DaemonProc) -> None:
+def test_boot_is_ready_with_every_network_step_ok(daemon: DaemonProc, engine: str) -> None:
     st = wait_boot(daemon)
     assert st["state"] == "READY", (st["reasons"], daemon.log()[-4000:])
     for name in ("network-config", "dns", "firewall", "network-selftest"):
         assert step(st, name)["state"] == "OK", step(st, name)
     assert "refused" in step(st, "network-selftest")["reason"]
     net = st["network"]
-    assert net["engine"] == "dnsmasq" and net["backend"] == "nftables" and net["ipv6"] == "deny"
+    assert net["engine"] == engine and net["backend"] == "nftables" and net["ipv6"] == "deny"
+    assert net["hook"] == ("127.0.0.1#5354" if engine == "coredns" else None)
     assert net["names"] == 1 and net["addresses"] == 1
     assert net["last_refresh"]["ok"] == 1 and net["last_refresh"]["failed"] == 0
     assert 0 <= net["next_refresh_in_s"] <= 5
     assert net["degraded"] is None and net["selftest_ok"] is True
-    assert "DNS dnsmasq on 127.0.0.53" in net["text"] and "1 names, 1 addresses" in net["text"]
+    assert f"DNS {engine} on 127.0.0.53" in net["text"] and "1 names, 1 addresses" in net["text"]
     resolv = Path(daemon.tmp, "resolv.conf").read_text()
     assert "nameserver 127.0.0.53" in resolv
     assert Path(daemon.tmp, "run", "dns", "exec").stat().st_mode & 0o111
@@ -201,7 +212,7 @@ def test_not_allowlisted_and_exact_subdomain_refused_wildcard_allowed(
     assert world.connect(WILD, 80, uid=AGENT)[0] == "ECONNREFUSED"  # the wildcard says :443
     for addr in (DENIED, SUB):
         assert world.connect(addr, 443, uid=AGENT)[0] == "ECONNREFUSED"
-    # The refusals reached status (dnsmasq's log, parsed).
+    # The refusals reached status (the server's log, parsed).
     def refused() -> set[str]:
         return {r["name"] for r in daemon.status()["network"]["refused"]}
     daemon.wait_until(lambda: {"denied.test", "sub.allowed.test", "wild.test"} <= refused(),
@@ -223,10 +234,10 @@ def test_direct_connections_refused_fast_dns_and_udp_blocked(daemon: DaemonProc,
 
 def test_a_name_never_opens_an_internal_address(daemon: DaemonProc, world: World) -> None:
     """DNS rebinding: an allowlisted wildcard whose records point at the metadata address
-    or a private network. dnsmasq turns such answers into NXDOMAIN (``bogus-nxdomain=``,
-    from model.INTERNAL) before its nftset= runs, so nothing inside reaches a set; the
-    firewall still screens internal addresses before the dynamic sets, and the refresh
-    never puts them in a static set."""
+    or a private network. dnsmasq (``bogus-nxdomain=``, from model.INTERNAL) and the
+    CoreDNS engine's hook turn such answers into NXDOMAIN before any set is filled, so
+    nothing inside reaches a set; the firewall still screens internal addresses before
+    the dynamic sets, and the refresh never puts them in a static set."""
     wait_boot(daemon)
     assert world.query("meta.wild.test") == ["169.254.169.254"]  # the upstream does answer
     assert dig(world, "meta.wild.test") == ("NXDOMAIN", [])
@@ -380,16 +391,20 @@ def test_status_names_the_denied_destination_it_resolved(daemon: DaemonProc, wor
     assert f"denied {WILD}:8080/tcp (a.wild.test)" in daemon.status()["network"]["text"]
 
 
-def test_iptables_backend_boots_and_filters(tmp_path: Path) -> None:
+def test_iptables_backend_boots_and_filters(open_tmp: Path, engine: str) -> None:
     with World() as world:
         for name, addrs in RECORDS.items():
             world.set_records(name, addrs)
-        d = start_daemon(world, tmp_path, env={"CODETAINER_FIREWALL": "iptables"})
+        d = start_daemon(world, open_tmp, env={"CODETAINER_FIREWALL": "iptables"}, engine=engine)
         try:
             st = wait_boot(d)
             assert st["state"] == "READY", (st["reasons"], d.log()[-3000:])
             assert st["network"]["backend"] == "iptables"
-            assert "ipset=/allowed.test/ct-d4_80_443" in (tmp_path / "run/dns/dnsmasq.conf").read_text()
+            if engine == "dnsmasq":
+                conf = (open_tmp / "run/dns/dnsmasq.conf").read_text()
+                assert "ipset=/allowed.test/ct-d4_80_443" in conf
+            else:  # the hook fills the ipsets
+                assert "forward . 127.0.0.1:5354" in (open_tmp / "run/dns/Corefile").read_text()
             assert dig(world, "a.wild.test") == ("NOERROR", [WILD])
             assert world.connect(WILD, 443, uid=AGENT)[0] == "connected"  # ipset filled first
             assert world.connect(ALLOWED, 443, uid=AGENT)[0] == "connected"
@@ -451,17 +466,18 @@ def _hostile(world: World, tmp_path: Path) -> None:
         asyncio.run(backend.teardown())
 
 
-def test_failed_selftest_or_dns_start_fails_the_boot(tmp_path: Path) -> None:
+def test_failed_selftest_or_dns_start_fails_the_boot(open_tmp: Path, engine: str) -> None:
     """The fatal network steps after network-config: a self-test that does not come out
     right, and a DNS server that cannot start, each leave boot FAILED with the reason,
     the later steps skipped (no services, no agent), and the default-deny firewall up."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
+    (open_tmp / "a").mkdir()
+    (open_tmp / "b").mkdir()
     with World() as world:
         for name, addrs in RECORDS.items():
             world.set_records(name, addrs)
         # 1. The "denied" probe target is in fact allowed: the self-test must catch it.
-        d = start_daemon(world, tmp_path / "a", env={"CODETAINER_PROBE_DENIED": f"{ALLOWED}:443"})
+        d = start_daemon(world, open_tmp / "a", env={"CODETAINER_PROBE_DENIED": f"{ALLOWED}:443"},
+                         engine=engine)
         try:
             st = wait_boot(d)
             assert st["state"] == "FAILED", st["reasons"]
@@ -475,8 +491,8 @@ def test_failed_selftest_or_dns_start_fails_the_boot(tmp_path: Path) -> None:
             d.close()
         # 2. The DNS server cannot bind its address: BACKOFF, FATAL, boot FAILED.
         once = SERVICES.replace("startretries=5", "startretries=1")
-        d = start_daemon(world, tmp_path / "b", env={"CODETAINER_DNS_LISTEN": NEVER_HOSTS[3]},
-                         services=once)
+        d = start_daemon(world, open_tmp / "b", env={"CODETAINER_DNS_LISTEN": NEVER_HOSTS[3]},
+                         services=once, engine=engine)
         try:
             st = wait_boot(d)
             assert st["state"] == "FAILED", st["reasons"]
@@ -490,7 +506,7 @@ def test_failed_selftest_or_dns_start_fails_the_boot(tmp_path: Path) -> None:
             d.close()
 
 
-def test_a_dns_server_that_stops_answering_is_restarted(tmp_path: Path) -> None:
+def test_a_dns_server_that_stops_answering_is_restarted(open_tmp: Path, engine: str) -> None:
     """A hung server (SIGSTOP: alive to the supervisor, silent to clients) is caught by
     the real health queries and restarted through the supervisor; filtering resumes."""
     import os
@@ -499,13 +515,14 @@ def test_a_dns_server_that_stops_answering_is_restarted(tmp_path: Path) -> None:
     with World() as world:
         for name, addrs in RECORDS.items():
             world.set_records(name, addrs)
-        d = start_daemon(world, tmp_path, env={"CODETAINER_DNS_HEALTH_INTERVAL": "0.3"})
+        d = start_daemon(world, open_tmp, env={"CODETAINER_DNS_HEALTH_INTERVAL": "0.3"},
+                         engine=engine)
         try:
             assert wait_boot(d)["state"] == "READY"
             d.wait_until(lambda: d.service("dns")["state"] == "RUNNING", 5, "dns RUNNING")
             old = d.service("dns")["pid"]
             assert old and dig(world, "allowed.test") == ("NOERROR", [ALLOWED])
-            host_pid = next(p.pid for p in d.descendants() if p.name() == "dnsmasq")
+            host_pid = next(p.pid for p in d.descendants() if p.name() == engine)
             os.kill(host_pid, sig.SIGSTOP)
             assert dig(world, "allowed.test")[0] == "TIMEOUT"
             new = d.wait_until(lambda: (p := d.service("dns")["pid"]) not in (None, old) and p, 20,

@@ -222,7 +222,9 @@ def test_every_forwarded_signal_is_handled_and_survived(tmp_path: Path) -> None:
     (["--steps", "nope"], {}, "codetainerd: unknown boot step(s) nope; known: secrets"),
     ([], {"CODETAINER_SHUTDOWN_TIMEOUT": "soon"},
      "codetainerd: CODETAINER_SHUTDOWN_TIMEOUT='soon' is not a number"),
-], ids=["unknown-option", "unknown-step", "bad-setting"])
+    ([], {"CODETAINER_IPV6": "yes"},
+     "codetainerd: CODETAINER_IPV6='yes' is not a policy: use one of auto, deny, fly, allowlist"),
+], ids=["unknown-option", "unknown-step", "bad-setting", "bad-ipv6"])
 def test_bad_command_line_or_setting_exits_64(tmp_path: Path, extra_args: list[str],
                                               env: dict[str, str], message: str) -> None:
     d = DaemonProc(tmp_path, conf(prog("idle", "sleep 1000")), extra_args=extra_args, env=env)

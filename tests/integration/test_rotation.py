@@ -1,12 +1,12 @@
 """Zero race, for real: CDN-style rotation and set swaps under a continuous prober.
 
 * Rotation: the world's DNS moves an allowed name to the next of 20 addresses every 2 s
-  while the agent resolves it through our server and connects at once: 2,000 attempts
-  over 60 s, not one may fail. Run with dnsmasq filling the sets itself (``nftset=``) and with the CoreDNS
-  design: dnsmasq standing where CoreDNS would, forwarding to the daemon's hook, which
-  inserts the answer's addresses before replying (CoreDNS is not installed here). The
-  refresh task is held at a 30 s floor, so it cannot help within the test: every
-  success is the zero-race path's.
+  (TTL 1 s) while the agent resolves it through our server and connects at once: 2,000
+  attempts over 60 s, not one may fail. Run with both engines: dnsmasq filling the sets
+  itself (``nftset=``), and CoreDNS forwarding to the daemon's hook, which inserts the
+  answer's addresses before replying (CoreDNS's cache in front of it). The refresh task
+  is held at a 30 s floor, so it cannot help within the test: every success is the
+  zero-race path's.
 * Atomicity: 500 refreshes that each swap the static sets while records change under
   them; a prober sees zero failures to an address allowed throughout (present *only* in
   a static set) and zero successes to one never allowed.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_network_daemon import AGENT, start_daemon, wait_boot
+from tests.integration.test_network_daemon import AGENT, ENGINES, start_daemon, wait_boot
 from tests.world import ALLOWED_HOSTS, NEVER_HOSTS, World
 
 pytestmark = pytest.mark.integration
@@ -112,6 +112,7 @@ def rotation_run(world: World, attempts: int, seconds: float) -> dict[str, objec
 @pytest.fixture
 def tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="ct-rot-"))
+    path.chmod(0o755)  # CoreDNS runs as the DNS user and reads its Corefile under it
     try:
         yield path
     finally:
@@ -119,26 +120,24 @@ def tmp() -> Iterator[Path]:
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("mode", ["nftset", "hook"])
-def test_rotation_zero_failures(mode: str, tmp: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rotation_zero_failures(engine: str, tmp: Path) -> None:
     env = {"CODETAINER_REFRESH_MIN_TTL": "30", "CODETAINER_REFRESH_MAX_TTL": "300",
            "CODETAINER_REFRESH_GRACE": "600"}  # fmt: skip
-    if mode == "hook":
-        env["CODETAINER_DNS_HOOK"] = "127.0.0.1:5354"
     with World(ttl=1) as world:
         world.set_records("rot.test", [ROTATION[0]])
-        d = start_daemon(world, tmp, "rot.test\n", env=env)
+        d = start_daemon(world, tmp, "rot.test\n", env=env, engine=engine)
         try:
             st = wait_boot(d)
             assert st["state"] == "READY", (st["reasons"], d.log()[-3000:])
-            conf = (tmp / "run" / "dns" / "dnsmasq.conf").read_text()
-            if mode == "hook":
-                assert "nftset=" not in conf and "server=/rot.test/127.0.0.1#5354" in conf
+            if engine == "coredns":
+                conf = (tmp / "run" / "dns" / "Corefile").read_text()
+                assert "forward . 127.0.0.1:5354" in conf
                 assert st["network"]["hook"] == "127.0.0.1#5354"
             else:
-                assert "nftset=/rot.test/" in conf
+                assert "nftset=/rot.test/" in (tmp / "run" / "dns" / "dnsmasq.conf").read_text()
             result = rotation_run(world, attempts=2000, seconds=60.0)
-            print(f"\n[{mode}] rotation: {result}")
+            print(f"\n[{engine}] rotation: {result}")
             assert result["fail"] == {}, result
             assert result["ok"] == 2000
             # 60 s at 2 s a step: every one of the 20 addresses came round at least once
@@ -147,7 +146,7 @@ def test_rotation_zero_failures(mode: str, tmp: Path) -> None:
             # the 30 s floor: at most the boot tick and two timed ticks, all resolving the
             # name once; the connections that followed each rotation were the zero-race path's
             assert net["refreshes"] <= 3, net
-            if mode == "hook":
+            if engine == "coredns":
                 assert net["hook_counts"]["inserted"] >= len(ROTATION), net["hook_counts"]
         finally:
             d.close()

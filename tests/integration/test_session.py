@@ -258,7 +258,8 @@ async def test_renamed_session_is_still_found(env: Env) -> None:
         assert user is not None
         assert sm.attach_target() == {"socket": env.socket, "id": sid,
                                       "agent_pane": sm.agent_pane, "user": user.name,
-                                      "uid": user.uid, "gid": user.gid, "home": user.home}
+                                      "uid": user.uid, "gid": user.gid, "home": user.home,
+                                      "limits": sm.limits().as_dict()}
         await asyncio.sleep(0.3)
         assert sm.restarts == {"agent": 0, "server": 0}, "a rename is not a loss"
         assert sm.status()["name"] == "fix-flaky-test ✓"

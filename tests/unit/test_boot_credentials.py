@@ -95,3 +95,23 @@ async def test_step_writes_files_token_only_in_hosts(tmp_path: Path,
     assert stat.S_IMODE(hosts.parent.stat().st_mode) == 0o700
     npmrc = (home / ".npmrc").read_text()
     assert "ghp_secret1" not in npmrc and "${GH_TOKEN}" in npmrc
+
+
+async def test_step_leaves_the_claude_token_for_hooks_in_a_private_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claude Code strips its token from its hooks' environment: the session namer's own
+    ``claude -p`` reads it from this file (0600 in a 0700 directory, the agent's)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("CODETAINER_GIT_CONFIG", str(tmp_path / "etc" / "gitconfig"))
+    user = AgentUser("me", os.getuid(), os.getgid(), str(home))
+    ctx = BootContext(Settings(home=str(home)), EventBus(),
+                      secrets={"GH_TOKEN": "ghp_x", "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-t"},
+                      state={"agent_user": user})
+    await credentials.credentials_step().run(ctx)
+    token = home.joinpath(*credentials.CLAUDE_TOKEN_FILE)
+    assert token.read_text() == "sk-ant-oat01-t"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+    for other in (home / ".npmrc", tmp_path / "etc" / "gitconfig"):
+        assert "sk-ant-oat01-t" not in other.read_text()

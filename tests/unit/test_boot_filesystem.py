@@ -19,9 +19,17 @@ def test_tmpfs_plan_defaults() -> None:
     plan = filesystem.tmpfs_plan(Settings(), USER)
     assert [(t.path, t.size, t.mode, t.uid) for t in plan] == [
         ("/workspace", "512m", 0o755, 1000), ("/tmp", "512m", 0o1777, 0),
-        ("/home/claude", "1g", 0o750, 1000)]
+        ("/home/claude", "1g", 0o750, 1000), ("/run/codetainer/tmux", "4m", 0o700, 1000)]
     assert plan[0].data == "size=512m,mode=0755,uid=1000,gid=1000"
     assert plan[1].data == "size=512m,mode=1777,uid=0,gid=0"
+    # the agent's tmux directory gets its own small tmpfs: filling it leaves the daemon's
+    # runtime directory around it alone
+    assert plan[3].data == "size=4m,mode=0700,uid=1000,gid=1000,nr_inodes=256"
+
+
+def test_tmux_directory_outside_the_run_dir_gets_no_mount() -> None:
+    plan = filesystem.tmpfs_plan(Settings(tmux_socket="/tmp/agent.sock"), USER)
+    assert [t.path for t in plan] == ["/workspace", "/tmp", "/home/claude"]
 
 
 @pytest.mark.parametrize("size", ["", "0", "12x", "1g,uid=0", "-1m", "100%%"])

@@ -7,6 +7,7 @@ import ipaddress
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dns.message
 import dns.rcode
@@ -224,7 +225,12 @@ def test_corefile_structure() -> None:
         assert "bind 127.0.0.53" in b.lines
         if name != ".":
             assert "forward . 192.0.2.53:53 [2001:db8::53]:5353" in b.lines
-            assert "cache 60" in b.lines
+            cache = [c for c in b.children if c.header == "cache 60"]
+            # dnsmasq's cache size, upstream TTLs under 5 s kept, a failure not cached
+            assert cache and cache[0].lines == ["success 10000 60 0", "denial 10000 60 0",
+                                                "servfail 0s"]  # fmt: skip
+            log = [c for c in b.children if c.header.startswith("log ")]
+            assert log and log[0].lines == ["class denial error"]  # template NXDOMAIN: error
     # exact: subdomains NXDOMAIN, the name itself falls through to forward
     tpl = [c for c in z["x.com"].children if c.header == "template ANY ANY"]
     assert tpl and tpl[0].lines == ['match "^.+[.]x[.]com[.]$"', "rcode NXDOMAIN", "fallthrough"]
@@ -247,6 +253,32 @@ def test_corefile_ipv6_and_hook() -> None:
     assert "forward . 127.0.0.1:5354" in z["x.com"].lines
     assert not [c for c in z["x.com"].children if c.header == "template IN AAAA"]
     assert {s.name for s in cfg.dynamic_sets} == {"d4_80_443", "d6_80_443"}
+    # the hook screens internal answers as dnsmasq's bogus-nxdomain= does; no hook, no screen
+    assert cfg.screened == screened_networks(al("x.com\n")) and cfg.screened
+    assert generate_corefile(al("x.com\n"), opts()).screened == ()
+
+
+def test_dev_builds_coredns_with_every_plugin_the_corefile_uses() -> None:
+    """``./dev setup`` builds CoreDNS with only COREDNS_PLUGINS: a directive the generator
+    starts using must be added there, or the real server refuses the Corefile."""
+    dev = (Path(__file__).resolve().parents[2] / "dev").read_text()
+    m = re.search(r'^COREDNS_PLUGINS="([a-z0-9 ]+)"$', dev, re.M)
+    assert m, "COREDNS_PLUGINS not found in dev"
+    built = set(m[1].split())
+    text = generate_corefile(al("x.com:443\n*.w.com\nboth.com\n*.both.com\n"),
+                             opts(hook="127.0.0.1:5354")).text  # fmt: skip
+    used: set[str] = set()
+
+    def walk(blocks: list[Block], depth: int) -> None:
+        for b in blocks:
+            if depth == 1:  # a plugin with a block (template, cache, log)
+                used.add(b.header.split()[0])
+            if depth == 0:
+                used.update(ln.split()[0] for ln in b.lines)
+            walk(b.children, depth + 1)
+
+    walk(parse_corefile(text), 0)
+    assert used == built, (used, built)
 
 
 def corefile_decision(text: str, qname: str) -> str:

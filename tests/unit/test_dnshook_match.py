@@ -147,3 +147,79 @@ def test_host_name_is_the_label_text_or_none() -> None:
         assert host_name(labels(odd, b"com")) is None, odd
     assert host_name(labels(b"a" * 63, b"com")) == "a" * 63 + ".com"
 
+
+
+class SlowWriter(SetWriter):
+    """Takes a while per transaction, as ``nft -f`` does; fails when told to."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[dict[str, list[str]]] = []
+        self.fail = fail
+
+    async def add(self, elements: Mapping[str, Sequence[str]]) -> None:
+        self.calls.append({k: list(v) for k, v in elements.items()})
+        await asyncio.sleep(0.01)
+        if self.fail:
+            raise RuntimeError("nft: refused")
+
+
+async def test_concurrent_insertions_share_transactions_and_each_waits_for_its_own() -> None:
+    from codetainer.network.dnshook import BatchedWriter
+
+    inner = SlowWriter()
+    writer = BatchedWriter(inner)
+    first = asyncio.ensure_future(writer.add({"d4_443": ["203.0.113.100"]}))
+    while not inner.calls:  # its transaction is under way
+        await asyncio.sleep(0)
+    adds = [writer.add({"d4_443": [f"203.0.113.{i}"]}) for i in range(50)]
+    await asyncio.gather(first, *adds)  # each returned only after a transaction that held it
+    assert len(inner.calls) == 2, inner.calls  # the first alone, then the 50 that gathered
+    assert inner.calls[1]["d4_443"] == sorted(f"203.0.113.{i}" for i in range(50))
+    assert writer.transactions == len(inner.calls)
+    await writer.add({"d4_443": []})  # nothing to insert: no transaction
+    assert len(inner.calls) == writer.transactions
+
+    failing = BatchedWriter(SlowWriter(fail=True))
+    results = await asyncio.gather(*(failing.add({"d4_443": [f"203.0.113.{i}"]}) for i in range(5)),
+                                   return_exceptions=True)  # fmt: skip
+    assert all(isinstance(r, RuntimeError) for r in results), results  # none was told "done"
+
+
+class Silent(asyncio.DatagramProtocol):
+    """An upstream that is there and never answers (a black-holed resolver)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.received += 1
+
+
+async def test_a_dead_first_upstream_costs_one_short_wait_then_the_live_one_goes_first() -> None:
+    """CoreDNS waits 2 s for the hook (no option in 1.12): the hook must get an answer
+    from the second upstream well inside that, and not wait on the dead one again."""
+    from codetainer.network.dnshook import UPSTREAM_TIMEOUT
+
+    loop = asyncio.get_running_loop()
+    dead, live = Silent(), Upstream()
+    t_dead, _ = await loop.create_datagram_endpoint(lambda: dead, local_addr=("127.0.0.1", 0))
+    t_live, _ = await loop.create_datagram_endpoint(lambda: live, local_addr=("127.0.0.1", 0))
+    ports = [t.get_extra_info("sockname")[1] for t in (t_dead, t_live)]
+    hook = DnsHook("127.0.0.1:0", parse_upstreams([f"127.0.0.1:{p}" for p in ports]),
+                   SetRoutes({"api.github.com": ("d4_80_443",)}), Writer(),
+                   allowed=lambda n: n == "api.github.com", sock_uid=None)  # fmt: skip
+    try:
+        t0 = loop.time()
+        assert (await ask(hook, labels(b"api", b"github", b"com"))).rcode() == dns.rcode.NOERROR
+        first = loop.time() - t0
+        assert UPSTREAM_TIMEOUT <= first < 2.0 - 0.5, first  # CoreDNS would still be waiting
+        t0 = loop.time()
+        for _ in range(3):
+            assert (await ask(hook, labels(b"api", b"github", b"com"))).rcode() == dns.rcode.NOERROR
+        assert loop.time() - t0 < UPSTREAM_TIMEOUT, "waited on the dead upstream again"
+        assert dead.received == 1 and len(live.seen) == 4
+        assert [u.port for u in hook.upstreams] == [ports[1], ports[0]]
+    finally:
+        t_dead.close()
+        t_live.close()
+        await hook.close()

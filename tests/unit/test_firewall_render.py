@@ -195,6 +195,30 @@ def test_internal_screen_sits_between_static_and_dynamic_sets(ipv6: str) -> None
     assert index(lines, "ct-s4_8443 dst -j ACCEPT") < screen < index(lines, "ct-d4_80_443 dst -j ACCEPT")
 
 
+def test_only_the_dns_user_reaches_the_hook() -> None:
+    """The hook (CoreDNS forwards allowlisted names to it; it fills the dynamic sets) is
+    the DNS user's alone: its address and port come from the policy, the rule sits before
+    the loopback accept, in both backends, for the hook's family only."""
+    with pytest.raises(ValueError):
+        pol(dns_hook=("127.0.0.1", 0))
+    with pytest.raises(ValueError):
+        pol(dns_hook=("127.0.0.1; flush ruleset", 5354))
+    rules = rules_of(nft.render_apply(pol(dns_hook=("127.0.0.1", 5354))))
+    hook = index(rules, "ip daddr 127.0.0.1 th dport 5354 meta skuid != 101 goto deny")
+    assert "meta l4proto { tcp, udp }" in rules[hook]
+    assert hook < index(rules, 'oif "lo" accept')
+    six = rules_of(nft.render_apply(pol(dns_hook=("::1", 5399))))
+    assert index(six, "ip6 daddr ::1 th dport 5399 meta skuid != 101 goto deny") < index(six, 'oif "lo"')
+    assert "5354" not in nft.render_apply(pol())  # no hook, no rule
+    lines = ipt.render_rules(pol(dns_hook=("127.0.0.1", 5354)), 4).splitlines()
+    for proto in ("udp", "tcp"):
+        rule = (f"-A CODETAINER-OUT -d 127.0.0.1 -p {proto} --dport 5354 "
+                "-m owner ! --uid-owner 101 -j CODETAINER-DENY")
+        assert index(lines, rule) < index(lines, "-o lo -j ACCEPT")
+    assert "5354" not in ipt.render_rules(pol(dns_hook=("127.0.0.1", 5354)), 6)
+    assert "5354" not in ipt.render_rules(pol(), 4)
+
+
 def test_is_internal() -> None:
     from codetainer.network.model import is_internal
 

@@ -573,3 +573,31 @@ def test_hooks_use_only_the_standard_library() -> None:
         for match in re.finditer(r"^(?:from|import)\s+([A-Za-z_][\w]*)", path.read_text(), re.M):
             module = match.group(1)
             assert module in stdlib or module == "__future__", f"{path.name} imports {module}"
+
+
+def test_namer_hands_claude_its_token_on_a_descriptor_not_the_environment(
+        tmp_path: Path) -> None:
+    """Claude Code strips CLAUDE_CODE_OAUTH_TOKEN from a hook's environment, so the
+    namer's ``claude -p`` would not be logged in: it gets the daemon's token file on a
+    descriptor (CLAUDE_CODE_OAUTH_TOKEN_FILE_DESCRIPTOR), and the token never enters an
+    environment."""
+    home = tmp_path / "home"
+    token = home.joinpath(*namer.TOKEN_FILE)
+    token.parent.mkdir(parents=True)
+    token.write_text("sk-ant-oat01-hooktoken")
+    fake = tmp_path / "claude"
+    fake.write_text("#!/bin/sh\nfd=$CLAUDE_CODE_OAUTH_TOKEN_FILE_DESCRIPTOR\n"
+                    "printf 'fd=%s token=' \"$fd\"; [ -z \"$fd\" ] || cat /dev/fd/$fd; echo\n"
+                    "env | grep -c sk-ant-oat01 || true\n")
+    fake.chmod(0o755)
+    out = namer.ask_model("ctx", {"HOME": str(home), "CODETAINER_CLAUDE_BIN": str(fake),
+                                  "PATH": "/usr/bin:/bin"}, tmp_path)
+    assert out is not None
+    first, count = out.splitlines()
+    assert re.fullmatch(r"fd=\d+ token=sk-ant-oat01-hooktoken", first), out
+    assert count == "0"  # not in the child's environment
+    # a token in the environment (no hook stripped it) is used as it is, no file opened
+    out = namer.ask_model("ctx", {"HOME": str(tmp_path / "nohome"), "PATH": "/usr/bin:/bin",
+                                  "CODETAINER_CLAUDE_BIN": str(fake),
+                                  "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-env"}, tmp_path)
+    assert out is not None and out.startswith("fd= token=")

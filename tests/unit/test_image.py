@@ -236,6 +236,8 @@ def test_packages_users_locale_and_claude_code() -> None:
     for package in (
         "iptables", "nftables", "ipset", "dnsmasq-base", "git", "gh", "curl", "locales",
         "python3", "python3-venv", "ca-certificates",
+        # the agent's toolbox (the reference system's, as far as bookworm has it)
+        "jq", "ripgrep", "fd-find", "bat", "tree", "wget", "unzip", "xxd", "bind9-dnsutils",
     ):
         assert re.search(rf"(?<![\w-]){re.escape(package)}(?![\w-])", final_runs), package
     assert "locale-gen" in final_runs and "en_US.UTF-8" in final_runs
@@ -244,7 +246,14 @@ def test_packages_users_locale_and_claude_code() -> None:
     assert re.search(r"useradd [^&]*--uid 1000 [^&]*\bclaude\b", final_runs)
     assert re.search(r"useradd --system [^&]*\bcodetainer-dns\b", final_runs)
     assert '"@anthropic-ai/claude-code@${CLAUDE_CODE_VERSION}"' in final_runs
-    assert re.fullmatch(r"\d+\.\d+\.\d+", args_defaults()["CLAUDE_CODE_VERSION"])
+    for arg, package in (("CLAUDE_CODE_VERSION", "@anthropic-ai/claude-code"),
+                         ("BUN_VERSION", "bun"), ("TYPESCRIPT_VERSION", "typescript"),
+                         ("TYPESCRIPT_LANGUAGE_SERVER_VERSION", "typescript-language-server")):
+        assert re.fullmatch(r"\d+\.\d+\.\d+", args_defaults()[arg]), arg
+        assert f'"{package}@${{{arg}}}"' in final_runs, package
+    # Debian names them fdfind and batcat; the agent (and the reference) call fd and bat
+    assert "/usr/bin/fdfind /usr/local/bin/fd" in final_runs
+    assert "/usr/bin/batcat /usr/local/bin/bat" in final_runs
 
 
 def test_entrypoint_stopsignal_and_healthcheck() -> None:

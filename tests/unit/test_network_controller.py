@@ -330,39 +330,3 @@ def test_dns_output_feeds_refused_names_and_address_names(tmp_path: Path) -> Non
     assert row is not None and row["count"] == 1 and row["qtype"] == "AAAA"
     assert row["last"] <= time.time()
     assert nc.addr_names.get("203.0.113.7")[0] == "api.test"  # type: ignore[index]
-
-
-async def test_an_unresponsive_dns_server_is_restarted_after_three_checks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from codetainer.network.dnscheck import HealthResult
-    from codetainer.services.states import ProcessState
-
-    class Svc:
-        state = ProcessState.RUNNING
-
-    class Services(NoServices):
-        def get(self, name: str) -> Svc:
-            return Svc()
-
-    nc = NetworkController(settings(tmp_path), EventBus(), Services())  # type: ignore[arg-type]
-    nc.health_interval = 0.0
-    answers = iter(["TIMEOUT", "TIMEOUT", "NXDOMAIN", "TIMEOUT", "TIMEOUT", "TIMEOUT", "NXDOMAIN"])
-    restarts: list[int] = []
-
-    async def health(attempts: int = 1) -> HealthResult:
-        try:
-            rcode = next(answers)
-        except StopIteration:
-            raise asyncio.CancelledError from None
-        up = rcode != "TIMEOUT"
-        return HealthResult("a.test", up, rcode, (), "x.invalid", rcode == "NXDOMAIN", rcode, 0.0)
-
-    async def restart() -> None:
-        restarts.append(1)
-
-    monkeypatch.setattr(nc, "_health", health)
-    monkeypatch.setattr(nc, "_restart_dns", restart)
-    with pytest.raises(asyncio.CancelledError):
-        await nc._watch_dns()
-    assert restarts == [1]  # two failures, an answer (reset), then three in a row

@@ -39,10 +39,12 @@ def test_plain_rendering_has_every_section_and_no_escapes() -> None:
     assert "pane 1 shell  bash pid 41 (dead)" in text
     assert "agent tree: 3 processes, cpu 1.5 %, rss 200M" in text
     assert "attached clients: 1" in text
-    assert "/workspace     [####----] 50%" in text
+    # past 90 % a mount says so in words too (not only in red, which a pipe loses)
+    assert "/workspace     [####----] 50%  FULL SOON: free space, the agent is about to fail" \
+        in text
 
 
 def test_colour_on_a_tty() -> None:
     text = render_status(STATUS, color=True)
     assert "\x1b[33mDEGRADED\x1b[0m" in text
-    assert "\x1b[31m[####----] 50%\x1b[0m" in text  # a nearly full tmpfs stands out
+    assert "\x1b[31m[####----] 50%  FULL SOON" in text  # a nearly full tmpfs stands out

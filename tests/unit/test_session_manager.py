@@ -46,7 +46,8 @@ class FakeManager(SessionManager):
         return "%9\n" if "-P" in args else ""
 
     async def _query(self) -> Snapshot:
-        assert self.next is not None
+        if self.next is None:  # start() looks once; tests set what check() sees
+            raise TmuxGone("no snapshot given")
         if isinstance(self.next, Exception):
             raise self.next
         return self.next
@@ -111,7 +112,9 @@ async def test_start_publishes_ready_and_failure_allows_retry(clock: Clock) -> N
     assert info["exists"] and info["id"] == "$0" and info["reason"] == ""
     assert m.names()[-1] == "session.ready"
     assert m.attach_target() == {"socket": m.socket, "id": "$0", "agent_pane": "%0",
-                                 "user": "claude", "uid": 1000, "gid": 1000, "home": "/h"}
+                                 "user": "claude", "uid": 1000, "gid": 1000, "home": "/h",
+                                 # attach's client runs under the agent's limits too
+                                 "limits": m.limits().as_dict()}
 
 
 async def test_agent_death_respawns_with_growing_backoff(clock: Clock) -> None:
@@ -236,7 +239,8 @@ async def test_session_handler_reports_failure_reason(clock: Clock) -> None:
     assert info == {"exists": False, "socket": m.socket, "id": None, "name": None,
                     "agent_pane": None, "state": "FAILED",
                     "reason": "tmux new-session failed: boom", "hint": "fix it",
-                    "user": "claude", "uid": 1000, "gid": 1000, "home": "/h"}
+                    "user": "claude", "uid": 1000, "gid": 1000, "home": "/h",
+                    "limits": m.limits().as_dict()}
 
 
 @pytest.mark.parametrize("exc", [IndexError("list index out of range"), FileNotFoundError(2, "gone")])

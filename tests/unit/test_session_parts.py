@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import psutil
@@ -100,8 +101,9 @@ def test_tree_sampler_dead_pid() -> None:
 
 def test_parse_plugins_splits_sources_and_plugins() -> None:
     plan = parse_plugins(" anthropics/claude-code, commit-commands@cc,,"
-                         "https://example.com/m.json, lint, commit-commands@cc")
-    assert plan.marketplaces == ("anthropics/claude-code", "https://example.com/m.json")
+                         "https://example.com/m.json, lint, commit-commands@cc, /opt/mkt")
+    assert plan.marketplaces == ("anthropics/claude-code", "https://example.com/m.json",
+                                 "/opt/mkt")
     assert plan.plugins == ("commit-commands@cc", "lint")
     assert plan.commands()[0] == ["plugin", "marketplace", "add", "anthropics/claude-code"]
     assert plan.commands()[-1] == ["plugin", "install", "lint"]
@@ -154,3 +156,15 @@ def test_tmux_conf_has_the_required_settings() -> None:
                    "history-limit", "mouse on", "set-clipboard on", "status off",
                    "remain-on-exit on", 'update-environment ""'):
         assert needle in text, needle
+
+
+def test_wrapper_says_in_the_pane_when_the_agent_program_is_missing() -> None:
+    """sh's own 'not found' is the pane's first line, which tmux's "Pane is dead" line
+    scrolls away: the wrapper's own message starts with an empty line and survives."""
+    missing = pm.wrapper_script("claude-not-installed --x", "/nonexistent/prompt")
+    r = subprocess.run(["sh", "-c", missing], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 127
+    assert r.stderr.startswith("\ncodetainer: claude-not-installed: command not found")
+    present = pm.wrapper_script("echo agent-ran", "/nonexistent/prompt")
+    r = subprocess.run(["sh", "-c", present], capture_output=True, text=True, timeout=10)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "agent-ran\n", "")

@@ -54,6 +54,11 @@ def merge_claude_json(existing: dict[str, Any], dirs: list[str],
     data["hasCompletedOnboarding"] = True
     if skip_permissions:
         data["bypassPermissionsModeAccepted"] = True
+        # 2.1.330 asks once, under --dangerously-skip-permissions, whether auto mode
+        # should become the default ("Make auto mode your default permission mode?"), a
+        # dialog that would hold CLAUDE_PROMPT until a human answers; this is where the
+        # CLI records the answer "No, keep bypass permissions" (seen by answering it).
+        data["hasSeenAutoDefaultNudge"] = True
     projects = dict(data.get("projects") or {})
     for d in dirs:
         entry = dict(projects.get(d) or {})

@@ -9,7 +9,13 @@ or npm's config, on a command line or in a log.
   home tmpfs) holds the token, so ``gh`` (and git through it) works even in a
   subprocess whose ``GH_TOKEN`` was stripped. Exposure: see docs/credentials.md.
 - ``~/.npmrc`` for GitHub Packages refers to ``${GH_TOKEN}``, never the token itself.
+- Claude Code for the agent's hooks: ``~/.config/codetainer/claude-oauth-token`` (0600,
+  the agent's, home tmpfs). Claude Code removes ``CLAUDE_CODE_OAUTH_TOKEN`` from the
+  environment of the hooks it runs, so the session namer's own ``claude -p`` was not
+  logged in (found with the real CLI); the namer hands this file to it on a file
+  descriptor (``CLAUDE_CODE_OAUTH_TOKEN_FILE_DESCRIPTOR``), never in an environment.
 """
+
 
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ from codetainer.boot.filesystem import write_file
 from codetainer.boot.privileges import AgentUser
 
 log = structlog.get_logger("codetainer.boot")
+
+#: where the hooks find the Claude Code token (hooks/session_namer.py reads the same path)
+CLAUDE_TOKEN_FILE = (".config", "codetainer", "claude-oauth-token")
 
 DEFAULT_GIT_NAME = "Claude"
 DEFAULT_GIT_EMAIL = "noreply@anthropic.com"
@@ -127,12 +136,20 @@ async def _run(ctx: BootContext) -> str:
     _own_tree(hosts.parent, home, user.uid, user.gid)
     os.chmod(hosts.parent, 0o700)
 
+    claude_token = ctx.secrets.get("CLAUDE_CODE_OAUTH_TOKEN")
+    if claude_token:
+        token_file = home.joinpath(*CLAUDE_TOKEN_FILE)
+        write_file(token_file, claude_token, 0o600, user.uid, user.gid)
+        _own_tree(token_file.parent, home, user.uid, user.gid)
+        os.chmod(token_file.parent, 0o700)
+
     scopes = [s for s in settings.npm_scopes.split(",") if s.strip()]
     write_file(home / ".npmrc", render_npmrc(scopes), 0o644, user.uid, user.gid)
 
     log.info("credentials_configured", gitconfig=str(gitconfig), gh=bool(gh),
              git_user=name, npm_scopes=scopes)
-    return f"git {gitconfig} ({'gh' if gh else 'env'} helper), gh hosts.yml, .npmrc"
+    return (f"git {gitconfig} ({'gh' if gh else 'env'} helper), gh hosts.yml, .npmrc"
+            + (", claude token for hooks" if claude_token else ""))
 
 
 def credentials_step() -> Step:

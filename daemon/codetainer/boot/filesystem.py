@@ -84,6 +84,7 @@ class MountEntry:
     source: str
     options: frozenset[str]  # per-mount options (ro, nosuid, ...)
     super_options: frozenset[str]  # filesystem options (size=..., mode=..., uid=...)
+    root: str = "/"  # the directory of the filesystem mounted here (a bind mount's source)
 
     @property
     def readonly(self) -> bool:
@@ -118,6 +119,7 @@ def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
                 source=_unescape(b[1]),
                 options=frozenset(a[5].split(",")),
                 super_options=frozenset(b[2].split(",")),
+                root=_unescape(a[3]),
             ))
     return out
 
@@ -148,16 +150,17 @@ def mount_of(path: str | os.PathLike[str]) -> MountEntry:
 
 
 def ensure_writable_run_dir(settings: Settings, size: str = "16m") -> bool:
-    """Give the runtime directory its own tmpfs when it lives on the root filesystem.
+    """Give the runtime directory its own tmpfs unless it already is a mount of its own.
 
-    The read-only-root step would otherwise freeze it (the control socket, generated
-    DNS configs and the remotes snapshot live there). Call this at daemon start, BEFORE
-    the control socket is created: a tmpfs mounted later would hide the socket.
-    Returns True when it mounted.
+    On the root filesystem the read-only-root step would freeze it (the control socket,
+    generated DNS configs and the remotes snapshot live there); on a ``/run`` shared with
+    others (a world-writable ``/run/lock``) the agent could fill it. Call this at daemon
+    start, BEFORE the control socket is created: a tmpfs mounted later would hide the
+    socket. Returns True when it mounted.
     """
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if mount_of(run_dir).mountpoint != "/":
+    if mount_of(run_dir).mountpoint == os.path.realpath(run_dir):
         return False
     mount("codetainer-run", str(run_dir), "tmpfs", MS_NOSUID | MS_NODEV,
           f"size={size},mode=0755")
@@ -175,10 +178,12 @@ class Tmpfs:
     uid: int
     gid: int
     setting: str  # the CODETAINER_* variable that sets the size, for error messages
+    inodes: int | None = None  # nr_inodes (None: the kernel's default, half the RAM pages)
 
     @property
     def data(self) -> str:
-        return f"size={self.size},mode={self.mode:04o},uid={self.uid},gid={self.gid}"
+        inodes = f",nr_inodes={self.inodes}" if self.inodes else ""
+        return f"size={self.size},mode={self.mode:04o},uid={self.uid},gid={self.gid}{inodes}"
 
 
 def tmpfs_plan(settings: Settings, user: AgentUser) -> list[Tmpfs]:
@@ -189,6 +194,12 @@ def tmpfs_plan(settings: Settings, user: AgentUser) -> list[Tmpfs]:
         Tmpfs(settings.home, settings.home_size, 0o750, user.uid, user.gid,
               "CODETAINER_HOME_SIZE"),
     ]
+    tmux_dir = Path(settings.tmux_socket).parent
+    if Path(settings.run_dir) in tmux_dir.parents:
+        # The agent owns its tmux directory: on a small tmpfs of its own, filling it
+        # cannot fill the daemon's runtime directory around it.
+        plan.append(Tmpfs(str(tmux_dir), "4m", 0o700, user.uid, user.gid,
+                          "CODETAINER_TMUX_SOCKET", inodes=256))
     for t in plan:
         if not _SIZE.match(t.size):
             raise StepError(

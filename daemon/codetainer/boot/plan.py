@@ -8,6 +8,7 @@ from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.services.manager import ServiceManager
 
 if TYPE_CHECKING:
+    from codetainer.limits.controller import LimitsController
     from codetainer.network.controller import NetworkController
     from codetainer.settings import Settings
 
@@ -39,7 +40,8 @@ def services_step() -> Step:
                 policy=Policy.DEGRADED, description="start supervised services")
 
 
-def all_steps(settings: Settings, network: NetworkController) -> list[Step]:
+def all_steps(settings: Settings, network: NetworkController,
+              limits: LimitsController | None = None) -> list[Step]:
     """Every boot step, in order (README lists them with their policies)."""
     from codetainer.boot import (
         agent_settings,
@@ -54,6 +56,7 @@ def all_steps(settings: Settings, network: NetworkController) -> list[Step]:
 
     return [
         secrets.secrets_step(),
+        *([limits.step()] if limits is not None else []),
         filesystem.filesystem_step(),
         *network.steps(),
         credentials.credentials_step(),
@@ -61,7 +64,7 @@ def all_steps(settings: Settings, network: NetworkController) -> list[Step]:
         rootfs.rootfs_step(),
         services_step(),
         repository.repository_step(settings),
-        plugins_step(),
+        plugins_step(limits=limits.exec_limits if limits is not None else None),
         *readiness.readiness_steps(network.readiness_checks()),
     ]
 

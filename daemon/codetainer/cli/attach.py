@@ -91,7 +91,7 @@ def dropped_attach(info: dict[str, Any], environ: dict[str, str]) -> tuple[list[
     """
     from shlex import join
 
-    from codetainer.boot.privileges import AgentUser, setpriv_argv
+    from codetainer.boot.privileges import AgentUser, ExecLimits, setpriv_argv
 
     uid, gid = info.get("uid"), info.get("gid")
     if not isinstance(uid, int) or not isinstance(gid, int) or uid <= 0 or gid <= 0:
@@ -101,7 +101,11 @@ def dropped_attach(info: dict[str, Any], environ: dict[str, str]) -> tuple[list[
         raise UnsafeAttach(f"{SCRIPT} (util-linux) is missing: it keeps root's terminal "
                            "away from the agent's tmux client; install bsdutils")
     user = AgentUser(str(info.get("user") or uid), uid, gid, str(info.get("home") or "/"))
-    inner = setpriv_argv(user, tmux_attach_argv(info))
+    try:  # the client is the agent's too: its limits, its cgroup (a server can make it exec)
+        limits = ExecLimits.from_dict(info.get("limits"))
+    except ValueError as exc:
+        raise UnsafeAttach(str(exc)) from None
+    inner = setpriv_argv(user, tmux_attach_argv(info), limits)
     env = {k: environ[k] for k in CLIENT_ENV if k in environ}
     env.update(PATH=environ.get("PATH") or "/usr/bin:/bin", SHELL="/bin/sh", HOME=user.home)
     # -q no banner, -e the client's exit status, -f no buffering; the typescript is discarded.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 COLORS = {"green": "32", "yellow": "33", "red": "31", "dim": "2", "bold": "1", "cyan": "36"}
@@ -84,7 +85,51 @@ def render_status(st: dict[str, Any], color: bool = False) -> str:
     if isinstance(sess, dict):
         out.append(paint("session", "bold", color))
         out.extend(render_session(sess, color))
+    limits = st.get("limits")
+    if isinstance(limits, dict) and limits.get("text"):
+        out.append(paint("limits", "bold", color))
+        out.extend(render_limits(limits, color))
     return "\n".join(out)
+
+
+def _mib(n: Any) -> str:
+    return "?" if not isinstance(n, int) else f"{n / 2**20:.0f} MiB"
+
+
+def render_limits(lim: dict[str, Any], color: bool = False) -> list[str]:
+    """What the agent may consume and who the OOM killer takes (codetainer.limits)."""
+    lines = [f"  {lim['text']}"]
+    cg = lim.get("cgroup") or {}
+    parts = []
+    if cg.get("memory"):
+        parts.append(f"memory {_mib(cg['memory'].get('current'))} of {_mib(cg['memory']['max'])}")
+    if cg.get("pids"):
+        pids = cg["pids"]
+        parts.append(f"tasks {pids.get('current', '?')} of {pids['max']}"
+                     + (f" (forks refused: {pids['refused']})" if pids.get("refused") else ""))
+    if cg.get("cpu_weight") is not None:
+        parts.append(f"cpu weight {cg['cpu_weight']} (the daemon's 100)")
+    if parts:
+        lines.append("  agent cgroup: " + ", ".join(parts))
+    proc = lim.get("process") or {}
+    lines.append(f"  each agent process: nproc {proc.get('nproc')}, nice {proc.get('nice')}, "
+                 f"oom_score_adj {proc.get('oom_score_adj')}")
+    scores = lim.get("oom_score_adj") or {}
+    lines.append("  oom_score_adj: " + ", ".join(f"{k} {v}" for k, v in scores.items()))
+    if lim.get("oom_note"):
+        lines.append(paint(f"  ({lim['oom_note']})", "dim", color))
+    oom = lim.get("oom_kills")
+    if isinstance(oom, dict):
+        where = "the agent's" if oom.get("scope") == "agent" else "machine-wide"
+        if not oom.get("count"):
+            lines.append(f"  OOM kills ({where}): none")
+        else:
+            when = time.strftime("%H:%M:%S", time.localtime(float(oom.get("last") or 0)))
+            what = oom.get("command") or \
+                f"command unknown: {oom.get('kernel_log') or 'not in the kernel log'}"
+            lines.append(paint(f"  OOM kills ({where}): {oom['count']}, last at {when} ({what})",
+                               "red", color))
+    return lines
 
 
 def render_session(s: dict[str, Any], color: bool = False) -> list[str]:
@@ -104,7 +149,8 @@ def render_session(s: dict[str, Any], color: bool = False) -> list[str]:
     clients = s.get("clients") or []
     lines.append(f"    attached clients: {len(clients)}")
     for m in s.get("mounts") or []:
-        bar = str(m.get("bar", ""))
+        bar = str(m.get("bar", "")) + ("  FULL SOON: free space, the agent is about to fail"
+                                       if m.get("warn") else "")
         lines.append(f"    {m.get('path', ''):<14} " + paint(bar, "red" if m.get("warn") else None,
                                                           color))
     return lines

@@ -105,6 +105,11 @@ def _sweep(is_pid1: bool) -> None:
 def _run_daemon(argv: list[str]) -> NoReturn:
     code = 1
     try:
+        # codetainer.limits: the OOM killer takes the agent first, the daemon last but
+        # for the init (only root may lower it; status shows what each process has)
+        from codetainer.limits import DAEMON_OOM_SCORE_ADJ, set_oom_score_adj
+
+        set_oom_score_adj(DAEMON_OOM_SCORE_ADJ)
         from codetainer.daemon import main as daemon_main
 
         code = daemon_main(argv)
@@ -123,6 +128,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         _run_daemon(argv)
     is_pid1 = os.getpid() == 1
+    from codetainer.limits import INIT_OOM_SCORE_ADJ, set_oom_score_adj
+
+    set_oom_score_adj(INIT_OOM_SCORE_ADJ)  # the daemon inherits it, then raises its own
     if not is_pid1 and not _prctl(PR_SET_CHILD_SUBREAPER, 1):
         sys.stderr.write("codetainerd: cannot become a child subreaper; orphans will not be "
                          "reaped by us\n")

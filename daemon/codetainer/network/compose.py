@@ -36,11 +36,11 @@ from codetainer.network.dnsconfig import (
 from codetainer.network.dnshook import DEFAULT_HOOK, domain_sets, set_ports
 from codetainer.network.firewall import (
     INBOUND_FORM,
-    IPV6_POLICIES,
     FirewallPolicy,
     InboundPort,
     parse_inbound,
 )
+from codetainer.network.flyenv import FlyEvidence, choose_ipv6, parse_ipv6_setting
 
 if TYPE_CHECKING:
     from codetainer.settings import Settings
@@ -70,6 +70,8 @@ class NetOptions:
     run_dir: Path
     #: published ports that accept inbound connections (``CODETAINER_INBOUND``)
     inbound: tuple[InboundPort, ...] = ()
+    #: why ``ipv6`` is what it is (``auto``'s evidence, or the setting)
+    ipv6_why: str = ""
 
     @property
     def exec_path(self) -> Path:
@@ -86,11 +88,10 @@ class NetOptions:
         return max(1, min(86400, round(self.max_ttl)))
 
 
-def parse_options(settings: Settings, engine: Engine) -> NetOptions:
+def parse_options(settings: Settings, engine: Engine, fly: FlyEvidence | None = None) -> NetOptions:
+    """``fly``: what :func:`flyenv.read_evidence` found, for ``CODETAINER_IPV6=auto``."""
     upstreams = parse_upstreams(settings.upstreams)
-    ipv6 = settings.ipv6.strip().lower()
-    if ipv6 not in IPV6_POLICIES:
-        raise ValueError(f"CODETAINER_IPV6={settings.ipv6[:20]!r}: use one of {', '.join(IPV6_POLICIES)}")
+    ipv6 = choose_ipv6(parse_ipv6_setting(settings.ipv6), fly)
     min_ttl = settings.number("refresh_min_ttl")
     max_ttl = settings.number("refresh_max_ttl")
     grace = settings.number("refresh_grace")
@@ -128,11 +129,17 @@ def parse_options(settings: Settings, engine: Engine) -> NetOptions:
         hook = DEFAULT_HOOK if engine is Engine.COREDNS else None
     if hook is not None:
         parse_upstream(hook)
+    if engine is Engine.COREDNS and shutil.which(COREDNS_BIN) is None:
+        raise ValueError(
+            "CODETAINER_DNS_ENGINE picks CoreDNS but no `coredns` is on PATH: install it "
+            "(the image has /usr/local/bin/coredns; ./dev setup builds it) or set "
+            "CODETAINER_DNS_ENGINE=dnsmasq"
+        )
     return NetOptions(
-        engine=engine, listen=settings.dns_listen, upstreams=upstreams, ipv6=ipv6,
+        engine=engine, listen=settings.dns_listen, upstreams=upstreams, ipv6=ipv6.policy,
         min_ttl=min_ttl, max_ttl=max_ttl, grace=grace, dns_user=settings.dns_user,
         dns_uid=pw.pw_uid, dns_gid=pw.pw_gid, dns_group=group, hook=hook,
-        run_dir=Path(settings.run_dir), inbound=inbound,
+        run_dir=Path(settings.run_dir), inbound=inbound, ipv6_why=ipv6.why,
     )  # fmt: skip
 
 
@@ -221,9 +228,11 @@ def build_policy(
     groups: dict[Ports, list[str]] = {p: list(plan.fixed.get(p, ())) for p in plan.groups}
     for ports, addrs in contents.items():
         groups.setdefault(ports, []).extend(addrs)
+    hook = parse_upstream(opts.hook) if opts.hook else None
     return FirewallPolicy.build(
         groups, dns_uid=opts.dns_uid, upstreams=[u.ip for u in opts.upstreams],
         ipv6=opts.ipv6, dynamic_timeout=plan.config.set_timeout, inbound=opts.inbound,
+        dns_hook=(hook.ip, hook.port) if hook else None,
     )  # fmt: skip
 
 

@@ -8,7 +8,8 @@ Boot steps (all fatal, in order; any failure leaves boot FAILED and the agent un
   default deny, only the allowlisted networks, the dynamic sets empty but present (the
   DNS server writes into them from its first answer);
 * ``dns``: start the supervised ``dns`` service (and, for CoreDNS, the forwarding hook
-  first), prove it filters with real queries, point resolv.conf at it;
+  first), prove it filters with real queries, point resolv.conf at it, and put it under
+  the guard that never lets it stay down (:mod:`.dnsguard`);
 * ``firewall``: resolve every name through it, fill the static sets, start the refresh
   task;
 * ``network-selftest``: from the agent's uid, an allowlisted target connects, a denied
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +57,7 @@ from codetainer.network.dnsconfig import (
     detect_engine,
     parse_coredns_log_line,
 )
+from codetainer.network.dnsguard import DnsGuard
 from codetainer.network.dnshook import DnsHook, IpsetWriter, NftSetWriter, SetRoutes, SetWriter
 from codetainer.network.firewall import (
     Denied,
@@ -66,6 +69,7 @@ from codetainer.network.firewall import (
     probe_backend,
     self_test,
 )
+from codetainer.network.flyenv import fly_environ, gather, parse_ipv6_setting
 from codetainer.network.github_meta import GithubRanges, MetaSource, load_github_ranges
 from codetainer.network.ops import NetworkOps
 from codetainer.network.refresh import Contents, Refresher
@@ -113,10 +117,14 @@ class NetworkController:
         self.denied_at: float | None = None
         self.health: dnscheck.HealthResult | None = None
         self.selftest: SelfTestResult | None = None
+        self.guard: DnsGuard | None = None
         self.notes: dict[str, str] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._listening = False
         self.health_interval = 15.0
+        # At start, so a bad value exits 64; Fly's variables as the daemon got them.
+        self.ipv6_setting = parse_ipv6_setting(settings.ipv6)
+        self.fly_env = fly_environ(os.environ)
 
     # -- boot steps ------------------------------------------------------------------
 
@@ -151,7 +159,9 @@ class NetworkController:
                 "nothing was opened, the agent will not start",
             ) from None
         try:
-            opts = parse_options(s, detect_engine(s.dns_engine))
+            fly = await gather(self.fly_env) if self.ipv6_setting == "auto" else None
+            opts = parse_options(s, detect_engine(s.dns_engine), fly)
+            log.info("network_ipv6_policy", policy=opts.ipv6, reason=opts.ipv6_why)
             self.health_interval = s.number("dns_health_interval")
             if not 0.1 <= self.health_interval <= 3600:
                 raise ValueError(f"CODETAINER_DNS_HEALTH_INTERVAL={s.dns_health_interval!r}: "
@@ -183,7 +193,8 @@ class NetworkController:
             self._listening = True
         nets = sum(len(v) for v in plan.fixed.values())
         return (f"{len(plan.names)} names, {len(allow.wildcards)} wildcards, {nets} networks; "
-                f"DNS {opts.engine.value}, firewall {backend.name} (default deny)")  # fmt: skip
+                f"DNS {opts.engine.value}, firewall {backend.name} (default deny), "
+                f"IPv6 {opts.ipv6}")  # fmt: skip
 
     def _make_plan(self, allow: Allowlist) -> NetworkPlan:
         assert self.opts is not None and self.backend is not None
@@ -210,8 +221,8 @@ class NetworkController:
             writer = self._writer()
             hook = DnsHook(opts.hook, opts.upstreams, SetRoutes(plan.domain_sets), writer,
                            allowed=self._allowed_name, sock_uid=opts.dns_uid,
-                           on_refused=self.refused.record,
-                           on_answer=self._on_hook_answer)  # fmt: skip
+                           on_refused=self.refused.record, on_answer=self._on_hook_answer,
+                           screened=plan.config.screened)  # fmt: skip
             try:
                 await hook.start()
             except OSError as exc:
@@ -228,13 +239,33 @@ class NetworkController:
         health = await self._health(attempts=10)
         if not health.ok:
             raise StepError(f"the DNS server does not filter as it must: {health.reason}",
-                            "see the dns service's output in `codetainer status`")
+                            self._dns_hint(health))
         try:
             write_resolv_conf(Path(self.settings.resolv_conf), opts.listen)
         except OSError as exc:
             raise StepError(f"cannot write {self.settings.resolv_conf}: {exc}") from None
+        if self.guard is None:
+            self.guard = DnsGuard(self.services, self.events, lambda t: self._health(timeout=t),
+                                  self._restart_dns, interval=self.health_interval)
+        self._spawn("dns-guard", self.guard.run())
         return (f"{opts.engine.value} on {opts.listen}: {health.reason} "
                 f"({health.latency * 1000:.0f} ms); {self.settings.resolv_conf} points at it")
+
+    def _dns_hint(self, health: dnscheck.HealthResult) -> str:
+        """What to look at when the server does not answer an allowlisted name: with the
+        hook in the path, which side of it failed."""
+        see = "see the dns service's output in `codetainer status`"
+        hook = self.hook
+        if hook is None or health.answered:
+            return see
+        where = f"the daemon's DNS hook on {hook.host}:{hook.port}"
+        if not hook.counts["queries"]:
+            return (f"the DNS server never reached {where}: check CODETAINER_DNS_HOOK and "
+                    f"the forward lines of its config; {see}")
+        ups = ",".join(u.hostport for u in hook.upstreams)
+        return (f"{where} got {hook.counts['queries']} queries, {hook.counts['servfail']} failed: "
+                f"check that the upstreams answer (CODETAINER_UPSTREAMS={ups}) and the daemon "
+                "log's dns_hook_* events")
 
     async def _start_dns(self) -> None:
         """Start the ``dns`` service and return as soon as it serves.
@@ -267,18 +298,20 @@ class NetworkController:
 
     async def _restart_dns(self) -> None:
         svc = self.services.get("dns")
-        await svc.stop_and_wait()
-        await self._start_dns()
+        with self.guard.planned() if self.guard else contextlib.nullcontext():
+            await svc.stop_and_wait()
+            await self._start_dns()
         health = await self._health(attempts=10)
         if not health.ok:
             log.error("dns_unhealthy_after_restart", reason=health.reason)
 
-    async def _health(self, attempts: int = 1) -> dnscheck.HealthResult:
+    async def _health(self, attempts: int = 1, timeout: float = 2.0) -> dnscheck.HealthResult:
         opts, plan, _ = self._ready()
         probe = plan.allowlist.names[0] if plan.allowlist.names else None
         result: dnscheck.HealthResult | None = None
         for i in range(attempts):
-            result = await dnscheck.check_dns(opts.listen, 53, probe or dnscheck.DENIED_PROBE, timeout=2.0)
+            result = await dnscheck.check_dns(opts.listen, 53, probe or dnscheck.DENIED_PROBE,
+                                              timeout=timeout)
             if probe is None:  # only wildcards and networks: the filter is what we can prove
                 result = dataclasses.replace(result, answered=True, allowed_rcode="(no exact name)")
             if result.ok:
@@ -286,28 +319,9 @@ class NetworkController:
             await asyncio.sleep(min(0.2 * 2**i, 2.0))
         assert result is not None
         self.health = result
+        if self.guard is not None:
+            self.guard.observe(result)
         return result
-
-    async def _watch_dns(self) -> None:
-        """Real queries every ``CODETAINER_DNS_HEALTH_INTERVAL`` s; a server that stops answering at all (not
-        an upstream outage: then it still answers NXDOMAIN for the probe) is restarted
-        through the supervisor after three failed checks in a row."""
-        failures = 0
-        while True:
-            await asyncio.sleep(self.health_interval)
-            if self.services.get("dns").state is not ProcessState.RUNNING:
-                continue  # the supervisor is already restarting it
-            health = await self._health()
-            if health.nxdomain:
-                failures = 0
-                continue
-            failures += 1
-            log.warning("dns_health_failed", reason=health.reason, failures=failures)
-            if failures >= 3:
-                failures = 0
-                log.error("dns_restart", reason=health.reason)
-                with contextlib.suppress(StepError):
-                    await self._restart_dns()
 
     async def _step_firewall(self, ctx: BootContext) -> str:
         opts, plan, backend = self._ready()
@@ -321,7 +335,6 @@ class NetworkController:
         self._spawn("refresh", self.refresher.run())
         self._spawn("denied", self._poll_denied())
         self._spawn("grants", self.ops.expire())
-        self._spawn("dns-health", self._watch_dns())
         nxt = self.refresher.figures()["next_refresh_in_s"]
         note = "; ALL LOOKUPS FAILED, only networks allowed" if report.all_failed else ""
         return (f"{report.ok}/{report.names} names resolved, {report.addresses} addresses allowed "
@@ -498,6 +511,7 @@ class NetworkController:
             dns_changed = self._write_dns(plan)
             if self.hook is not None:
                 self.hook.routes = SetRoutes(plan.domain_sets)
+                self.hook.screened = plan.config.screened
             restart_error = None
             if dns_changed:
                 try:

@@ -3,7 +3,7 @@
 Only validated allowlist entries (``[a-z0-9.-]`` names) and values parsed here
 (addresses, ports, user names) are written; nothing else reaches a config.
 
-dnsmasq (verified with 2.90 real queries, ``tests/integration/test_dnsmasq_real.py``):
+dnsmasq (verified with 2.90 real queries, ``tests/integration/test_dns_engines.py``):
 
 * ``address=/#/`` answers NXDOMAIN for every name no more specific line claims;
 * exact ``N``: ``server=/N/UP`` forwards N *and its subdomains*, so
@@ -30,12 +30,25 @@ dnsmasq (verified with 2.90 real queries, ``tests/integration/test_dnsmasq_real.
 * refused names: ``log-queries=extra`` to stderr; :func:`parse_dnsmasq_log_line`
   turns ``config NAME is NXDOMAIN`` lines into :class:`RefusedQuery`.
 
-CoreDNS: one server block per domain (zones match subdomains, so an exact entry's
-block starts with a ``template`` that answers NXDOMAIN for ``^.+[.]N[.]$`` and falls
-through otherwise; a wildcard-only block refuses its apex the same way), a catch-all
-``.`` block answering NXDOMAIN, ``template IN AAAA`` (empty NOERROR) unless IPv6 is
-on, ``cache MAX_TTL``, and ``forward`` to the upstreams or, for the zero-race path, to
-the daemon's forwarding hook. Denials are logged as ``CT_DENIAL <kind> <zone> ...``.
+CoreDNS (verified with 1.12.1, built by ``./dev setup``, real queries in
+``tests/integration/test_dns_engines.py``): one server block per domain (zones match
+subdomains label by label, so an exact entry's block starts with a ``template`` that
+answers NXDOMAIN for ``^.+[.]N[.]$`` and falls through otherwise; a wildcard-only block
+refuses its apex the same way; the query name the regex sees is lower-cased, escapes
+such as ``a\\.b`` kept), a catch-all ``.`` block answering NXDOMAIN, ``template IN
+AAAA`` (empty NOERROR) unless IPv6 is on, and ``forward`` to the upstreams or, for the
+zero-race path, to the daemon's forwarding hook (which fills the dynamic sets and turns
+internal answers into NXDOMAIN, as dnsmasq's ``bogus-nxdomain=`` does).
+
+* ``cache MAX_TTL``: CoreDNS caps the TTL of the reply it forwards too, so clients are
+  told at most ``max_ttl`` as with dnsmasq and the same set timeout holds. ``success``/
+  ``denial 10000 MAX_TTL 0``: dnsmasq's cache size, and a shorter upstream TTL is kept
+  as it is (CoreDNS raises one under 5 s to 5 s by default, which hides a CDN's
+  rotation from clients); ``servfail 0s``: a failed insertion or an upstream outage is
+  not served from the cache (5 s by default), the next query tries again;
+* refused names: ``log`` lines ``CT_DENIAL <kind> <zone> <client> <type> <name>
+  <rcode>`` (:func:`parse_coredns_log_line`). ``class denial error``: a template's
+  NXDOMAIN carries no SOA, which CoreDNS classes as an *error*, not a denial.
 """
 
 from __future__ import annotations
@@ -173,7 +186,8 @@ class GeneratedConfig:
     set_timeout: int
     #: the dynamic sets referenced by the config (dnsmasq) or owed by the hook (CoreDNS)
     dynamic_sets: tuple[DynamicSet, ...]
-    #: dnsmasq: answers with an address in these become NXDOMAIN before any set is filled
+    #: answers with an address in these become NXDOMAIN before any set is filled (dnsmasq
+    #: ``bogus-nxdomain=``; CoreDNS: the daemon's hook)
     screened: tuple[IPNetwork, ...] = ()
 
 
@@ -356,10 +370,12 @@ def generate_corefile(allowlist: Allowlist, options: DnsOptions) -> GeneratedCon
         if not options.ipv6:
             out += ["    template IN AAAA {", "        rcode NOERROR", "    }"]
         out.append(f"    forward . {forward}")
-        out.append(f"    cache {options.max_ttl}")
+        ttl = options.max_ttl
+        out += [f"    cache {ttl} {{", f"        success 10000 {ttl} 0", f"        denial 10000 {ttl} 0",
+                "        servfail 0s", "    }"]  # fmt: skip
         out += [
             f'    log . "CT_DENIAL {kind} {d.name} {{remote}} {{type}} {{name}} {{rcode}}" {{',
-            "        class denial",
+            "        class denial error",
             "    }",
             "}",
         ]
@@ -376,8 +392,10 @@ def generate_corefile(allowlist: Allowlist, options: DnsOptions) -> GeneratedCon
     ]
     text = "\n".join(out) + "\n"
     _check_chars(text)
+    # Without the hook CoreDNS fills no set (and the firewall denies INTERNAL anyway).
+    screened = screened_networks(allowlist) if options.hook else ()
     return GeneratedConfig(
-        Engine.COREDNS, text, set_timeout_for(options.max_ttl), tuple(used.values())
+        Engine.COREDNS, text, set_timeout_for(options.max_ttl), tuple(used.values()), screened
     )
 
 

@@ -11,10 +11,15 @@ allowlisted zone to this small forwarder inside the daemon (UDP and TCP, by defa
    followed by ``com`` is not under ``*.githubusercontent.com`` (dnsmasq 2.90 answers
    such a name REFUSED);
 2. forwards the query, byte for byte, to the upstream resolvers in order;
-3. adds every A/AAAA address of the answer (the whole CNAME chain) to the dynamic
-   set(s) of the name's domain, in **one** firewall transaction, and only then
-4. replies. If the insertion fails the client gets SERVFAIL (and retries): an address
-   is never handed out before it is allowed.
+3. refuses (NXDOMAIN) an answer any A/AAAA record of which (the whole CNAME chain)
+   points into the screened networks (``model.INTERNAL`` less what an explicit CIDR
+   entry opens, :func:`~codetainer.network.dnsconfig.screened_networks`), as dnsmasq's
+   ``bogus-nxdomain=`` does: DNS rebinding gets no answer at all, not just no set entry;
+4. adds every A/AAAA address of the answer to the dynamic set(s) of the name's domain,
+   in **one** firewall transaction (shared with the answers that arrive meanwhile:
+   :class:`BatchedWriter`), and only then
+5. replies. If the insertion fails the client gets SERVFAIL (and retries; the Corefile
+   does not cache SERVFAIL): an address is never handed out before it is allowed.
 
 The sets a name's addresses go to are the ones dnsmasq's ``nftset=`` lines would use
 (longest matching domain wins), read from a generated dnsmasq config, so both engines
@@ -28,8 +33,11 @@ switched to the DNS user (``setfsuid`` around ``socket()``, which is per thread)
 kernel records that uid as the socket owner, and the firewall's existing "DNS user to
 upstream port 53" rule covers the hook with no extra rule.
 
-Tested for real with dnsmasq standing in CoreDNS's position (``server=/name/127.0.0.1#5354``,
-no ``nftset=`` lines), since CoreDNS is not installed here.
+Only the DNS server's user may send it a query: the firewall rejects loopback packets to
+the hook's address and port from any other uid (``FirewallPolicy.dns_hook``).
+
+Tested for real behind CoreDNS 1.12.1 (and behind dnsmasq standing in CoreDNS's
+position, ``server=/name/127.0.0.1#5354`` with no ``nftset=`` lines).
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ import dns.rdatatype
 import structlog
 
 from codetainer.network import model
+from codetainer.network.allowlist import IPNetwork
 from codetainer.network.dnsconfig import Upstream
 from codetainer.network.firewall import Runner, parse_address, rendered
 from codetainer.network.model import is_internal
@@ -61,6 +70,10 @@ from codetainer.streams import close_writer
 log = structlog.get_logger("codetainer.network")
 
 DEFAULT_HOOK = "127.0.0.1:5354"
+#: seconds the hook waits for one upstream. CoreDNS's ``forward`` gives the hook 2 s per
+#: try (fixed in 1.12: no option) and retries until 5 s: with a dead first upstream the
+#: next must still answer inside those 2 s. The upstream that answered goes first then.
+UPSTREAM_TIMEOUT = 0.8
 _SET_NAME = re.compile(r"[ds][46]_[0-9_]{1,90}\Z")
 _NFTSET = re.compile(r"^nftset=/([a-z0-9.-]+)/(\S+)$")
 #: a query label made only of what host names are made of (allowlist._LABEL's
@@ -138,6 +151,52 @@ def _checked(elements: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
         if addrs:
             out[name] = sorted({rendered(parse_address(a)) for a in addrs})
     return out
+
+
+class BatchedWriter(SetWriter):
+    """Concurrent ``add`` calls share one transaction: while one runs, the next batch
+    gathers, and each caller returns only once the transaction holding its elements has
+    been applied (or raises its error). A refresh of 1,000 names through the hook is then
+    a few ``nft`` runs, not one per answer (measured: README, Benchmarks)."""
+
+    def __init__(self, inner: SetWriter) -> None:
+        self.inner = inner
+        self._pending: dict[str, set[str]] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        #: transactions run (the tests read it)
+        self.transactions = 0
+
+    async def add(self, elements: Mapping[str, Sequence[str]]) -> None:
+        if not any(elements.values()):
+            return
+        for name, addrs in elements.items():
+            self._pending.setdefault(name, set()).update(addrs)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(done)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        while self._waiters:
+            batch = {name: sorted(addrs) for name, addrs in self._pending.items()}
+            waiters, self._pending, self._waiters = self._waiters, {}, []
+            error: BaseException | None = None
+            try:
+                await self.inner.add(batch)
+                self.transactions += 1
+            except Exception as exc:
+                error = exc
+            for w in waiters:
+                if not w.done():  # a caller that was cancelled meanwhile
+                    if error is None:
+                        w.set_result(None)
+                    else:
+                        w.set_exception(error)
+
+    async def remove(self, elements: Mapping[str, Sequence[str]]) -> None:
+        await self.inner.remove(elements)
 
 
 class NftSetWriter(SetWriter):
@@ -243,26 +302,30 @@ class DnsHook:
         *,
         allowed: Callable[[str], bool],
         sock_uid: int | None,
-        timeout: float = 2.0,
+        timeout: float = UPSTREAM_TIMEOUT,
         on_refused: Callable[[str, str], None] | None = None,
         on_answer: Callable[[str, list[str]], None] | None = None,
+        screened: Sequence[IPNetwork] = (),
     ) -> None:
         host, _, port = listen.rpartition(":")
         self.host = str(ipaddress.ip_address(host.strip("[]")))
         self.port = int(port)
         self.upstreams = tuple(upstreams)
         self.routes = routes
-        self.writer = writer
+        self.writer = BatchedWriter(writer)
         self.allowed = allowed
         self.sock_uid = sock_uid
         self.timeout = timeout
         self.on_refused = on_refused
         self.on_answer = on_answer
+        #: an answer pointing in here is NXDOMAIN (replaced with the plan on reload)
+        self.screened = tuple(screened)
         self.limit = asyncio.Semaphore(256)
         self.tasks: set[asyncio.Task[None]] = set()
         self.udp: asyncio.DatagramTransport | None = None
         self.tcp: asyncio.Server | None = None
-        self.counts = {"queries": 0, "refused": 0, "answered": 0, "servfail": 0, "inserted": 0}
+        self.counts = {"queries": 0, "refused": 0, "internal": 0, "answered": 0, "servfail": 0,
+                       "inserted": 0}
 
     @property
     def address(self) -> str:
@@ -346,7 +409,18 @@ class DnsHook:
         except dns.exception.DNSException:
             self.counts["servfail"] += 1
             return _reply(query, dns.rcode.SERVFAIL)
-        addrs = [a for a in answer_addresses(response) if not is_internal(a)]
+        answered = answer_addresses(response)
+        inside = [a for a in answered if _screened(a, self.screened)]
+        if inside:
+            self.counts["refused"] += 1
+            self.counts["internal"] += 1
+            log.warning("dns_hook_internal_answer", name=qname, addresses=inside[:8])
+            if self.on_refused is not None:
+                self.on_refused(qname, client)
+            return _reply(query, dns.rcode.NXDOMAIN)
+        # (an internal address an explicit CIDR entry opens is answered, but the firewall
+        # allows it by number: it never goes into a name's set)
+        addrs = [a for a in answered if not is_internal(a)]
         if addrs:
             sets = self.routes.lookup(qname)
             elements = {
@@ -369,16 +443,21 @@ class DnsHook:
         for up in self.upstreams:
             try:
                 # asyncio.timeout, not wait_for: no extra task per query on this hot path
+                raw = None
                 if not tcp:
                     async with asyncio.timeout(self.timeout):
                         raw = await self._udp_query(wire, up)
-                    if len(raw) > 2 and not raw[2] & 0x02:  # not truncated
-                        return raw
-                async with asyncio.timeout(self.timeout):
-                    return await self._tcp_query(wire, up)
+                if raw is None or len(raw) < 3 or raw[2] & 0x02:  # TCP, or truncated
+                    async with asyncio.timeout(self.timeout):
+                        raw = await self._tcp_query(wire, up)
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 log.warning("dns_hook_upstream_failed", upstream=up.hostport,
                             error=f"{type(exc).__name__}: {exc}"[:200])  # fmt: skip
+                continue
+            if up != self.upstreams[0]:  # it answered where the first did not: first now
+                self.upstreams = (up, *(u for u in self.upstreams if u != up))
+                log.info("dns_hook_upstream_preferred", upstream=up.hostport)
+            return raw
         return None
 
     @contextlib.asynccontextmanager
@@ -415,6 +494,11 @@ async def _recv_exactly(loop: asyncio.AbstractEventLoop, s: socket.socket, n: in
             raise asyncio.IncompleteReadError(buf, n)
         buf += chunk
     return buf
+
+
+def _screened(addr: str, networks: Sequence[IPNetwork]) -> bool:
+    ip = ipaddress.ip_address(addr)
+    return any(ip.version == n.version and ip in n for n in networks)
 
 
 def _reply(query: dns.message.Message, rcode: dns.rcode.Rcode) -> bytes:

@@ -207,6 +207,9 @@ class FirewallPolicy:
     #: published ports that accept inbound connections; nothing else comes in (values or
     #: ``tcp/8080`` strings)
     inbound: tuple[InboundPort, ...] = ()
+    #: the daemon's DNS forwarding hook (address, port), which only the DNS server's uid
+    #: may send to (it answers allowlisted names and fills the dynamic sets); None: no hook
+    dns_hook: tuple[IPAddress, int] | None = None
 
     def __post_init__(self) -> None:
         if any(not isinstance(g, PortGroup) for g in self.groups):
@@ -233,6 +236,9 @@ class FirewallPolicy:
         object.__setattr__(self, "fly_resolver", fly_res)
         ports = [p if isinstance(p, InboundPort) else InboundPort.parse(str(p)) for p in self.inbound]
         object.__setattr__(self, "inbound", tuple(sorted(set(ports))))
+        if self.dns_hook is not None:
+            addr, port = self.dns_hook
+            object.__setattr__(self, "dns_hook", (parse_address(addr), _port(port)))
 
     @classmethod
     def build(

@@ -134,6 +134,12 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jumps: Iterable[st
     def rule(text: str, chain: str = CHAIN) -> None:
         out.append(f"-A {chain} {text}")
 
+    if policy.dns_hook is not None and policy.dns_hook[0].version == v:
+        # The DNS server's alone, before the loopback accept (see firewall_nft).
+        addr, port = policy.dns_hook
+        for proto in ("udp", "tcp"):
+            rule(f"-d {rendered(addr)} -p {proto} --dport {port} "
+                 f"-m owner ! --uid-owner {uid} -j {DENY}")  # fmt: skip
     rule("-o lo -j ACCEPT")
     fly = v == 6 and policy.ipv6 == "fly"
     if v == 6:
@@ -143,6 +149,7 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jumps: Iterable[st
             rule(f"-d ff02::/16 -p ipv6-icmp --icmpv6-type {t} -m hl --hl-eq 1 -j ACCEPT")
     if fly:
         # Stateless: Fly's kernel has no IPv6 conntrack, so no conntrack match in this family.
+        # SSH over 6PN only; 2605:4c40::/32 carries no SSH (see firewall_nft).
         rule(f"-d {rendered(policy.fly_network)} -p tcp --sport 22 -j ACCEPT")
         for proto in ("udp", "tcp"):
             rule(f"-d {rendered(policy.fly_resolver)} -p {proto} --dport 53 "
@@ -207,6 +214,7 @@ def _render_input(policy: FirewallPolicy, v: int, rule: Callable[[str, str], Non
         rule(f"-s {rendered(policy.fly_network)} -p tcp --dport 22 -j ACCEPT", IN_CHAIN)
         for proto in ("udp", "tcp"):
             rule(f"-s {rendered(policy.fly_resolver)} -p {proto} --sport 53 -j ACCEPT", IN_CHAIN)
+        rule("-p ipv6-icmp --icmpv6-type packet-too-big -j ACCEPT", IN_CHAIN)  # see firewall_nft
     else:
         rule("-m conntrack --ctstate INVALID -j DROP", IN_CHAIN)
         rule("-m conntrack --ctstate ESTABLISHED,RELATED --ctdir REPLY -j ACCEPT", IN_CHAIN)

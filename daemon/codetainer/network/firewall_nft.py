@@ -106,13 +106,25 @@ def render_rules(policy: FirewallPolicy) -> list[str]:
     def rule(chain: str, text: str) -> None:
         out.append(f"add rule {T} {chain} {text}")
 
+    if policy.dns_hook is not None:
+        # The hook answers allowlisted names and fills the dynamic sets: the DNS server's
+        # alone. Before the loopback accept; socketless packets do not match (skuid breaks).
+        addr, port = policy.dns_hook
+        daddr = "ip daddr" if addr.version == 4 else "ip6 daddr"
+        rule("output", f"meta l4proto {{ tcp, udp }} {daddr} {rendered(addr)} th dport {port} "
+             f"meta skuid != {uid} goto deny")  # fmt: skip
     rule("output", 'oif "lo" accept')
     # Neighbour discovery and multicast listener reports are link-local plumbing that
     # any IPv6 reply (even to inbound ssh) needs; their hop limits keep them on the link.
     rule("output", f"ip6 hoplimit 255 icmpv6 type {_ND} accept")
     rule("output", f"ip6 hoplimit 1 ip6 daddr ff02::/16 icmpv6 type {_MLD} accept")
     if policy.ipv6 == "fly":
-        # Stateless on purpose: Fly's kernel has no IPv6 conntrack.
+        # Stateless on purpose: Fly's kernel has no IPv6 conntrack. `fly ssh console` dials
+        # the Machine's 6PN address (flyctl: the machine's PrivateIP, port 22) through the
+        # org's WireGuard tunnel, so the SSH server answers fdaa::/16 from port 22 (which
+        # only root can bind). Fly's public range 2605:4c40::/32 (FLY_PUBLIC_IP: outbound
+        # traffic, now NATed by the host; unsolicited inbound is refused by Fly) carries no
+        # SSH: opening it would be agent egress to the Internet, so it stays closed.
         rule("output", f"ip6 daddr {rendered(policy.fly_network)} tcp sport 22 accept")
         rule(
             "output",
@@ -190,6 +202,11 @@ def _render_input(policy: FirewallPolicy, rule: Callable[[str, str], None]) -> N
         rule("input", f"ip6 saddr {rendered(policy.fly_network)} tcp dport 22 accept")
         resolver = rendered(policy.fly_resolver)
         rule("input", f"ip6 saddr {resolver} meta l4proto {{ tcp, udp }} th sport 53 accept")
+        # Packet Too Big, from whichever hop of the tunnel path sends it: without conntrack
+        # it cannot be told related to the SSH flow, and dropping it (RFC 4890 4.3.1: must
+        # not be) stalls large SSH output where a hop is narrower. It only lowers a path
+        # MTU, never below 1280, and carries nothing to a socket.
+        rule("input", "icmpv6 type packet-too-big accept")
     rule("input", "ct state invalid drop")
     # Replies (and their ICMP errors) to connections the container opened.
     rule("input", "ct direction reply ct state established,related accept")

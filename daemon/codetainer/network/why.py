@@ -229,6 +229,7 @@ def status_text(st: dict[str, Any]) -> str:
     lines = [f"DNS {st['engine']} on {st['listen']}"
              + (f" (hook {st['hook']})" if st.get("hook") else "")
              + f", firewall {st['backend']}, IPv6 {st['ipv6']}"
+             + (f" ({st['ipv6_reason']})" if st.get("ipv6_reason") else "")
              + f", inbound {st.get('inbound') or 'none'}"]  # fmt: skip
     last = st.get("last_refresh")
     refresh = f"{st['names']} names, {st['addresses']} addresses"
@@ -240,6 +241,10 @@ def status_text(st: dict[str, Any]) -> str:
     lines.append(refresh)
     if st.get("degraded"):
         lines.append(f"DEGRADED: {st['degraded']}")
+    guard = st.get("dns_guard") or {}
+    if guard.get("revivals"):
+        lines.append(f"DNS server: {guard['revivals']} start(s) by codetainerd after the supervisor "
+                     f"gave up; answered again after {guard['recoveries']} outage(s)")
     if st.get("failing"):
         lines.append("failing: " + ", ".join(f"{f['name']} ({f['error']} x{f['failures']})"
                                              for f in st["failing"][:5]))
@@ -278,7 +283,8 @@ def network_status(nc: NetworkController) -> dict[str, Any]:
          "last_seen": round(read_at - d.seen_ago, 1), "seen": d.seen, "name": name_of(nc, d.addr)}
         for d in nc.denied[:10]
     ]  # fmt: skip
-    degraded = (nc.refresher.degraded if nc.refresher else None) or nc.notes.get("github")
+    degraded = ((nc.guard.degraded if nc.guard else None)
+                or (nc.refresher.degraded if nc.refresher else None) or nc.notes.get("github"))
     out: dict[str, Any] = {
         "active": True,
         "engine": nc.opts.engine.value,
@@ -286,6 +292,7 @@ def network_status(nc: NetworkController) -> dict[str, Any]:
         "hook": nc.hook.address if nc.hook else None,
         "backend": nc.backend.name,
         "ipv6": nc.opts.ipv6,
+        "ipv6_reason": nc.opts.ipv6_why,
         "inbound": ",".join(str(p) for p in nc.opts.inbound),
         **fig,
         "denied": denied,
@@ -296,6 +303,7 @@ def network_status(nc: NetworkController) -> dict[str, Any]:
         "dns_health": None if nc.health is None else {
             "ok": nc.health.ok, "reason": nc.health.reason,
             "latency_ms": round(nc.health.latency * 1000, 1)},
+        "dns_guard": None if nc.guard is None else nc.guard.status(),
     }  # fmt: skip
     if nc.hook is not None:
         out["hook_counts"] = dict(nc.hook.counts)

@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 
 from codetainer.events import EventBus
+from codetainer.limits import SERVICE_OOM_SCORE_ADJ, set_oom_score_adj
 from codetainer.services.config import ServiceConfig, user_identity
 from codetainer.services.fsm import Action, Kill, ServiceFSM, Spawn
 from codetainer.services.states import ProcessState, signame
@@ -250,6 +251,9 @@ class Service:
             log.warning("service_spawn_error", service=cfg.name, reason=reason)
             self.fsm.spawn_failed(time.monotonic(), reason)
             return
+        # After the daemon's -999 (inherited), a service is spared by the OOM killer only
+        # after every agent process (codetainer.limits); it may have exited already.
+        set_oom_score_adj(SERVICE_OOM_SCORE_ADJ, proc.pid)
         self._proc = proc
         self.fsm.spawned(proc.pid)
         self.started_at = time.time()

@@ -3,12 +3,14 @@
 ``CODETAINER_PLUGINS`` is a comma-separated list of two kinds of entries, in any order:
 
 * a marketplace source: anything with a ``/`` or ``:`` in it (``anthropics/claude-code``,
-  ``https://example.com/marketplace.json``, ``git@host:org/repo.git``), added with
+  ``https://example.com/marketplace.json``, ``git@host:org/repo.git``, or a local
+  directory ``/opt/marketplace``), added with
   ``claude plugin marketplace add SOURCE``;
 * a plugin: ``name@marketplace`` (or a bare ``name``), installed with
   ``claude plugin install ENTRY`` after every marketplace was added.
 
-Every command runs as the agent user (setpriv, agent environment) with its own timeout.
+Every command runs as the agent user (setpriv, agent environment, the agent's limits)
+with its own timeout.
 The step's policy is ``degraded``: a failing command is a warning with its reason, the
 others still run, and the agent starts anyway.
 """
@@ -19,18 +21,21 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
 
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
-from codetainer.boot.privileges import AgentUser, agent_env, setpriv_argv
+from codetainer.boot.privileges import AgentUser, ExecLimits, agent_env, setpriv_argv
+from codetainer.limits.plan import settings_exec_limits
 
 log = structlog.get_logger("codetainer.session")
 
 _PLUGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~:/@%+=-]*$")
+#: owner/repo, a URL, a git address, or an absolute path (a marketplace directory in the
+#: image or on a volume); never anything that starts like an option
+_SOURCE_RE = re.compile(r"^[A-Za-z0-9/][A-Za-z0-9._~:/@%+=-]*$")
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ def parse_plugins(spec: str) -> PluginPlan:
         if "/" in entry or ":" in entry:
             if not _SOURCE_RE.match(entry):
                 raise ValueError(f"CODETAINER_PLUGINS: {entry!r} is not a valid marketplace "
-                                 "source (owner/repo, URL or git address)")
+                                 "source (owner/repo, URL, git address or /absolute/directory)")
             markets.append(entry)
         elif _PLUGIN_RE.match(entry):
             plugins.append(entry)
@@ -109,8 +114,10 @@ def plugins_step(
     timeout: float = 600.0,
     command_timeout: float = 180.0,
     requires: tuple[str, ...] = (),
+    limits: Callable[[], ExecLimits] | None = None,
 ) -> Step:
-    """The ``plugins`` boot step (policy degraded). ``user`` defaults to the settings'."""
+    """The ``plugins`` boot step (policy degraded). ``user`` defaults to the settings';
+    ``limits`` (what the commands start under) to the settings' per-process limits."""
 
     async def run(ctx: BootContext) -> str | None:
         try:
@@ -126,12 +133,13 @@ def plugins_step(
             except LookupError as exc:
                 raise StepError(str(exc)) from None
         env = agent_env(agent, ctx.secrets, os.environ)
+        under = limits() if limits is not None else settings_exec_limits(ctx.settings)
         cwd = agent.home if os.path.isdir(agent.home) else "/"
         failures: list[str] = []
         for args in plan.commands():
             what = " ".join(args[1:])
-            ok, reason = await _run_one(setpriv_argv(agent, [claude, *args]), env, cwd,
-                                        command_timeout)
+            ok, reason = await _run_one(setpriv_argv(agent, [claude, *args], under), env,
+                                        cwd, command_timeout)
             reason = _redact(reason, ctx.secrets)
             if ok:
                 log.info("plugin_ok", command=what)

@@ -79,6 +79,27 @@ def wrapper_script(agent_command: str, prompt_file: str) -> str:
     """
     f = shlex.quote(prompt_file)
     return (
+        f"{_found_check(agent_command)}"
         f'f={f}; if [ -f "$f" ] && p=$(cat -- "$f"); then rm -f -- "$f"; '
         f'exec {agent_command} "$p"; fi; rm -f -- "$f"; exec {agent_command}'
     )
+
+
+def _found_check(agent_command: str) -> str:
+    """Shell text that says, in the pane, that the agent's program is missing.
+
+    sh's own ``exec: claude: not found`` lands on the pane's first line, which tmux's
+    "Pane is dead" line then scrolls away: the pane would show no reason at all. The
+    message starts with an empty line so it stays on screen.
+    """
+    try:
+        words = shlex.split(agent_command)
+    except ValueError:
+        return ""
+    program = next((w for w in words if "=" not in w.split("/")[0]), None)
+    if program is None or program in ("exec", "env", "command", "nice", "nohup"):
+        return ""
+    q = shlex.quote(program)
+    return (f"command -v -- {q} >/dev/null 2>&1 || {{ printf '\\ncodetainer: %s: command "
+            f"not found (CODETAINER_AGENT_COMMAND); install it or set the variable\\n' "
+            f"{q} >&2; exit 127; }}; ")

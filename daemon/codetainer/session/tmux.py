@@ -18,7 +18,8 @@ Ownership rules:
   agent, and a tmux server can make its client run a program (``MSG_SHELL``, or
   ``detach-client -E``), so every tmux client the daemon runs, the creation and every
   later query or command, goes through the agent's own privilege drop (``setpriv``:
-  agent uid, no_new_privs, empty bounding set). Whatever the server answers is data:
+  agent uid, no_new_privs, empty bounding set, the agent's limits: what a server makes
+  its client run is held like any agent process). Whatever the server answers is data:
   a pid it reports is acted on (killed, sampled) only while it belongs to the agent's
   uid (docs/security.md).
 
@@ -41,13 +42,14 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from codetainer.boot.privileges import AgentUser, agent_env, setpriv_argv
+from codetainer.boot.privileges import AgentUser, ExecLimits, agent_env, setpriv_argv
+from codetainer.limits.plan import settings_exec_limits
 from codetainer.procinfo import PROCESS_GONE
 from codetainer.session import prompt as prompt_mod
 from codetainer.session.tmuxctl import (
@@ -132,6 +134,7 @@ class SessionManager:
         stable_after: float = 30.0,
         max_rapid_restarts: int = 10,
         recreate_limit: int = 10,
+        limits: Callable[[], ExecLimits] | None = None,
     ) -> None:
         self.settings = settings
         self.events = events
@@ -139,6 +142,10 @@ class SessionManager:
         # step has filled its mapping (a copy left the agent without its tokens).
         self.secrets: Mapping[str, str] = {} if secrets is None else secrets
         self.user = user
+        # What every process of the agent's uid starts under, the daemon's own tmux
+        # clients included (a server of the agent's can make its client run a program):
+        # read at each launch, as the limits step settles it after this is built.
+        self.limits = limits or (lambda: settings_exec_limits(settings))
         self.environ = os.environ if environ is None else environ
         self.socket = settings.tmux_socket
         self.config = config or str(CONFIG_FILE)
@@ -203,6 +210,9 @@ class SessionManager:
             except SessionError as exc:
                 self._fail(exc)
                 raise
+            with contextlib.suppress(TmuxGone, SessionError):
+                # status shows the panes once the session exists, not a look later
+                self.snapshot = await self._query()
             self.change_state(SessionState.RUNNING)  # STARTING -> RUNNING
             self._publish_ready()
             return self.describe()
@@ -323,7 +333,7 @@ class SessionManager:
             tmux, "-u", "-S", self.socket, "-f", self.config, "new-session", "-d",
             "-s", self.session_name, "-x", "220", "-y", "60", "-c", cwd,
             "-P", "-F", "#{session_id}\t#{pane_id}\t#{pid}", "--", *self._agent_argv(),
-        ])
+        ], self.limits())
         rc, out, err = await run(argv, env=env, cwd=cwd)
         if rc != 0:
             raise SessionError(f"tmux new-session failed: {err.strip() or f'exit {rc}'}",
@@ -526,7 +536,8 @@ class SessionManager:
         path = os.environ.get("PATH", "/usr/bin:/bin")
         tmux = shutil.which(self.settings.tmux, path=path) or self.settings.tmux
         path = agent_env(self._resolve_user(), {}, {})["PATH"]
-        argv = setpriv_argv(self._resolve_user(), [tmux, "-u", "-S", self.socket, *args])
+        argv = setpriv_argv(self._resolve_user(), [tmux, "-u", "-S", self.socket, *args],
+                            self.limits())
         rc, out, err = await run(argv, env={"PATH": path})
         if rc != 0:
             msg = err.strip() or f"tmux exited {rc}"
@@ -573,7 +584,8 @@ class SessionManager:
     def _owner(self) -> dict[str, Any]:
         """Who a tmux client of this session must run as (``codetainer attach`` drops to it)."""
         u = self.user
-        return {"user": u.name, "uid": u.uid, "gid": u.gid, "home": u.home} if u else {}
+        return {"user": u.name, "uid": u.uid, "gid": u.gid, "home": u.home,
+                "limits": self.limits().as_dict()} if u else {}
 
     async def session_handler(self, req: Request | None = None) -> dict[str, Any]:
         """Control op ``session``: a live check, so a just-killed server is not reported up."""
@@ -599,7 +611,8 @@ class SessionManager:
         if pid is not None and (self.user is None or agent_process(pid, self.user.uid) is None):
             pid = None  # tmux's answer is the agent's to forge: only its own processes
         tree = self._sampler.sample(pid)
-        paths = [self.settings.workspace, "/tmp", self.settings.home]
+        # every place the agent can write (its tmux directory is a small tmpfs of its own)
+        paths = [self.settings.workspace, "/tmp", self.settings.home, str(Path(self.socket).parent)]
         return {
             **self.describe(),
             "policy": self.policy,

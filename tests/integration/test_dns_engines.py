@@ -1,12 +1,18 @@
-"""Real dnsmasq, run from our generated config, in a fresh network namespace.
+"""Both DNS engines for real, run from our generated configs, in a fresh network namespace.
 
-A second dnsmasq on 127.0.0.2 in the same namespace is the "upstream": it answers for
-every test name (including the subdomains and names we must refuse), so a refusal
-can only come from our config. The nft table ``inet codetainer`` with the dynamic sets
-lives in the namespace too; we check that answered addresses land in it (the zero-race
-path: dnsmasq inserts before it replies), and that answers pointing at internal
-addresses (DNS rebinding under an allowlisted wildcard) never do. Internal addresses
-are only ever *answers* here: nothing connects anywhere.
+Every test that depends on the engine runs twice (``engine``): dnsmasq 2.90 from its
+generated config, filling the kernel sets itself (``nftset=``/``ipset=``), and CoreDNS
+(the Dockerfile's pin, built by ``./dev setup``) from its generated Corefile, forwarding
+the allowlisted zones to the daemon's hook (:class:`~codetainer.network.dnshook.DnsHook`,
+run here in its own process in the namespace), which fills the sets before it replies.
+
+A dnsmasq on 127.0.0.2 in the same namespace is the "upstream": it answers for every
+test name (including the subdomains and names we must refuse), so a refusal can only
+come from our config. The nft table ``inet codetainer`` with the dynamic sets lives in
+the namespace too; we check that answered addresses land in it (the zero-race path:
+the server inserts before it replies), and that answers pointing at internal addresses
+(DNS rebinding under an allowlisted wildcard) never do. Internal addresses are only
+ever *answers* here: nothing connects anywhere.
 """
 
 from __future__ import annotations
@@ -15,8 +21,11 @@ import asyncio
 import ctypes
 import json
 import os
+import re
 import secrets
+import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,22 +42,31 @@ import pytest
 from codetainer.network import dnscheck
 from codetainer.network.allowlist import Allowlist, parse_text
 from codetainer.network.dnsconfig import (
+    COREDNS_BIN,
     DnsOptions,
     DynamicSet,
+    Engine,
     GeneratedConfig,
     SetBackend,
     dnsmasq_version,
     exec_script,
+    generate,
     generate_dnsmasq,
+    parse_coredns_log_line,
     parse_dnsmasq_log_line,
     parse_upstreams,
 )
+from codetainer.network.dnshook import domain_sets
 
 pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
+ROOT = Path(__file__).resolve().parents[2]
+ENGINES = [Engine.COREDNS, Engine.DNSMASQ]
+#: the cap of the TTL told to clients in these tests; the upstream says 60
+MAX_TTL = 30
 
 UPSTREAM_CONF = """\
 pid-file=
@@ -101,6 +119,27 @@ allowed.test          # exact: its subdomains must be refused
 alias.test            # answered through a CNAME to a name we do not list
 """
 
+# The daemon's hook in its own process (as the daemon runs it: nft/ipset writer, the
+# allowlist's matcher, the screened networks); refused names go to a file, one a line.
+HOOK = r"""
+import asyncio, ipaddress, json, sys
+from codetainer.network.allowlist import Allowlist, parse_text
+from codetainer.network.dnsconfig import parse_upstreams
+from codetainer.network.dnshook import DnsHook, IpsetWriter, NftSetWriter, SetRoutes
+cfg = json.loads(sys.argv[1])
+allow = Allowlist(tuple(parse_text(cfg["allowlist"], "domains.conf")))
+refused = open(cfg["refused"], "a", buffering=1)
+async def main():
+    writer = NftSetWriter() if cfg["backend"] == "nftset" else IpsetWriter(timeout=cfg["timeout"])
+    hook = DnsHook(cfg["listen"], parse_upstreams(cfg["upstreams"]), SetRoutes(cfg["sets"]),
+                   writer, allowed=lambda n: allow.match(n) is not None, sock_uid=None,
+                   on_refused=lambda name, client: refused.write(name + "\n"),
+                   screened=[ipaddress.ip_network(n) for n in cfg["screened"]])
+    await hook.start()
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
 
 @dataclass
 class Netns:
@@ -120,11 +159,12 @@ class Netns:
 
     def spawn(self, *cmd: str, stderr: Path) -> subprocess.Popen[bytes]:
         with stderr.open("wb") as err:
-            # ip netns exec execs the command: the pid is dnsmasq's own
+            # ip netns exec execs the command: the pid is the server's own. Both streams
+            # to the log: dnsmasq logs to stderr, CoreDNS to stdout.
             p = subprocess.Popen(
                 ["ip", "netns", "exec", self.name, *cmd],
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
+                stdout=err,
                 stderr=err,
             )
         self.procs.append(p)
@@ -177,10 +217,11 @@ def netns() -> Iterator[Netns]:
 
 
 def ask(
-    ns: Netns, name: str, rdtype: str = "A", server: str = "127.0.0.53", timeout: float = 2
+    ns: Netns, name: str, rdtype: str = "A", server: str = "127.0.0.53", timeout: float = 2,
+    port: int = 53,
 ) -> dns.message.Message:
     q = dns.message.make_query(name, rdtype)
-    return ns.call(lambda: dns.query.udp(q, server, timeout=timeout))
+    return ns.call(lambda: dns.query.udp(q, server, timeout=timeout, port=port))
 
 
 def addresses(msg: dns.message.Message, rdtype: str = "A") -> set[str]:
@@ -188,16 +229,17 @@ def addresses(msg: dns.message.Message, rdtype: str = "A") -> set[str]:
     return {rd.to_text() for rr in msg.answer if rr.rdtype == want for rd in rr}
 
 
-def wait_answering(ns: Netns, server: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+def wait_answering(ns: Netns, server: str, proc: subprocess.Popen[bytes], log: Path,
+                   port: int = 53) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"dnsmasq on {server} exited: {log.read_text()}"
+        assert proc.poll() is None, f"the server on {server}:{port} exited: {log.read_text()}"
         try:
-            ask(ns, "probe.invalid", server=server, timeout=0.2)
+            ask(ns, "probe.invalid", server=server, timeout=0.2, port=port)
             return
         except (dns.exception.Timeout, OSError):
             time.sleep(0.05)
-    raise AssertionError(f"dnsmasq on {server} never answered: {log.read_text()}")
+    raise AssertionError(f"the server on {server}:{port} never answered: {log.read_text()}")
 
 
 def make_sets(ns: Netns, cfg: GeneratedConfig, backend: SetBackend = SetBackend.NFTSET) -> None:
@@ -217,11 +259,7 @@ def make_sets(ns: Netns, cfg: GeneratedConfig, backend: SetBackend = SetBackend.
     ns.run("nft", "-f", "-", input="\n".join(rules) + "\n")
 
 
-def set_elements(ns: Netns, set_name: str) -> str:
-    return ns.run("nft", "list", "set", "inet", "codetainer", set_name)
-
-
-def members(ns: Netns, s: DynamicSet, backend: SetBackend) -> set[str]:
+def members(ns: Netns, s: DynamicSet, backend: SetBackend = SetBackend.NFTSET) -> set[str]:
     """The addresses in a dynamic set, read from the kernel (``nft -j`` / ``ipset save``)."""
     if backend is SetBackend.IPSET:
         out = ns.run("ipset", "save", s.ipset)
@@ -231,38 +269,77 @@ def members(ns: Netns, s: DynamicSet, backend: SetBackend) -> set[str]:
     return {str(e["elem"]["val"] if isinstance(e, dict) else e) for e in elems}
 
 
-def start_pair(
+@dataclass
+class Server:
+    """Our DNS server (and, for CoreDNS, the hook) as started by :func:`start_server`."""
+
+    engine: Engine
+    cfg: GeneratedConfig
+    log: Path
+    #: CoreDNS: the hook's refusals (its own, and internal answers), one name a line
+    hook_refused: Path | None = None
+
+    def refused(self) -> set[str]:
+        """Names refused so far, from the server's log through the daemon's parser (and,
+        for CoreDNS, the hook's own refusals, which the daemon records directly)."""
+        time.sleep(0.3)  # dnsmasq's log-async; CoreDNS writes at once
+        lines = self.log.read_text(errors="replace").splitlines()
+        if self.engine is Engine.DNSMASQ:
+            return {r.name for ln in lines if (r := parse_dnsmasq_log_line(ln))}
+        names = {r.name for ln in lines if (r := parse_coredns_log_line(ln))}
+        assert self.hook_refused is not None
+        return names | set(self.hook_refused.read_text().split())
+
+
+def start_server(
     ns: Netns,
     tmp: Path,
     listen: str,
     ipv6: bool,
+    engine: Engine,
     *,
     allowlist: str = ALLOWLIST,
     backend: SetBackend = SetBackend.NFTSET,
     edit: Callable[[str], str] = lambda text: text,
-) -> tuple[GeneratedConfig, Path]:
+) -> Server:
+    """The kernel sets, then our server on ``listen``:53 from the generated config; for
+    CoreDNS the hook first, on 127.0.0.1:(5300 + last octet of ``listen``)."""
     allow = Allowlist(tuple(parse_text(allowlist, "domains.conf")))
-    cfg = generate_dnsmasq(
-        allow,
-        DnsOptions(
-            listen=listen,
-            upstreams=parse_upstreams("127.0.0.2"),
-            ipv6=ipv6,
-            max_ttl=120,
-            user="nobody",  # dnsmasq drops root and must still fill nft sets
-            group="nogroup",
-        ),
-        backend,
+    hook = f"127.0.0.1:{5300 + int(listen.rsplit('.', 1)[1])}"
+    options = DnsOptions(
+        listen=listen,
+        upstreams=parse_upstreams("127.0.0.2"),
+        ipv6=ipv6,
+        max_ttl=MAX_TTL,
+        user="nobody",  # dnsmasq drops root and must still fill the sets
+        group="nogroup",
+        hook=hook if engine is Engine.COREDNS else None,
     )
-    conf = tmp / f"dnsmasq-{listen}.conf"
+    cfg = generate(engine, allow, options, backend)
+    make_sets(ns, cfg, backend)
+    hook_refused = None
+    if engine is Engine.COREDNS:
+        hook_refused = tmp / f"hook-{listen}.refused"
+        hook_refused.write_text("")
+        mapping = generate_dnsmasq(allow, options, SetBackend.NFTSET)  # as compose.make_plan
+        spec = {"listen": hook, "upstreams": "127.0.0.2", "allowlist": allowlist,
+                "sets": domain_sets(mapping.text), "backend": backend.value,
+                "timeout": cfg.set_timeout, "refused": str(hook_refused),
+                "screened": [str(n) for n in cfg.screened]}  # fmt: skip
+        hook_log = tmp / f"hook-{listen}.log"
+        proc = ns.spawn(sys.executable, "-c", HOOK, json.dumps(spec), stderr=hook_log)
+        host, port = hook.split(":")
+        wait_answering(ns, host, proc, hook_log, port=int(port))
+    name = "Corefile" if engine is Engine.COREDNS else "dnsmasq.conf"
+    conf = tmp / f"{name}-{listen}"
     conf.write_text(edit(cfg.text))
     script = tmp / f"run-{listen}.sh"
     script.write_text(exec_script(cfg.engine, str(conf)))
     script.chmod(0o755)
-    log = tmp / f"dnsmasq-{listen}.log"
+    log = tmp / f"{engine.value}-{listen}.log"
     proc = ns.spawn(str(script), stderr=log)
     wait_answering(ns, listen, proc, log)
-    return cfg, log
+    return Server(engine, cfg, log, hook_refused)
 
 
 @pytest.fixture
@@ -278,40 +355,42 @@ def world(netns: Netns, tmp_path: Path) -> tuple[Netns, Path]:
     return netns, tmp_path
 
 
-def test_dnsmasq_filters_and_fills_nft_sets(world: tuple[Netns, Path]) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_filters_and_fills_the_sets_before_answering(
+    world: tuple[Netns, Path], engine: Engine
+) -> None:
     ns, tmp = world
-    # sets must exist before dnsmasq answers (created from the generator's list)
-    allow = Allowlist(tuple(parse_text(ALLOWLIST, "domains.conf")))
-    probe_cfg = generate_dnsmasq(allow, DnsOptions(upstreams=parse_upstreams("127.0.0.2")))
-    make_sets(ns, probe_cfg)
-    cfg, log = start_pair(ns, tmp, "127.0.0.53", ipv6=False)
-    assert {s.name for s in cfg.dynamic_sets} == {"d4_80_443", "d4_443"}
+    srv = start_server(ns, tmp, "127.0.0.53", ipv6=False, engine=engine)
+    assert {s.name for s in srv.cfg.dynamic_sets} == {"d4_80_443", "d4_443"}
+    d80_443, d443 = DynamicSet(4, (80, 443)), DynamicSet(4, (443,))
 
     # allowed name resolves, and its address is in the set when the answer arrives
     r = ask(ns, "allowed.test")
     assert r.rcode() == dns.rcode.NOERROR and addresses(r) == {"203.0.113.10"}
-    assert "203.0.113.10" in set_elements(ns, "d4_80_443")
+    assert "203.0.113.10" in members(ns, d80_443)
 
     # not allowlisted: NXDOMAIN, and no address reached any set
     r = ask(ns, "denied.test")
     assert r.rcode() == dns.rcode.NXDOMAIN and not r.answer
 
-    # subdomain of an exact entry: refused
-    r = ask(ns, "sub.allowed.test")
-    assert r.rcode() == dns.rcode.NXDOMAIN and not r.answer
+    # subdomain of an exact entry: refused (any letter case)
+    for name in ("sub.allowed.test", "SUB.Allowed.TEST"):
+        r = ask(ns, name)
+        assert r.rcode() == dns.rcode.NXDOMAIN and not r.answer, name
 
     # wildcard: subdomains (any depth) allowed into the wildcard's port set; apex refused
     r = ask(ns, "a.wild.test")
     assert r.rcode() == dns.rcode.NOERROR and addresses(r) == {"203.0.113.20"}
     assert addresses(ask(ns, "b.c.wild.test")) == {"203.0.113.20"}
     assert ask(ns, "wild.test").rcode() == dns.rcode.NXDOMAIN
-    assert "203.0.113.20" in set_elements(ns, "d4_443")
-    assert "203.0.113.20" not in set_elements(ns, "d4_80_443")
+    assert ask(ns, "WILD.test").rcode() == dns.rcode.NXDOMAIN
+    assert "203.0.113.20" in members(ns, d443)
+    assert "203.0.113.20" not in members(ns, d80_443)
 
     # a CNAME to an unlisted name: the final address is added too
     r = ask(ns, "alias.test")
     assert addresses(r) == {"203.0.113.40"}
-    assert "203.0.113.40" in set_elements(ns, "d4_80_443")
+    assert "203.0.113.40" in members(ns, d80_443)
 
     # AAAA answered empty (NOERROR, no records) while IPv6 is off, upstream has one
     assert addresses(ask(ns, "allowed.test", "AAAA", server="127.0.0.2"), "AAAA")
@@ -319,44 +398,44 @@ def test_dnsmasq_filters_and_fills_nft_sets(world: tuple[Netns, Path]) -> None:
     assert r.rcode() == dns.rcode.NOERROR and not addresses(r, "AAAA")
 
     # TCP queries are filtered the same way
-    q = dns.message.make_query("denied.test", "A")
-    assert ns.call(lambda: dns.query.tcp(q, "127.0.0.53", timeout=2)).rcode() == dns.rcode.NXDOMAIN
+    for name, rcode in (("denied.test", dns.rcode.NXDOMAIN), ("sub.allowed.test", dns.rcode.NXDOMAIN),
+                        ("allowed.test", dns.rcode.NOERROR)):  # fmt: skip
+        q = dns.message.make_query(name, "A")
+        assert ns.call(lambda q=q: dns.query.tcp(q, "127.0.0.53", timeout=2)).rcode() == rcode, name
 
-    # TTL told to clients is capped
-    assert all(rr.ttl <= 120 for rr in ask(ns, "allowed.test").answer)
+    # the TTL told to clients is capped (the upstream says 60), the first answer and the
+    # cached ones alike; the dynamic sets outlive what any client was told
+    assert {rr.ttl for rr in ask(ns, "allowed.test", server="127.0.0.2").answer} == {60}
+    r = ask(ns, "b.wild.test")  # not asked before: the answer straight from upstream
+    assert r.answer and all(0 < rr.ttl <= MAX_TTL for rr in r.answer), r.to_text()
+    assert all(0 < rr.ttl <= MAX_TTL for rr in ask(ns, "allowed.test").answer)
+    assert srv.cfg.set_timeout >= 2 * MAX_TTL
 
     # denied addresses never entered a set
-    for s in ("d4_80_443", "d4_443"):
-        assert "203.0.113.30" not in set_elements(ns, s)
-    # the set timeout covers the cache TTL
-    assert cfg.set_timeout >= 2 * 120
+    for s in (d80_443, d443):
+        assert "203.0.113.30" not in members(ns, s)
 
-    # refused names are visible in dnsmasq's log, through our parser
-    time.sleep(0.3)  # log-async
-    refused = {r.name for ln in log.read_text().splitlines() if (r := parse_dnsmasq_log_line(ln))}
+    # refused names are visible in the server's log, through the daemon's parser
+    refused = srv.refused()
     assert {"denied.test", "sub.allowed.test", "wild.test"} <= refused
-    assert not refused & {"allowed.test", "a.wild.test", "alias.test"}
+    assert not refused & {"allowed.test", "a.wild.test", "alias.test", "b.c.wild.test"}
 
 
-def test_dnsmasq_ipv6_on_answers_aaaa_and_fills_v6_set(world: tuple[Netns, Path]) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ipv6_on_answers_aaaa_and_fills_the_v6_set(world: tuple[Netns, Path], engine: Engine) -> None:
     ns, tmp = world
-    allow = Allowlist(tuple(parse_text(ALLOWLIST, "domains.conf")))
-    make_sets(
-        ns, generate_dnsmasq(allow, DnsOptions(upstreams=parse_upstreams("127.0.0.2"), ipv6=True))
-    )
-    start_pair(ns, tmp, "127.0.0.54", ipv6=True)
+    start_server(ns, tmp, "127.0.0.54", ipv6=True, engine=engine)
     r = ask(ns, "allowed.test", "AAAA", server="127.0.0.54")
     assert addresses(r, "AAAA") == {"2001:db8::10"}
-    assert "2001:db8::10" in set_elements(ns, "d6_80_443")
-    assert "2001:db8::10" not in set_elements(ns, "d4_80_443")
+    assert "2001:db8::10" in members(ns, DynamicSet(6, (80, 443)))
+    assert "2001:db8::10" not in members(ns, DynamicSet(4, (80, 443)))
     assert ask(ns, "sub.allowed.test", "AAAA", server="127.0.0.54").rcode() == dns.rcode.NXDOMAIN
 
 
-def test_dnscheck_against_real_dnsmasq(world: tuple[Netns, Path]) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dnscheck_against_the_real_server(world: tuple[Netns, Path], engine: Engine) -> None:
     ns, tmp = world
-    allow = Allowlist(tuple(parse_text(ALLOWLIST, "domains.conf")))
-    make_sets(ns, generate_dnsmasq(allow, DnsOptions(upstreams=parse_upstreams("127.0.0.2"))))
-    start_pair(ns, tmp, "127.0.0.53", ipv6=False)
+    start_server(ns, tmp, "127.0.0.53", ipv6=False, engine=engine)
 
     health = ns.call(
         lambda: asyncio.run(dnscheck.check_dns("127.0.0.53", 53, "allowed.test", timeout=2))
@@ -375,13 +454,13 @@ def test_dnscheck_against_real_dnsmasq(world: tuple[Netns, Path]) -> None:
     )
     assert res["allowed.test"].addresses == ("203.0.113.10",)  # AAAA filtered
     assert res["allowed.test"].error is None
-    assert res["allowed.test"].ttl is not None and 0 < res["allowed.test"].ttl <= 120
+    assert res["allowed.test"].ttl is not None and 0 < res["allowed.test"].ttl <= MAX_TTL
     assert res["alias.test"].addresses == ("203.0.113.40",)
     assert res["a.wild.test"].addresses == ("203.0.113.20",)
     assert res["denied.test"].error == "NXDOMAIN"
     assert res["sub.allowed.test"].error == "NXDOMAIN"
 
-    # with the server gone, the health check says so quickly
+    # with the server (and its hook) gone, the health check says so quickly
     for p in ns.procs[1:]:
         os.kill(p.pid, 15)
         p.wait(5)
@@ -397,35 +476,35 @@ def test_dnscheck_against_real_dnsmasq(world: tuple[Netns, Path]) -> None:
 def rebind_world(
     world: tuple[Netns, Path],
     backend: SetBackend,
+    engine: Engine,
     *,
     allowlist: str = ALLOWLIST,
     edit: Callable[[str], str] = lambda text: text,
-) -> tuple[GeneratedConfig, Path]:
-    """The kernel sets, then our dnsmasq (IPv6 on, so AAAA answers reach the v6 sets)."""
+) -> Server:
+    """Our server with IPv6 on, so AAAA answers reach the v6 sets."""
     ns, tmp = world
     for name, (rdtype, addr) in REBIND.items():  # the upstream really answers them
         assert addresses(ask(ns, name, rdtype, server="127.0.0.2"), rdtype) == {addr}, name
-    allow = Allowlist(tuple(parse_text(allowlist, "domains.conf")))
-    make_sets(ns, generate_dnsmasq(allow, DnsOptions(ipv6=True), backend), backend)
-    return start_pair(ns, tmp, "127.0.0.53", ipv6=True, allowlist=allowlist, backend=backend,
-                      edit=edit)  # fmt: skip
+    return start_server(ns, tmp, "127.0.0.53", ipv6=True, engine=engine, allowlist=allowlist,
+                        backend=backend, edit=edit)  # fmt: skip
 
 
-def wild_sets(cfg: GeneratedConfig) -> tuple[DynamicSet, DynamicSet]:
-    by_name = {s.name: s for s in cfg.dynamic_sets}
-    return by_name["d4_443"], by_name["d6_443"]
+def wild_sets() -> tuple[DynamicSet, DynamicSet]:
+    return DynamicSet(4, (443,)), DynamicSet(6, (443,))
 
 
 @pytest.mark.parametrize("backend", list(SetBackend))
-def test_internal_answers_never_reach_the_dynamic_sets(
-    world: tuple[Netns, Path], backend: SetBackend
+@pytest.mark.parametrize("engine", ENGINES)
+def test_internal_answers_are_refused_and_never_reach_the_dynamic_sets(
+    world: tuple[Netns, Path], engine: Engine, backend: SetBackend
 ) -> None:
     """``*.wild.test`` is allowlisted and its upstream answers with addresses inside
-    (model.INTERNAL): dnsmasq turns those answers into NXDOMAIN before its nftset=/
-    ipset= run, so no internal address enters a set and the client gets none."""
+    (model.INTERNAL): dnsmasq (``bogus-nxdomain=``) and the CoreDNS engine's hook turn
+    those answers into NXDOMAIN before any set is filled, so no internal address enters
+    a set and the client gets none."""
     ns = world[0]
-    cfg, log = rebind_world(world, backend)
-    d4, d6 = wild_sets(cfg)
+    srv = rebind_world(world, backend, engine)
+    d4, d6 = wild_sets()
 
     for name, (rdtype, _addr) in REBIND.items():
         r = ask(ns, name, rdtype)
@@ -447,9 +526,9 @@ def test_internal_answers_never_reach_the_dynamic_sets(
     assert members(ns, d6, backend) == {"2001:db8::20", "fd00:ce:1::10"}
     assert not members(ns, DynamicSet(4, (80, 443)), backend)
 
-    # the screened names show as refused names (dnsmasq logs them as config NXDOMAIN)
-    time.sleep(0.3)  # log-async
-    refused = {r.name for ln in log.read_text().splitlines() if (r := parse_dnsmasq_log_line(ln))}
+    # the screened names show as refused names (dnsmasq logs them as config NXDOMAIN; the
+    # hook reports them to the daemon)
+    refused = srv.refused()
     assert {"meta.wild.test", "ll6.wild.test", "mixed.wild.test"} <= refused
     assert "a.wild.test" not in refused
 
@@ -463,19 +542,22 @@ def test_without_the_screen_dnsmasq_inserts_internal_answers(world: tuple[Netns,
         return "".join(ln for ln in text.splitlines(keepends=True)
                        if not ln.startswith("bogus-nxdomain="))  # fmt: skip
 
-    cfg, _log = rebind_world(world, SetBackend.NFTSET, edit=unscreened)
-    d4, d6 = wild_sets(cfg)
+    rebind_world(world, SetBackend.NFTSET, Engine.DNSMASQ, edit=unscreened)
+    d4, d6 = wild_sets()
     assert addresses(ask(ns, "meta.wild.test")) == {"169.254.169.254"}
     assert addresses(ask(ns, "ll6.wild.test", "AAAA"), "AAAA") == {"fe80::1"}
-    assert "169.254.169.254" in members(ns, d4, SetBackend.NFTSET)
-    assert "fe80::1" in members(ns, d6, SetBackend.NFTSET)
+    assert "169.254.169.254" in members(ns, d4)
+    assert "fe80::1" in members(ns, d6)
 
 
-def test_a_cidr_entry_keeps_its_internal_network_resolvable(world: tuple[Netns, Path]) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_cidr_entry_keeps_its_internal_network_resolvable(
+    world: tuple[Netns, Path], engine: Engine
+) -> None:
     """An explicit ``10.1.0.0/16`` entry opens that network by address, so a name
     answered inside it is answered; the rest of model.INTERNAL stays screened."""
     ns = world[0]
-    rebind_world(world, SetBackend.NFTSET, allowlist=ALLOWLIST + "10.1.0.0/16:5432\n")
+    rebind_world(world, SetBackend.NFTSET, engine, allowlist=ALLOWLIST + "10.1.0.0/16:5432\n")
     assert addresses(ask(ns, "cidr.wild.test")) == {"10.1.2.3"}
     assert ask(ns, "meta.wild.test").rcode() == dns.rcode.NXDOMAIN
     assert ask(ns, "mixed.wild.test").rcode() == dns.rcode.NXDOMAIN  # 10.9.9.9: outside it
@@ -485,3 +567,13 @@ def test_installed_dnsmasq_supports_what_we_generate() -> None:
     # filter-AAAA needs 2.90; local=/*.name/ and server=/*.name/ need 2.86;
     # bogus-nxdomain=NET/PREFIX, IPv6 included, is what 2.90 does (the tests above)
     assert dnsmasq_version() >= (2, 90)
+
+
+def test_installed_coredns_is_the_dockerfiles_pin() -> None:
+    """The CoreDNS on PATH (``./dev setup``'s build) is the version the image ships."""
+    pin = re.search(r"^ARG COREDNS_VERSION=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert pin, "no COREDNS_VERSION in the Dockerfile"
+    binary = shutil.which(COREDNS_BIN)
+    assert binary, "no coredns on PATH: run ./dev setup"
+    out = subprocess.run([binary, "-version"], capture_output=True, text=True, timeout=10)
+    assert out.stdout.splitlines()[0] == f"CoreDNS-{pin[1]}", out.stdout
