@@ -11,7 +11,9 @@ which fills the firewall's sets (only the DNS user, uid 999 here, reaches it).
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +37,9 @@ def machine(request: pytest.FixtureRequest) -> Iterator[tuple[FullBoot, str, dic
     engine = str(request.param)
     base = Path(tempfile.mkdtemp(prefix=f"ct-fbdns-{engine}-", dir="/tmp"))
     base.chmod(0o755)
-    with World(ttl=60) as world:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, base, ignore_errors=True)
+        world = cleanup.enter_context(World(ttl=60))
         published = publish_names(world, default_names())
         fb = FullBoot(world, base, env={"CODETAINER_DNS_ENGINE": engine})
         try:
