@@ -209,6 +209,34 @@ class ApiStandIn:
         return requests(self.dir)
 
 
+@contextlib.contextmanager
+def machine_with_repo(prefix: str, token: str, env: Mapping[str, str] | None = None, *,
+                      api: bool = False) -> Iterator[tuple[FullBoot, ApiStandIn | None]]:
+    """A machine booted READY with its session up, ``REPO_URL`` naming a private
+    repository on the stand-in GitHub (readable with ``token``), optionally with the
+    stand-in for Anthropic's API; every part removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        with World(ttl=60) as world:
+            publish_names(world, default_names())
+            standin = ApiStandIn(world, base) if api else None
+            git = GitServer(world, base, token=token, auth={"owner": ("x-access-token", token)},
+                            forks={})
+            fb = FullBoot(world, base, env={
+                "GH_PAT": token, "REPO_URL": git.url("/owner/repo.git"), **git.settings(),
+                **(standin.env() if standin else {}), **(env or {})})
+            try:
+                st = fb.wait_boot()
+                assert st["state"] == "READY", st["reasons"]
+                fb.wait_session()
+                yield fb, standin
+            finally:
+                fb.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 _GIT_SERVER = r"""
 import base64, http.server, json, os, sys, threading
 cfg = json.loads(sys.stdin.readline())  # on stdin: the credentials stay off argv

@@ -9,20 +9,18 @@ backend by backend in ``test_inbound.py``.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.daemonproc import wait_for
-from tests.fullboot import FullBoot, GitServer, default_names, publish_names
+from tests.fullboot import FullBoot, machine_with_repo
 from tests.integration.test_attach import REPORT, PtyProc
 from tests.scratchroot import OUT
-from tests.world import INNER_V4, INNER_V6, PYTHON, World
+from tests.world import INNER_V4, INNER_V6, PYTHON
 
 pytestmark = pytest.mark.integration
 
@@ -68,25 +66,8 @@ mv {OUT}/evil-report.tmp {OUT}/evil-report
 
 @pytest.fixture(scope="module")
 def machine() -> Iterator[FullBoot]:
-    base = Path(tempfile.mkdtemp(prefix="ct-boundary-", dir="/tmp"))
-    base.chmod(0o755)
-    try:
-        with World(ttl=60) as world:
-            publish_names(world, default_names())
-            git = GitServer(world, base, token=GH_PAT,
-                            auth={"owner": ("x-access-token", GH_PAT)}, forks={})
-            fb = FullBoot(world, base, env={"GH_PAT": GH_PAT,
-                                            "REPO_URL": git.url("/owner/repo.git"),
-                                            **git.settings()})
-            try:
-                st = fb.wait_boot()
-                assert st["state"] == "READY", st["reasons"]
-                fb.wait_session()
-                yield fb
-            finally:
-                fb.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with machine_with_repo("ct-boundary-", GH_PAT) as (fb, _):
+        yield fb
 
 
 def as_agent(fb: FullBoot, *argv: str) -> subprocess.CompletedProcess[str]:

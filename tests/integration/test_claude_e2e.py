@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ from typing import Any
 import pytest
 
 from tests.daemonproc import wait_for
-from tests.fullboot import ApiStandIn, FullBoot, GitServer, default_names, publish_names
-from tests.world import NEVER_HOSTS, World
+from tests.fullboot import ApiStandIn, FullBoot, machine_with_repo
+from tests.world import NEVER_HOSTS
 
 pytestmark = pytest.mark.integration
 
@@ -58,27 +57,11 @@ def last_user_text(body: dict[str, Any]) -> str:
 def machine() -> Iterator[tuple[FullBoot, ApiStandIn]]:
     if shutil.which("claude") is None:
         pytest.fail("the Claude Code CLI is not installed: run ./dev setup")
-    base = Path(tempfile.mkdtemp(prefix="ct-claude-", dir="/tmp"))
-    base.chmod(0o755)
-    try:
-        with World(ttl=60) as world:
-            publish_names(world, default_names())
-            api = ApiStandIn(world, base)
-            git = GitServer(world, base, token=GH_PAT,
-                            auth={"owner": ("x-access-token", GH_PAT)}, forks={})
-            fb = FullBoot(world, base, env={
-                "GH_PAT": GH_PAT, "CLAUDE_CODE_OAUTH_TOKEN": OAUTH, "CLAUDE_PROMPT": PROMPT,
-                "REPO_URL": git.url("/owner/repo.git"), **git.settings(), **api.env(),
-                "CODETAINER_AGENT_COMMAND": "claude --dangerously-skip-permissions"})
-            try:
-                st = fb.wait_boot()
-                assert st["state"] == "READY", st["reasons"]
-                fb.wait_session()
-                yield fb, api
-            finally:
-                fb.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    env = {"CLAUDE_CODE_OAUTH_TOKEN": OAUTH, "CLAUDE_PROMPT": PROMPT,
+           "CODETAINER_AGENT_COMMAND": "claude --dangerously-skip-permissions"}
+    with machine_with_repo("ct-claude-", GH_PAT, env, api=True) as (fb, api):
+        assert api is not None
+        yield fb, api
 
 
 def agent_pane(fb: FullBoot) -> str:
