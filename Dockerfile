@@ -105,10 +105,14 @@ RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm \
     && bun --version && tsc --version && typescript-language-server --version \
     && tmux -V
 
-# The agent (uid 1000) and the only user whose packets may reach upstream resolvers.
+# The agent (uid 1000), the only user whose packets may reach upstream resolvers, and
+# the policy proxy's (uid 998: the only one that reaches allowlisted hosts on 80/443 and
+# reads the credentials; mitmproxy comes with the project's Python dependencies).
 RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash claude \
     && useradd --system --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin codetainer-dns \
+    && useradd --system --uid 998 --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin codetainer-proxy \
     && mkdir -p /workspace /run/codetainer \
     && chown claude:claude /workspace
 

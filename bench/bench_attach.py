@@ -8,9 +8,12 @@ pseudo-terminal and time until tmux has taken over the terminal (it switches to 
 alternate screen, ``ESC[?1049h``); each attach is confirmed with ``tmux list-clients``.
 
 The reference is a bare ``tmux -S SOCK attach -t $0`` (the floor: what any attach costs);
-the ratio shows what our client adds. Run as root:
+the ratio shows what our client adds (target <= 3x). Run as root:
 
     /opt/ctvenv/bin/python bench/bench_attach.py [-n 20] [--cmd "codetainer attach"]
+
+``bench/bench_fastpaths.py --baseline TREE`` runs this harness against another checkout
+too, round by round beside this one.
 """
 
 from __future__ import annotations
@@ -152,10 +155,12 @@ def main() -> int:
         print(f"attach latency, session up ({' '.join(ours[:3])} ...):")
         m_ours = report("codetainer attach", ours_s)
         m_bare = report("bare tmux attach (floor)", bare_s)
+        ok = m_ours <= 3 * m_bare
         print(f"overhead over bare tmux: {m_ours - m_bare:+.1f} ms "
-              f"(ratio {m_ours / m_bare:.2f}x); target <= 150 ms: "
-              f"{'PASS' if m_ours <= 150 else 'FAIL'}")
-        return 0 if m_ours <= 150 else 1
+              f"(ratio {m_ours / m_bare:.2f}x); target <= 3x bare (issue 10): "
+              f"{'PASS' if ok else 'FAIL'} (side by side with a baseline: "
+              "bench/bench_fastpaths.py)")
+        return 0 if ok else 1
     finally:
         asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
         asyncio.run_coroutine_threadsafe(sm.stop(), loop).result(10)

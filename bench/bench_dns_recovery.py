@@ -33,14 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from codetainer.network.dnsguard import REVIVE_MAX_S  # noqa: E402
+from codetainer.sandbox.daemonproc import DaemonProc  # noqa: E402
+from codetainer.sandbox.world import PYTHON, World  # noqa: E402
 
-from tests.daemonproc import DaemonProc  # noqa: E402
 from tests.integration.test_network_daemon import (  # noqa: E402
     RECORDS,
     start_daemon,
     wait_boot,
 )
-from tests.world import PYTHON, World  # noqa: E402
 
 # Runs in the container's netns as root: "kill N" kills the server and waits for an answer,
 # N times in a row, each kill as soon as the previous wait answered; prints the waits (s).

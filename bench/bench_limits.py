@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from codetainer.control import protocol  # noqa: E402
+from codetainer.sandbox.daemonproc import wait_for  # noqa: E402
+from codetainer.sandbox.fullboot import FullBoot, default_names, publish_names  # noqa: E402
+from codetainer.sandbox.world import World  # noqa: E402
 
 from tests.cgroups import SandboxCgroups  # noqa: E402
-from tests.daemonproc import wait_for  # noqa: E402
-from tests.fullboot import FullBoot, default_names, publish_names  # noqa: E402
-from tests.world import World  # noqa: E402
 
 SPIN = r"""import os, sys, time
 kids = []

@@ -34,9 +34,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from codetainer.sandbox.world import ALLOWED_HOSTS, NEVER_HOSTS, UPSTREAM, World  # noqa: E402
+
 from tests.integration.test_network_daemon import AGENT, ENGINES, start_daemon, wait_boot  # noqa: E402
 from tests.integration.test_rotation import ROTATION, rotation_run  # noqa: E402
-from tests.world import ALLOWED_HOSTS, NEVER_HOSTS, UPSTREAM, World  # noqa: E402
 
 TARGET = ALLOWED_HOSTS[0]
 IPT = "iptables-legacy" if subprocess.run(["which", "iptables-legacy"], capture_output=True).returncode == 0 \

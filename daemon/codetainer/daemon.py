@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -35,13 +36,12 @@ from codetainer.events import EventBus
 from codetainer.heap import HEAP, settle_heap
 from codetainer.limits.controller import LimitsController
 from codetainer.network.controller import NetworkController
+from codetainer.proxy.setup import proxy_enabled
 from codetainer.services.config import ServiceConfigError
 from codetainer.services.manager import ServiceManager, UnknownService
 from codetainer.settings import Settings
 
 log = structlog.get_logger("codetainer.daemon")
-
-FINAL = {BootState.READY, BootState.DEGRADED, BootState.FAILED}
 
 
 class Daemon:
@@ -57,12 +57,17 @@ class Daemon:
         self.ctx.services = self.services
         self.network = NetworkController(settings, self.events, self.services)
         self.limits = LimitsController(settings, self.events, self.services)
+        self.proxy: Any = None  # ProxyController with CODETAINER_PROXY=on
+        if proxy_enabled(settings):
+            from codetainer.proxy.setup import ProxyController
+
+            self.proxy = ProxyController(settings, self.events, self.services, self.network)
         if steps is None:
-            steps = plan.select(plan.all_steps(settings, self.network, self.limits), names)
+            steps = plan.select(plan.all_steps(settings, self.network, self.limits, self.proxy),
+                                names)
             phases = set(plan.PHASES) if names is None else {n for n in names if n in plan.PHASES}
         phases = phases or set()
         self.engine = BootEngine(steps, self.ctx)
-        self.phases = phases
         self.session: Any = None  # SessionManager when the session phase is on
         self.control = ControlServer(settings.socket)
         self.session_task: asyncio.Task[None] | None = None
@@ -74,8 +79,10 @@ class Daemon:
         self.started = time.time()
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.boot_task: asyncio.Task[BootState] | None = None
-        self.stopping = False
         self.extra_status: dict[str, Any] = {}  # name -> callable returning a dict
+        #: name -> cheap "is this part degraded now" (status --check asks it instead of
+        #: building the part's section); a part without one is asked through its section
+        self.degraded_probes: dict[str, Callable[[], str | None]] = {}
         self._info_cache: tuple[float, dict[str, Any]] | None = None
         self.settle_heap_after_boot = settle_heap_after_boot
 
@@ -91,7 +98,7 @@ class Daemon:
             raise DaemonHalt(str(exc), ExitCode.CONFIG) from None
         try:
             Path(self.settings.run_dir).mkdir(parents=True, exist_ok=True)
-            if "readonly-root" in self.engine.records and self.settings.readonly_root == "1":
+            if "readonly-root" in self.engine.records and self.settings.readonly_root:
                 # The root goes read-only during boot: give the runtime directory its own
                 # tmpfs now, before the socket exists (a later mount would hide it).
                 from codetainer.boot.filesystem import ensure_writable_run_dir
@@ -110,9 +117,17 @@ class Daemon:
         self.network.register(self.control)
         self.extra_status["network"] = self.network.status
         self.extra_status["limits"] = self.limits.status
+        self.degraded_probes["network"] = lambda: network_degraded(self.network)
+        self.degraded_probes["limits"] = self.limits.degraded
+        if self.proxy is not None:
+            self.extra_status["proxy"] = self.proxy.status
+            self.degraded_probes["proxy"] = self.proxy.degraded
         self.ctx.state.setdefault("reloaders", {})["network"] = self.network.reload
+        from codetainer.init.pid1 import dumpable
+
         log.info("daemon_started", version=__version__, pid=os.getpid(), ppid=os.getppid(),
-                 steps=[s.name for s in self.engine.steps], socket=self.settings.socket)
+                 steps=[s.name for s in self.engine.steps], socket=self.settings.socket,
+                 dumpable=dumpable())  # codetainerd makes it False (init/pid1.py)
 
     def _register_ops(self) -> None:
         c = self.control
@@ -180,7 +195,6 @@ class Daemon:
 
     async def shutdown(self, code: int) -> int:
         """Agent session, then services in reverse priority; a 2nd signal forces it."""
-        self.stopping = True
         if self.engine.state is not BootState.STOPPING:
             self.engine.change_state(BootState.STOPPING)
         log.info("shutdown_begin", forced=code == ExitCode.FORCED)
@@ -193,7 +207,7 @@ class Daemon:
             return code
         orderly = asyncio.create_task(self._orderly(), name="shutdown")
         forced = asyncio.create_task(self._second_signal(), name="second-signal")
-        deadline = self.settings.number("shutdown_timeout")
+        deadline = self.settings.shutdown_timeout
         done, _ = await asyncio.wait({orderly, forced}, timeout=deadline,
                                      return_when=asyncio.FIRST_COMPLETED)
         if orderly in done:
@@ -276,13 +290,21 @@ class Daemon:
                 out[name] = fn()
             except Exception as exc:
                 out[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            # A part that is degraded now (the DNS server down, every lookup failing) makes
-            # the whole DEGRADED while it lasts, whatever the boot ended as.
-            degraded = out[name].get("degraded") if isinstance(out[name], dict) else None
-            if degraded:
-                out["reasons"] = [*out["reasons"], f"{name}: {degraded}"]
-                if out["state"] == BootState.READY.value:
-                    out["state"] = BootState.DEGRADED.value
+            _merge_degraded(out, name, _degraded_of(out[name]))
+        return out
+
+    def health(self) -> dict[str, Any]:
+        """``status`` with ``brief``: only the state and its reasons, as ``status`` gives
+        them (``status --check``, the HEALTHCHECK). As cheap as ``ping``: no process tree,
+        mount table or section is built; each part answers its degraded probe."""
+        out: dict[str, Any] = {"state": self.engine.state.value, "reasons": self.engine.reasons()}
+        for name, fn in self.extra_status.items():
+            probe = self.degraded_probes.get(name)
+            try:
+                degraded = probe() if probe is not None else _degraded_of(fn())
+            except Exception:
+                degraded = None  # as in status(), where the section then shows the error
+            _merge_degraded(out, name, degraded)
         return out
 
     def _daemon_info(self) -> dict[str, Any]:
@@ -322,6 +344,8 @@ class Daemon:
         return {"pong": True, "state": self.engine.state.value}
 
     async def op_status(self, req: Request) -> dict[str, Any]:
+        if req.args.get("brief"):
+            return self.health()
         return self.status(tail=bool(req.args.get("tail", True)))
 
     async def op_events(self, req: Request, send: Send) -> dict[str, Any]:
@@ -422,6 +446,30 @@ class Daemon:
         return int(await self.shutdown(code))
 
 
+def _degraded_of(section: object) -> str | None:
+    degraded = section.get("degraded") if isinstance(section, dict) else None
+    return str(degraded) if degraded else None
+
+
+def _merge_degraded(out: dict[str, Any], name: str, degraded: str | None) -> None:
+    """A part that is degraded now (the DNS server down, every lookup failing) makes the
+    whole DEGRADED while it lasts, whatever the boot ended as."""
+    if degraded:
+        out["reasons"] = [*out["reasons"], f"{name}: {degraded}"]
+        if out["state"] == BootState.READY.value:
+            out["state"] = BootState.DEGRADED.value
+
+
+def network_degraded(nc: NetworkController) -> str | None:
+    """The network section's ``degraded`` without building the section: the same reading
+    as ``network/why.py``'s ``network_status`` (tests/unit/test_status_cost.py holds them
+    together; it belongs in the network controller)."""
+    if nc.opts is None or nc.backend is None:
+        return None
+    return ((nc.guard.degraded if nc.guard else None)
+            or (nc.refresher.degraded if nc.refresher else None) or nc.notes.get("github"))
+
+
 class _Parser(argparse.ArgumentParser):
     """A bad command line exits 64 (README: exit codes), not argparse's 2."""
 
@@ -446,8 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = Settings.from_env(socket=args.socket or "", services=args.services or "")
-        settings.number("shutdown_timeout")
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:  # SettingsError: the variable, its value, what is accepted
         print(f"codetainerd: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     from codetainer import log as logsetup

@@ -30,11 +30,22 @@ def _filter(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> 
     return event_dict
 
 
+REDACTED = "[redacted]"
+#: values shorter than this are not redacted (they would mangle ordinary text)
+MIN_REDACT_LEN = 6
+
+
+def redact(text: str, secrets: Mapping[str, str]) -> str:
+    """``text`` with every secret value replaced (for messages built from tool output)."""
+    for value in sorted(set(secrets.values()), key=len, reverse=True):
+        if len(value) >= MIN_REDACT_LEN:
+            text = text.replace(value, REDACTED)
+    return text
+
+
 def _redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Defence in depth: no code path logs a secret, and this catches one that would."""
     if _secrets:
-        from codetainer.boot.secrets import redact
-
         for key, value in event_dict.items():
             if isinstance(value, str):
                 event_dict[key] = redact(value, _secrets)

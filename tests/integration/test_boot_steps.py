@@ -1,4 +1,4 @@
-"""The boot steps for real, inside a scratch root (tests/scratchroot.py).
+"""The boot steps for real, inside a scratch root (codetainer/sandbox/scratchroot.py).
 
 Each test runs this file as a script inside fresh namespaces: the driver (``__main__``
 below) builds a bare repository and a loopback git/API server, runs the named steps
@@ -16,8 +16,6 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 GH_PAT = "ghp_TESTSECRETabcdef0123456789"
 OAUTH = "sk-ant-oat01-TESTOAUTHsecret987654"
 EMBEDDED_PW = "embeddedPW-4242xyz"
@@ -28,9 +26,11 @@ pytestmark = pytest.mark.integration
 
 def boot(tmp_path: Path, steps: str = ALL_STEPS, *, secrets: bool = True,
          env: dict[str, str] | None = None, timeout: float = 90) -> dict[str, Any]:
-    from scratchroot import DEFAULT_ENV, OUT, ScratchRoot
+    from codetainer.sandbox.scratchroot import DEFAULT_ENV, OUT, ScratchRoot
 
-    full_env = {**DEFAULT_ENV, "FLY_APP_NAME": "myapp", "PYTHONDONTWRITEBYTECODE": "1"}
+    # the policy proxy off, as before it existed (the driver's agent gets the real tokens)
+    full_env = {**DEFAULT_ENV, "FLY_APP_NAME": "myapp", "PYTHONDONTWRITEBYTECODE": "1",
+                "CODETAINER_PROXY": "off"}
     if secrets:
         full_env |= {"GH_PAT": GH_PAT, "CLAUDE_CODE_OAUTH_TOKEN": OAUTH}
     full_env |= env or {}
@@ -417,7 +417,7 @@ def _driver(steps_arg: str, report_path: str) -> None:
     agent: dict[str, Any] = {}
     if state.value != "FAILED":
         user = AgentUser.lookup("claude")
-        env = agent_env(user, ctx.secrets, os.environ)
+        env = agent_env(user, ctx.secrets, os.environ, proxy=None)
         stripped = {k: v for k, v in env.items() if k not in ("GH_TOKEN", "GITHUB_TOKEN")}
 
         def as_agent(*argv: str, strip: bool = False, stdin: str | None = None,

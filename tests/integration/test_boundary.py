@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from codetainer.sandbox.daemonproc import wait_for
+from codetainer.sandbox.fullboot import FullBoot, machine_with_repo
+from codetainer.sandbox.scratchroot import OUT
+from codetainer.sandbox.world import INNER_V4, INNER_V6, PYTHON
 
-from tests.daemonproc import wait_for
-from tests.fullboot import FullBoot, machine_with_repo
 from tests.integration.test_attach import REPORT, PtyProc
-from tests.scratchroot import OUT
-from tests.world import INNER_V4, INNER_V6, PYTHON
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@
 codetainerd boots as PID 1 in a scratch root joined to the test world, with the default
 agent command (``claude --dangerously-skip-permissions``, the CLI ``./dev setup``
 installs at the Dockerfile's pin) and a ``CLAUDE_PROMPT``. The CLI reaches the stand-in
-for Anthropic's API (tests/apistandin.py) under ``api.anthropic.com``, through the
+for Anthropic's API (codetainer/sandbox/apistandin.py) under ``api.anthropic.com``, through the
 allowlist DNS and the firewall, trusting the stand-in's test CA through
 ``NODE_EXTRA_CA_CERTS``. What is asserted is what a user sees (the agent pane, read with
 ``capture-pane``) and what the API received.
@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.daemonproc import wait_for
-from tests.fullboot import ApiStandIn, FullBoot, machine_with_repo
-from tests.world import NEVER_HOSTS
+from codetainer.sandbox.daemonproc import wait_for
+from codetainer.sandbox.fullboot import ApiStandIn, FullBoot, machine_with_repo
+from codetainer.sandbox.world import NEVER_HOSTS
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +169,7 @@ def test_the_session_namer_renames_the_tmux_session(machine: tuple[FullBoot, Api
     """The Stop hook runs hooks/session_namer.py, whose own ``claude -p --model haiku``
     goes to the stand-in, and renames the session with its answer."""
     fb, api = machine
-    from tests.apistandin import NAMER_PROMPT, NAMER_TITLE
+    from codetainer.sandbox.apistandin import NAMER_PROMPT, NAMER_TITLE
 
     wait_for(lambda: fb.session().get("name") == NAMER_TITLE, 90, "the renamed session",
              context=lambda: json.dumps(fb.session()))
@@ -225,7 +224,7 @@ def test_the_agent_exiting_is_respawned(machine: tuple[FullBoot, ApiStandIn]) ->
 def test_a_missing_cli_is_shown_in_the_pane_and_in_status() -> None:
     """An image without the CLI (or a wrong CODETAINER_AGENT_COMMAND): the pane says
     what the shell said, status counts the exits, the daemon stays READY."""
-    from tests.fullboot import full_boot
+    from codetainer.sandbox.fullboot import full_boot
 
     with full_boot(env={"CODETAINER_AGENT_COMMAND": "claude-not-installed --flag"}) as fb:
         assert fb.wait_boot()["state"] == "READY"
@@ -259,7 +258,7 @@ def test_plugins_from_a_local_marketplace_with_the_real_cli(tmp_path: Path) -> N
     """``CODETAINER_PLUGINS``: the real ``claude plugin marketplace add`` and ``install``
     succeed for a good entry; a plugin the marketplace lacks is a warning (boot DEGRADED)
     with the CLI's own reason; the agent still starts."""
-    from tests.fullboot import full_boot
+    from codetainer.sandbox.fullboot import full_boot
 
     base = tmp_path / "boot"
     base.mkdir()

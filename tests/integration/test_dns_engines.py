@@ -113,6 +113,9 @@ REBIND = {
 }
 UPSTREAM_CONF += "".join(f"address=/{n}/{a}\n" for n, (_t, a) in REBIND.items())
 
+#: in no allowlist here: refused and logged, after every query asked before it
+LOG_BARRIER = "log-barrier.test"
+
 ALLOWLIST = """\
 allowed.test          # exact: its subdomains must be refused
 *.wild.test:443       # wildcard: subdomains yes, apex no
@@ -247,7 +250,7 @@ def make_sets(ns: Netns, cfg: GeneratedConfig, backend: SetBackend = SetBackend.
         for s in cfg.dynamic_sets:
             family = "inet" if s.family == 4 else "inet6"
             ns.run("ipset", "create", s.ipset, "hash:ip", "family", family,
-                   "timeout", str(cfg.set_timeout))  # fmt: skip
+                   "timeout", str(cfg.set_timeout))
         return
     rules = ["add table inet codetainer"]
     for s in cfg.dynamic_sets:
@@ -278,11 +281,22 @@ class Server:
     log: Path
     #: CoreDNS: the hook's refusals (its own, and internal answers), one name a line
     hook_refused: Path | None = None
+    listen: str = "127.0.0.53"
 
-    def refused(self) -> set[str]:
+    def refused(self, ns: Netns) -> set[str]:
         """Names refused so far, from the server's log through the daemon's parser (and,
-        for CoreDNS, the hook's own refusals, which the daemon records directly)."""
-        time.sleep(0.3)  # dnsmasq's log-async; CoreDNS writes at once
+        for CoreDNS, the hook's own refusals, which the daemon records directly).
+
+        dnsmasq writes its log asynchronously (log-async): a refused name asked last is
+        waited for, and once it is logged every earlier query is too."""
+        ask(ns, LOG_BARRIER, server=self.listen)
+        deadline = time.monotonic() + 10
+        while LOG_BARRIER not in (names := self._refused_now()):
+            assert time.monotonic() < deadline, f"{LOG_BARRIER} never logged as refused"
+            time.sleep(0.02)
+        return names
+
+    def _refused_now(self) -> set[str]:
         lines = self.log.read_text(errors="replace").splitlines()
         if self.engine is Engine.DNSMASQ:
             return {r.name for ln in lines if (r := parse_dnsmasq_log_line(ln))}
@@ -325,7 +339,7 @@ def start_server(
         spec = {"listen": hook, "upstreams": "127.0.0.2", "allowlist": allowlist,
                 "sets": domain_sets(mapping.text), "backend": backend.value,
                 "timeout": cfg.set_timeout, "refused": str(hook_refused),
-                "screened": [str(n) for n in cfg.screened]}  # fmt: skip
+                "screened": [str(n) for n in cfg.screened]}
         hook_log = tmp / f"hook-{listen}.log"
         proc = ns.spawn(sys.executable, "-c", HOOK, json.dumps(spec), stderr=hook_log)
         host, port = hook.split(":")
@@ -339,7 +353,7 @@ def start_server(
     log = tmp / f"{engine.value}-{listen}.log"
     proc = ns.spawn(str(script), stderr=log)
     wait_answering(ns, listen, proc, log)
-    return Server(engine, cfg, log, hook_refused)
+    return Server(engine, cfg, log, hook_refused, listen)
 
 
 @pytest.fixture
@@ -399,7 +413,7 @@ def test_filters_and_fills_the_sets_before_answering(
 
     # TCP queries are filtered the same way
     for name, rcode in (("denied.test", dns.rcode.NXDOMAIN), ("sub.allowed.test", dns.rcode.NXDOMAIN),
-                        ("allowed.test", dns.rcode.NOERROR)):  # fmt: skip
+                        ("allowed.test", dns.rcode.NOERROR)):
         q = dns.message.make_query(name, "A")
         assert ns.call(lambda q=q: dns.query.tcp(q, "127.0.0.53", timeout=2)).rcode() == rcode, name
 
@@ -416,7 +430,7 @@ def test_filters_and_fills_the_sets_before_answering(
         assert "203.0.113.30" not in members(ns, s)
 
     # refused names are visible in the server's log, through the daemon's parser
-    refused = srv.refused()
+    refused = srv.refused(ns)
     assert {"denied.test", "sub.allowed.test", "wild.test"} <= refused
     assert not refused & {"allowed.test", "a.wild.test", "alias.test", "b.c.wild.test"}
 
@@ -486,7 +500,7 @@ def rebind_world(
     for name, (rdtype, addr) in REBIND.items():  # the upstream really answers them
         assert addresses(ask(ns, name, rdtype, server="127.0.0.2"), rdtype) == {addr}, name
     return start_server(ns, tmp, "127.0.0.53", ipv6=True, engine=engine, allowlist=allowlist,
-                        backend=backend, edit=edit)  # fmt: skip
+                        backend=backend, edit=edit)
 
 
 def wild_sets() -> tuple[DynamicSet, DynamicSet]:
@@ -528,7 +542,7 @@ def test_internal_answers_are_refused_and_never_reach_the_dynamic_sets(
 
     # the screened names show as refused names (dnsmasq logs them as config NXDOMAIN; the
     # hook reports them to the daemon)
-    refused = srv.refused()
+    refused = srv.refused(ns)
     assert {"meta.wild.test", "ll6.wild.test", "mixed.wild.test"} <= refused
     assert "a.wild.test" not in refused
 
@@ -540,7 +554,7 @@ def test_without_the_screen_dnsmasq_inserts_internal_answers(world: tuple[Netns,
 
     def unscreened(text: str) -> str:
         return "".join(ln for ln in text.splitlines(keepends=True)
-                       if not ln.startswith("bogus-nxdomain="))  # fmt: skip
+                       if not ln.startswith("bogus-nxdomain="))
 
     rebind_world(world, SetBackend.NFTSET, Engine.DNSMASQ, edit=unscreened)
     d4, d6 = wild_sets()

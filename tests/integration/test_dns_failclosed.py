@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 from codetainer.network.dnsconfig import COREDNS_BIN
+from codetainer.sandbox.daemonproc import DaemonProc
+from codetainer.sandbox.world import World
 
-from tests.daemonproc import DaemonProc
 from tests.integration.test_network_daemon import (
     AGENT,
     ALLOWED,
@@ -29,7 +30,6 @@ from tests.integration.test_network_daemon import (
     step,
     wait_boot,
 )
-from tests.world import World
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from codetainer.sandbox.daemonproc import DaemonProc
+from codetainer.sandbox.world import PYTHON, World
 
-from tests.daemonproc import DaemonProc
 from tests.integration.test_network_daemon import (
     ALLOWED,
     ENGINES,
@@ -26,7 +27,6 @@ from tests.integration.test_network_daemon import (
     start_daemon,
     wait_boot,
 )
-from tests.world import PYTHON, World
 
 pytestmark = pytest.mark.integration
 

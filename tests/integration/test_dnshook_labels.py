@@ -5,7 +5,8 @@ codetainerd boots as PID 1 in the test world's inner netns with the CoreDNS engi
 the hook from the DNS user (the only uid the firewall lets reach it), raw wire format
 built with dnspython, as a CoreDNS that forwarded them would send them: the two-label
 name ``[x.wild][test]`` must be refused and never forwarded; ``a.wild.test`` still
-resolves (any letter case) and its address reaches the dynamic set first. Any other uid,
+resolves (any letter case) and its address reaches the dynamic set first, written by the
+one persistent set helper the daemon started (no ``nft`` process per answer). Any other uid,
 the agent's and root's included, is rejected before it reaches the hook.
 """
 
@@ -18,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from codetainer.sandbox.daemonproc import DaemonProc
+from codetainer.sandbox.world import ALLOWED_HOSTS, World
 
-from tests.daemonproc import DaemonProc
 from tests.integration.test_network_daemon import nft_set, start_daemon, wait_boot
-from tests.world import ALLOWED_HOSTS, World
 
 pytestmark = pytest.mark.integration
 
@@ -100,6 +101,10 @@ def test_hook_still_forwards_real_subdomains_in_any_case(hooked: tuple[World, Da
     after = counts(d)
     assert after["answered"] - before["answered"] >= 2 and after["refused"] - before["refused"] == 1
     assert WILD in nft_set(world, "d4_443")
+    # every answer so far went through one persistent set helper, none through a
+    # one-shot `nft` (a helper that never started would show set_helper_lost)
+    events = [e.get("event") for e in d.events()]
+    assert events.count("set_helper_started") == 1 and "set_helper_lost" not in events, d.log()[-3000:]
 
 
 @pytest.mark.timeout(120)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 from codetainer.control.client import DaemonUnreachable
+from codetainer.sandbox.fullboot import FullBoot, default_names, publish_names
+from codetainer.sandbox.world import World
 
-from tests.fullboot import FullBoot, default_names, publish_names
 from tests.integration.test_attach import PtyProc
-from tests.world import World
 
 pytestmark = pytest.mark.integration
 

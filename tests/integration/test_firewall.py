@@ -22,8 +22,16 @@ from codetainer.network.firewall import (
     probe_backend,
     self_test,
 )
-
-from tests.world import ALLOWED_HOSTS, NEVER_HOSTS, PYTHON, UDP_ECHO, UPSTREAM, V6_HOSTS, World, world_fixture
+from codetainer.sandbox.world import (
+    ALLOWED_HOSTS,
+    NEVER_HOSTS,
+    PYTHON,
+    UDP_ECHO,
+    UPSTREAM,
+    V6_HOSTS,
+    World,
+    world_fixture,
+)
 
 pytestmark = pytest.mark.integration
 

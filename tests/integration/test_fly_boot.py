@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.daemonproc import wait_for
-from tests.fullboot import FullBoot, default_names, full_boot, publish_names
-from tests.world import (
+from codetainer.sandbox.daemonproc import wait_for
+from codetainer.sandbox.fullboot import FullBoot, default_names, full_boot, publish_names
+from codetainer.sandbox.world import (
     FLY_MACHINE,
     FLY_OPERATOR,
     FLY_PEER,
@@ -40,12 +39,12 @@ from tests.world import (
 pytestmark = pytest.mark.integration
 
 AGENT = 1000
-DNS_UID = 999  # codetainer-dns in the scratch root (tests/scratchroot.py)
+DNS_UID = 999  # codetainer-dns in the scratch root (codetainer/sandbox/scratchroot.py)
 MACHINE_ID = "148e272c1d2e89"
 NOTRACK = ("table ip6 fly_no_conntrack {\n"
            " chain pre { type filter hook prerouting priority raw; notrack; }\n"
            " chain out { type filter hook output priority raw; notrack; }\n}\n")  # fmt: skip
-#: IPv6 destinations in the world with a TCP server behind them (tests/world.py)
+#: IPv6 destinations in the world with a TCP server behind them (codetainer/sandbox/world.py)
 V6_TARGETS = ((FLY_OPERATOR, 443), (FLY_PEER, 80), (WORLD_V6, 443), (V6_HOSTS[0], 443),
               (FLY_RESOLVER, 53))
 _LISTEN = r"""

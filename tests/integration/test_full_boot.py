@@ -1,4 +1,4 @@
-"""The real daemon, as PID 1, booting inside a scratch root (tests/scratchroot.py).
+"""The real daemon, as PID 1, booting inside a scratch root (codetainer/sandbox/scratchroot.py).
 
 codetainerd runs as PID 1 of fresh PID, mount, UTS and network namespaces pivoted into a
 scratch root; its control socket is put in the shared output directory, so the test
@@ -21,13 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from codetainer.control.client import Client, DaemonUnreachable
-from scratchroot import DEFAULT_ENV, OUT, ScratchRoot, Spawned
-
-from tests.daemonproc import wait_for
+from codetainer.sandbox.daemonproc import wait_for
+from codetainer.sandbox.scratchroot import DEFAULT_ENV, OUT, ScratchRoot, Spawned
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +94,9 @@ def boot(tmp_path: Path, steps: str, env: dict[str, str],
     argv = [CODETAINERD, "--services", f"{OUT}/services.conf", "--socket",
             f"{OUT}/control.sock", "--steps", steps]
     full_env = {**DEFAULT_ENV, "CODETAINER_LOG_FORMAT": "json", "FLY_APP_NAME": "myapp",
-                "CODETAINER_AGENT_COMMAND": AGENT_COMMAND, **env}
+                "CODETAINER_AGENT_COMMAND": AGENT_COMMAND,
+                "CODETAINER_PROXY": "off",  # as before the proxy: the agent holds the tokens
+                **env}
     log_path = tmp_path / "daemon.log"
     with open(log_path, "wb") as log:
         proc = root.spawn(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,7 +1,7 @@
 """The agent as the real daemon starts it: one whole machine (codetainerd as PID 1 in a
 scratch root joined to the test world, every boot step and the session phase), booted
 once for this module, with ``REPO_URL`` naming a private fork on a stand-in GitHub
-(tests/fullboot.py ``GitServer``) and marker variables in the daemon's environment.
+(codetainer/sandbox/fullboot.py ``GitServer``) and marker variables in the daemon's environment.
 
 Everything the agent does here it does in its own tmux panes (``send-keys`` on the
 agent socket), so what is tested is exactly what the daemon started: privilege, the
@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 from codetainer.boot.privileges import PASSTHROUGH
-
-from tests.daemonproc import wait_for
-from tests.fullboot import FullBoot, GitServer, default_names, publish_names
-from tests.world import World
+from codetainer.sandbox.daemonproc import wait_for
+from codetainer.sandbox.fullboot import FullBoot, GitServer, default_names, publish_names
+from codetainer.sandbox.world import World
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """The whole machine booted with each DNS engine: CoreDNS (the image's, and the default of
 the full boot and the sandbox) and dnsmasq (``CODETAINER_DNS_ENGINE=dnsmasq``).
 
-codetainerd is PID 1 in a scratch root joined to the test world (``tests/fullboot.py``),
+codetainerd is PID 1 in a scratch root joined to the test world (``codetainer/sandbox/fullboot.py``),
 CoreDNS from ``/usr/local/bin/coredns`` as in the image. The agent (uid 1000) resolves
 through the local server and connects; what the allowlist does not name is refused and
 shows in status; the only DNS-shaped thing it may talk to is that server: not the
@@ -19,9 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.fullboot import FullBoot, default_names, publish_names
-from tests.world import UPSTREAM, World
+from codetainer.sandbox.fullboot import FullBoot, default_names, publish_names
+from codetainer.sandbox.world import UPSTREAM, World
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +95,7 @@ def test_the_agent_resolves_and_connects_to_allowlisted_names_only(
     def refused() -> set[str]:
         return {r["name"] for r in fb.status()["network"]["refused"]}
 
-    from tests.daemonproc import wait_for
+    from codetainer.sandbox.daemonproc import wait_for
 
     wait_for(lambda: {"not-allowlisted.example", f"deeper.{name}"} <= refused(), 10,
              "the refused names in status")  # fmt: skip

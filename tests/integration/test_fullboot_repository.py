@@ -1,5 +1,5 @@
 """``REPO_URL`` through the real daemon: a whole machine (codetainerd as PID 1, every boot
-step and the session phase) per test, cloning from the git server of tests/fullboot.py
+step and the session phase) per test, cloning from the git server of codetainer/sandbox/fullboot.py
 (``GitServer``, on loopback of the machine's network namespace).
 
 The machines run one after the other in one test world: each is stopped (and its log
@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.fullboot import FullBoot, GitServer, default_names, publish_names
-from tests.world import World
+from codetainer.sandbox.fullboot import FullBoot, GitServer, default_names, publish_names
+from codetainer.sandbox.world import World
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 from codetainer.network.firewall import FirewallPolicy
 from codetainer.network.firewall_ipt import iptables_tools
-
-from tests.integration.test_firewall import AGENT, DNS_UID, FLY_MACHINE, FLY_OPERATOR, FLY_RESOLVER, applied
-from tests.world import (
+from codetainer.sandbox.world import (
     ALLOWED_HOSTS,
     INNER_V4,
     INNER_V6,
@@ -33,6 +31,8 @@ from tests.world import (
     World,
     world_fixture,
 )
+
+from tests.integration.test_firewall import AGENT, DNS_UID, FLY_MACHINE, FLY_OPERATOR, FLY_RESOLVER, applied
 
 pytestmark = pytest.mark.integration
 

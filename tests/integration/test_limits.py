@@ -30,11 +30,11 @@ from typing import Any
 
 import pytest
 from codetainer.boot.privileges import AgentUser, ExecLimits, setpriv_argv
+from codetainer.sandbox.daemonproc import wait_for
+from codetainer.sandbox.fullboot import FullBoot, default_names, publish_names
+from codetainer.sandbox.world import World
 
 from tests.cgroups import SandboxCgroups
-from tests.daemonproc import wait_for
-from tests.fullboot import FullBoot, default_names, publish_names
-from tests.world import World
 
 pytestmark = pytest.mark.integration
 
@@ -387,9 +387,13 @@ def test_filling_every_agent_mount_leaves_the_daemons_state_alone(
     assert conf.returncode == 0, conf.stderr
     # ... and its log, and answers
     assert len(fb.events()) > before
-    mounts = {m["path"]: m for m in fb.status()["session"]["mounts"]}
-    for path in rcs:
-        assert mounts[path]["warn"] and mounts[path]["percent"] >= 90, mounts[path]
+    # (the session's usage is sampled at most once a second: wait for a fresh sample)
+    def mounts_full() -> dict[str, Any] | None:
+        mounts = {m["path"]: m for m in fb.status()["session"]["mounts"]}
+        return mounts if all(mounts[p]["warn"] and mounts[p]["percent"] >= 90
+                             for p in rcs) else None
+
+    until(mounts_full, "status to show every filled mount", timeout=10)
     text = subprocess.run([CLI, "--socket", fb.socket, "status"], capture_output=True,
                           text=True, check=False).stdout
     full = [ln for ln in text.splitlines() if "FULL SOON" in ln]

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.daemonproc import BIN, DaemonProc
-from tests.world import ALLOWED_HOSTS, NEVER_HOSTS, UDP_ECHO, UPSTREAM, V6_HOSTS, World
+from codetainer.sandbox.daemonproc import BIN, DaemonProc
+from codetainer.sandbox.world import ALLOWED_HOSTS, NEVER_HOSTS, UDP_ECHO, UPSTREAM, V6_HOSTS, World
 
 pytestmark = pytest.mark.integration
 
@@ -113,19 +112,19 @@ def start_daemon(world: World, tmp: Path, allowlist: str = ALLOWLIST, *,
 
 def wait_boot(d: DaemonProc, timeout: float = 45.0) -> dict[str, Any]:
     st: dict[str, Any] = d.wait_until(lambda: (s := d.status())["state"] != "BOOTING" and s,
-                                      timeout, "boot to finish")  # fmt: skip
+                                      timeout, "boot to finish")
     return st
 
 
 def dig(world: World, name: str, server: str = "127.0.0.53", uid: int = AGENT,
         rtype: str = "A") -> tuple[str, list[str]]:
     out = world.run_in(world.inner, ["dig", "+time=1", "+tries=1", "+noall", "+comments",
-                                     "+answer", f"@{server}", name, rtype], uid=uid)  # fmt: skip
+                                     "+answer", f"@{server}", name, rtype], uid=uid)
     m = re.search(r"status: ([A-Z]+)", out.stdout)
     if not m:
         return "TIMEOUT", []
     addrs = [ln.split()[-1] for ln in out.stdout.splitlines()
-             if ln and not ln.startswith(";") and ln.split()[3:4] == [rtype]]  # fmt: skip
+             if ln and not ln.startswith(";") and ln.split()[3:4] == [rtype]]
     return m[1], sorted(addrs)
 
 
@@ -216,7 +215,7 @@ def test_not_allowlisted_and_exact_subdomain_refused_wildcard_allowed(
     def refused() -> set[str]:
         return {r["name"] for r in daemon.status()["network"]["refused"]}
     daemon.wait_until(lambda: {"denied.test", "sub.allowed.test", "wild.test"} <= refused(),
-                      10, "refused names in status")  # fmt: skip
+                      10, "refused names in status")
 
 
 def test_direct_connections_refused_fast_dns_and_udp_blocked(daemon: DaemonProc, world: World) -> None:
@@ -271,12 +270,12 @@ def test_why_explains_allowed_and_denied(daemon: DaemonProc, world: World) -> No
     assert not why["allowlisted"] and why["rcode"] == "NXDOMAIN" and why["refused"]["count"] >= 1
     # end to end through the CLI, as any user may
     cli = subprocess.run([str(BIN / "codetainer"), "--socket", daemon.socket, "why", "sub.allowed.test"],
-                         capture_output=True, text=True, timeout=20)  # fmt: skip
+                         capture_output=True, text=True, timeout=20)
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.startswith("sub.allowed.test: NOT ALLOWED")
     # status lists the denied destination
     daemon.wait_until(lambda: any(d["addr"] == NEVER_HOSTS[2] for d in daemon.status()["network"]["denied"]),
-                      15, "denied destination in status")  # fmt: skip
+                      15, "denied destination in status")
 
 
 def test_allow_grants_temporarily_and_expires(daemon: DaemonProc, world: World) -> None:
@@ -284,7 +283,7 @@ def test_allow_grants_temporarily_and_expires(daemon: DaemonProc, world: World) 
     assert dig(world, "extra.test") == ("NXDOMAIN", [])
     assert world.connect(EXTRA, 443, uid=AGENT)[0] == "ECONNREFUSED"
     cli = subprocess.run([str(BIN / "codetainer"), "--socket", daemon.socket, "allow", "extra.test",
-                          "--for", "4s"], capture_output=True, text=True, timeout=30)  # fmt: skip
+                          "--for", "4s"], capture_output=True, text=True, timeout=30)
     assert cli.returncode == 0, cli.stderr + daemon.log()[-3000:]
     assert "allowed extra.test for 4s" in cli.stdout
     assert dig(world, "extra.test") == ("NOERROR", [EXTRA])
@@ -359,13 +358,19 @@ def test_total_upstream_failure_changes_nothing(daemon: DaemonProc, world: World
     world.dns.wait(5)
     try:
         st = daemon.wait_until(lambda: (n := daemon.status()["network"])["degraded"] and n, 20,
-                               "DEGRADED after upstream failure")  # fmt: skip
+                               "DEGRADED after upstream failure")
         assert "lookups failed" in st["degraded"] and "firewall unchanged" in st["degraded"]
         assert "DEGRADED" in st["text"]
         failing = {f["name"]: f for f in st["failing"]}
         assert ALLOWED in failing["allowed.test"]["kept"] and failing["allowed.test"]["failures"] >= 1
         assert "failing: allowed.test" in st["text"]
-        time.sleep(2)  # several more failing refreshes
+        seen = failing["allowed.test"]["failures"]
+
+        def failures() -> int:
+            rows = daemon.status()["network"]["failing"]
+            return next((f["failures"] for f in rows if f["name"] == "allowed.test"), 0)
+
+        daemon.wait_until(lambda: failures() >= seen + 2, 20, "two more failing refreshes")
         assert nft_set(world, "s4_80_443") == before
         assert world.connect(ALLOWED, 443, uid=AGENT)[0] == "connected"
     finally:
@@ -384,7 +389,7 @@ def test_status_names_the_denied_destination_it_resolved(daemon: DaemonProc, wor
 
     def row() -> dict[str, Any] | None:
         return next((d for d in daemon.status()["network"]["denied"]
-                     if d["addr"] == WILD and d["port"] == 8080), None)  # fmt: skip
+                     if d["addr"] == WILD and d["port"] == 8080), None)
     found = daemon.wait_until(row, 15, "the denied destination in status")  # polled every 10 s
     assert found["name"] == "a.wild.test" and found["proto"] == "tcp" and found["packets"] >= 30
     assert abs(found["last_seen"] - time.time()) < 30 and found["seen"] == "last"
@@ -426,7 +431,7 @@ HOSTILE = "\n".join([
     "ctl\x01.test",  # control byte
     "*",
     "0.0.0.0/0",
-]) + "\n"  # fmt: skip
+]) + "\n"
 
 
 def test_hostile_allowlist_fails_boot_without_weakening_the_firewall(tmp_path: Path) -> None:
@@ -526,14 +531,14 @@ def test_a_dns_server_that_stops_answering_is_restarted(open_tmp: Path, engine: 
             os.kill(host_pid, sig.SIGSTOP)
             assert dig(world, "allowed.test")[0] == "TIMEOUT"
             new = d.wait_until(lambda: (p := d.service("dns")["pid"]) not in (None, old) and p, 20,
-                               "the dns service restarted with a new pid")  # fmt: skip
+                               "the dns service restarted with a new pid")
             assert new != old
             d.wait_until(lambda: dig(world, "allowed.test") == ("NOERROR", [ALLOWED]), 10, "answers again")
             assert dig(world, "denied.test") == ("NXDOMAIN", [])
             events = [e["event"] for e in d.events()]
             assert events.count("dns_health_failed") >= 3 and "dns_restart" in events
             health = d.wait_until(lambda: (h := d.status()["network"]["dns_health"])["ok"] and h,
-                                  5, "health ok")  # fmt: skip
+                                  5, "health ok")
             assert "refused" in health["reason"], health
         finally:
             d.close()

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from tests.daemonproc import DaemonProc, running, zombies
+from codetainer.sandbox.daemonproc import DaemonProc, running, zombies
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +28,28 @@ def conf(*progs: str) -> str:
     return "[supervisord]\n" + "\n".join(progs)
 
 
+def orphans_done(d: DaemonProc) -> bool:
+    """The service has exec'd its last command (``sleep 1000``: every orphan it makes is
+    made) and, after that, the init has no child but the daemon: every orphan is gone,
+    reaped (a zombie still counts as a child)."""
+    try:
+        init = psutil.Process(d.init_pid)
+        daemons = [p for p in init.children() if p.name() not in ("sh", "sleep")]
+        services = [c for p in daemons for c in p.children()]
+        if not services or any(c.name() != "sleep" for c in services):
+            return False
+        return {p.pid for p in init.children()} == {p.pid for p in daemons}
+    except psutil.Error:
+        return False
+
+
+def pending_at(pid: int, sig: int) -> bool:
+    """``sig`` is pending at ``pid``: sent, not yet taken (the init blocks the signals it
+    forwards and takes them one at a time)."""
+    fields = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return any(int(fields[f].strip(), 16) & (1 << (sig - 1)) for f in ("ShdPnd", "SigPnd"))
+
+
 def test_hundred_orphans_reaped_as_pid1(tmp_path: Path) -> None:
     spawner = ("/bin/sh -c 'for i in $(seq 100); do /bin/sh -c \"sleep 0.3 &\"; done; "
                "exec sleep 1000'")
@@ -39,7 +60,7 @@ def test_hundred_orphans_reaped_as_pid1(tmp_path: Path) -> None:
         d.wait_until(lambda: len([p for p in init.children() if p.name() == "sleep"]) >= 50,
                      timeout=5, what="orphans re-parented to PID 1")
         # ... and once they die, nothing is left unreaped.
-        time.sleep(0.8)
+        d.wait_until(lambda: orphans_done(d), timeout=5, what="every orphan dead and reaped")
         assert zombies(d.descendants()) == []
         assert [p for p in init.children() if p.name() == "sleep"] == []
         d.signal(signal.SIGTERM)
@@ -50,7 +71,7 @@ def test_double_fork_leaves_no_zombie(tmp_path: Path) -> None:
     cmd = "/bin/sh -c '(/bin/sh -c \"sleep 0.2\" &); (/bin/sh -c \"exit 3\" &); exec sleep 1000'"
     with running(tmp_path, conf(prog("df", cmd))) as d:
         d.wait_until(lambda: d.service("df")["state"] == "RUNNING", what="RUNNING")
-        time.sleep(0.6)
+        d.wait_until(lambda: orphans_done(d), timeout=5, what="both orphans dead and reaped")
         assert zombies(d.descendants()) == []
         d.signal(signal.SIGTERM)
         assert d.wait() == 0
@@ -201,9 +222,18 @@ def test_every_forwarded_signal_is_handled_and_survived(tmp_path: Path) -> None:
         d.wait_socket()
         d.wait_until(lambda: d.service("idle")["state"] == "RUNNING", what="RUNNING")
         pid = d.service("idle")["pid"]
-        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGUSR2):
+        def count(event: str) -> int:
+            return sum(e.get("event") == event for e in d.events())
+
+        init = d.init_pid
+        # Each signal's effect, waited for. SIGWINCH has none: the init has taken it (its
+        # forward follows at once), and the next SIGUSR2, forwarded after it, is handled.
+        for sig, handled in ((signal.SIGUSR1, lambda: count("status_snapshot") == 1),
+                             (signal.SIGUSR2, lambda: count("log_level_changed") == 1),
+                             (signal.SIGWINCH, lambda: not pending_at(init, signal.SIGWINCH)),
+                             (signal.SIGUSR2, lambda: count("log_level_changed") == 2)):
             d.signal(sig)
-            time.sleep(0.2)
+            d.wait_until(handled, what=f"{signal.Signals(sig).name} handled")
             assert d.proc.poll() is None, (sig, d.log()[-2000:])
         events = [e["event"] for e in d.events()]
         assert "status_snapshot" in events
@@ -221,10 +251,20 @@ def test_every_forwarded_signal_is_handled_and_survived(tmp_path: Path) -> None:
     (["--bogus"], {}, "codetainerd: error: unrecognized arguments: --bogus"),
     (["--steps", "nope"], {}, "codetainerd: unknown boot step(s) nope; known: secrets"),
     ([], {"CODETAINER_SHUTDOWN_TIMEOUT": "soon"},
-     "codetainerd: CODETAINER_SHUTDOWN_TIMEOUT='soon' is not a number"),
+     "codetainerd: CODETAINER_SHUTDOWN_TIMEOUT='soon' is not valid: set it to a number of seconds"),
     ([], {"CODETAINER_IPV6": "yes"},
-     "codetainerd: CODETAINER_IPV6='yes' is not a policy: use one of auto, deny, fly, allowlist"),
-], ids=["unknown-option", "unknown-step", "bad-setting", "bad-ipv6"])
+     "codetainerd: CODETAINER_IPV6='yes' is not valid: use one of auto, deny, fly, allowlist"),
+    # these failed the boot (FAILED) or only a step (DEGRADED) late; now all exit 64 at start
+    ([], {"CODETAINER_AGENT_PIDS": "10"},
+     "codetainerd: CODETAINER_AGENT_PIDS='10' is not valid: set it to a number of processes"),
+    ([], {"CODETAINER_CLONE_TIMEOUT": "5m"},
+     "codetainerd: CODETAINER_CLONE_TIMEOUT='5m' is not valid: set it to a number of seconds"),
+    ([], {"CODETAINER_READONLY_ROOT": "maybe"},
+     "codetainerd: CODETAINER_READONLY_ROOT='maybe' is not valid: use one of 1, true, yes, on, 0"),
+    ([], {"CODETAINER_UPSTREAMS": "dns.google"},
+     "codetainerd: CODETAINER_UPSTREAMS='dns.google' is not valid: upstream resolver 'dns.google'"),
+], ids=["unknown-option", "unknown-step", "bad-setting", "bad-ipv6", "bad-limit", "bad-clone",
+        "bad-switch", "bad-network-text"])
 def test_bad_command_line_or_setting_exits_64(tmp_path: Path, extra_args: list[str],
                                               env: dict[str, str], message: str) -> None:
     d = DaemonProc(tmp_path, conf(prog("idle", "sleep 1000")), extra_args=extra_args, env=env)

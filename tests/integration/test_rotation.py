@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from codetainer.sandbox.world import ALLOWED_HOSTS, NEVER_HOSTS, World
 
 from tests.integration.test_network_daemon import AGENT, ENGINES, start_daemon, wait_boot
-from tests.world import ALLOWED_HOSTS, NEVER_HOSTS, World
 
 pytestmark = pytest.mark.integration
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import grp
 import json
@@ -17,9 +18,9 @@ from typing import Any
 
 import psutil
 import pytest
+from codetainer.sandbox.daemonproc import running, wait_for
 from codetainer.services.config import load_services
 
-from tests.daemonproc import running, wait_for
 from tests.integration.test_pid1 import LOOPER, conf, prog
 
 pytestmark = pytest.mark.integration
@@ -76,7 +77,7 @@ def _dns_runnable_copy(tmp_path: Path) -> Path:
 
 def test_repo_services_file_parses_and_starts_under_stock_supervisord(tmp_path: Path) -> None:
     services = load_services(ROOT / "supervisord" / "codetainer.conf")
-    assert [s.name for s in services] == ["dns"]
+    assert [s.name for s in services] == ["dns", "proxy"]
     dns = services[0]
     assert (dns.autostart, dns.autorestart, dns.stopasgroup) == (False, "true", True)
     # Stock supervisord accepts the unmodified file (dns has autostart=false: nothing runs).
@@ -92,7 +93,7 @@ def test_repo_services_file_parses_and_starts_under_stock_supervisord(tmp_path: 
     # Stock supervisord really runs [program:dns] as the file defines it: a copy where only
     # command= and autostart= change reaches RUNNING (after startsecs=1).
     copy = _dns_runnable_copy(tmp_path)
-    [stock_dns] = load_services(copy)
+    stock_dns, _proxy = load_services(copy)  # [program:proxy] stays autostart=false
     assert stock_dns == dataclasses.replace(dns, command=tuple(shlex.split(STOCK_DNS_COMMAND)),
                                             autostart=True)
     proc = _stock_supervisord(copy)
@@ -426,3 +427,62 @@ def test_services_never_inherit_a_secret(tmp_path: Path) -> None:
         for name in ("GH_PAT", "CLAUDE_CODE_OAUTH_TOKEN", "GH_TOKEN", "REPO_URL"):
             assert name not in seen, name
         assert "ghp_" not in out.read_text() and "pw@" not in out.read_text()
+
+
+# -- waiting for a state: signalled by the FSM's change, never polled -------------------
+
+def _service(name: str, command: str, **kw: Any) -> Any:
+    from codetainer.events import EventBus
+    from codetainer.services.config import ServiceConfig
+    from codetainer.services.process import Service
+
+    svc = Service(ServiceConfig(name, tuple(shlex.split(command)), **kw), EventBus())
+    svc.run()
+    return svc
+
+
+async def test_wait_state_is_woken_by_the_change_and_keeps_its_deadline() -> None:
+    from codetainer.services.states import ProcessState as S
+
+    svc = _service("slow", "/bin/sleep 1000", startsecs=1.0)
+    try:
+        t0 = time.monotonic()
+        assert await svc.wait_state({S.FATAL}, 0.3) is False, "never FATAL"
+        assert 0.3 <= time.monotonic() - t0 < 0.6, "the deadline is kept"
+        changed: dict[S, float] = {}
+        hook = svc.fsm.on_change
+
+        def spy(old: S, new: S) -> None:
+            changed[new] = time.monotonic()
+            hook(old, new)
+
+        svc.fsm.on_change = spy
+        running = asyncio.create_task(svc.wait_state({S.RUNNING}, 5.0))
+        svc.start()
+        assert await running is True
+        woke = time.monotonic()
+        assert 0.8 <= woke - changed[S.STARTING] <= 2.0  # startsecs
+        assert woke - changed[S.RUNNING] < 0.01, "woken by the change, not a later poll"
+        assert svc._waiters == [], "a waiter is forgotten once it returned"
+        await svc.stop_and_wait(2.0)
+        assert svc.state is S.STOPPED
+    finally:
+        await svc.close()
+
+
+async def test_wait_state_sees_a_state_passed_through_in_one_step() -> None:
+    """A spawn error goes STARTING -> BACKOFF in one step: a poll can never see STARTING,
+    a waiter woken on each change does."""
+    from codetainer.services.states import ProcessState as S
+
+    svc = _service("broken", "/nonexistent/program", startsecs=1.0, startretries=0)
+    try:
+        starting = asyncio.create_task(svc.wait_state({S.STARTING}, 5.0))
+        await asyncio.sleep(0)  # the waiter is registered (one loop turn, not a delay)
+        svc.start()
+        assert svc.state is S.BACKOFF
+        assert await starting is True
+        assert await svc.wait_state({S.FATAL}, 5.0) is True
+        assert "cannot start /nonexistent/program" in svc.fsm.spawnerr
+    finally:
+        await svc.close()

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import structlog
+from codetainer import runner
 from codetainer.boot.engine import BootContext, BootEngine, Policy
 from codetainer.boot.privileges import AgentUser
 from codetainer.events import EventBus
@@ -94,6 +95,19 @@ async def until(pred: Callable[[], object], timeout: float = 10.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or pred}")
         await asyncio.sleep(0.05)
+
+
+async def monitor_ticks(sm: SessionManager, n: int) -> None:
+    """Wait until the monitor has taken ``n`` more snapshots of the session: what it would
+    have done in that many ticks, it has done."""
+    seen = [sm.snapshot]
+
+    def counted() -> bool:
+        if sm.snapshot is not seen[-1]:
+            seen.append(sm.snapshot)
+        return len(seen) > n
+
+    await until(counted, what=f"{n} more monitor ticks")
 
 
 def manager(env: Env, bus: EventBus, **kw: object) -> SessionManager:
@@ -194,7 +208,7 @@ async def test_leave_policy_keeps_the_dead_pane(env: Env) -> None:
         pid = next(p.pid for p in sm.snapshot.panes if p.role == "agent")  # type: ignore[union-attr]
         os.kill(pid or 0, signal.SIGTERM)
         await until(lambda: any(e["event"] == "session.agent_exited" for e in bus.history))
-        await asyncio.sleep(0.5)
+        await monitor_ticks(sm, 5)  # a respawn (0.1 s backoff) would have come by now
         st = sm.status()
         agent = next(p for p in st["panes"] if p["role"] == "agent")
         assert agent["dead"] and agent["dead_signal"] in ("15", "SIGTERM", None)
@@ -260,7 +274,7 @@ async def test_renamed_session_is_still_found(env: Env) -> None:
                                       "agent_pane": sm.agent_pane, "user": user.name,
                                       "uid": user.uid, "gid": user.gid, "home": user.home,
                                       "limits": sm.limits().as_dict()}
-        await asyncio.sleep(0.3)
+        await monitor_ticks(sm, 3)  # the renamed session seen, and not taken for lost
         assert sm.restarts == {"agent": 0, "server": 0}, "a rename is not a loss"
         assert sm.status()["name"] == "fix-flaky-test ✓"
     finally:
@@ -326,3 +340,56 @@ async def test_unreachable_socket_dir_is_a_clear_error(env: Env) -> None:
     with pytest.raises(SessionError, match=r"cannot reach .*locked is mode 700") as exc:
         await sm.start()
     assert exc.value.hint == f"chmod o+x {locked}"
+
+
+HANGING_CLAUDE = """#!/bin/sh
+# `claude plugin install` that forks a helper and hangs: the helper records its pid
+sleep 1000 &
+echo $! > "$HOME/helper.pid"
+wait
+"""
+
+
+async def test_plugin_command_timeout_kills_what_it_forked(env: Env) -> None:
+    claude = env.base / "claude"
+    claude.write_text(HANGING_CLAUDE)
+    os.chmod(claude, 0o755)
+    ctx = BootContext(env.settings(plugins="commit-commands@cc"), EventBus())
+    engine = BootEngine([plugins_step(env.user, claude=str(claude), command_timeout=1.0)], ctx)
+    assert (await engine.run()).value == "DEGRADED"
+    assert "timed out after 1s" in engine.records["plugins"].reason
+    helper = int((env.home / "helper.pid").read_text())
+    try:
+        watch = runner.ExitWatch(helper)
+    except ProcessLookupError:
+        return  # gone and reaped
+    try:
+        await asyncio.wait([watch.exited], timeout=5)
+        assert watch.exited.done(), "the plugin command's child survived its timeout"
+    finally:
+        watch.close()
+        if not watch.exited.done():
+            os.kill(helper, signal.SIGKILL)
+
+
+async def test_status_samples_the_agent_at_most_once_a_second(env: Env) -> None:
+    sm = manager(env, EventBus())
+    await sm.start()
+    mon = asyncio.create_task(sm.monitor())
+    try:
+        await until(lambda: (st := sm.status())["agent"] is not None and st, what="agent sample")
+        before = sm._usage.samples
+        t0 = time.monotonic()
+        for _ in range(200):
+            st = sm.status()
+        if time.monotonic() - t0 < 1.0:
+            assert sm._usage.samples - before <= 1, "status re-sampled the process tree"
+        assert st["agent"]["rss_bytes"] > 0 and st["mounts"]
+        pid = next(p.pid for p in sm.snapshot.panes if p.role == "agent")  # type: ignore[union-attr]
+        os.kill(pid or 0, signal.SIGKILL)
+        # a respawned agent (another pid) is sampled at once, not a second later
+        await until(lambda: (a := sm.status()["agent"]) is not None and a["pid"] != pid,
+                    what="the new agent's figures")
+    finally:
+        await sm.stop()
+        await mon

@@ -21,8 +21,10 @@ from codetainer.network.allowlist import (
     parse_entry,
     parse_env,
     parse_text,
+    policy_entry,
 )
 from codetainer.network.model import DEFAULT_PORTS
+from codetainer.proxy.model import PRESETS, PolicyEntry, Rules
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -232,6 +234,207 @@ def test_shipped_domains_conf_is_valid() -> None:
     assert {"api.anthropic.com", "github.com", "registry.npmjs.org", "pypi.org"} <= set(al.names)
     assert "githubusercontent.com" in al.wildcards
     assert all(e.source.endswith("domains.conf") and e.lineno > 0 for e in al.entries)
+
+
+def test_shipped_domains_conf_uses_presets_and_limits() -> None:
+    al = load_allowlist(REPO / "network" / "domains.conf")
+    preset = {e.value: e.rules.preset for e in al.entries if e.rules and e.rules.preset}
+    assert preset["api.anthropic.com"] == "anthropic"
+    for name in ("github.com", "api.github.com", "uploads.github.com", "codeload.github.com",
+                 "*.githubusercontent.com", "ghcr.io", "npm.pkg.github.com"):
+        assert preset[name] == "github", name
+    assert preset["registry.npmjs.org"] == "npm"
+    assert preset["pypi.org"] == preset["files.pythonhosted.org"] == "pypi"
+    for e in al.entries:  # nothing shipped is open to every method
+        assert e.rules is not None, f"{e.where}: {e} has no rules"
+        if e.rules.preset is None:
+            assert e.rules.methods == ("GET", "HEAD"), e
+    # write APIs for any app with any token: not shipped (the reason is in the file)
+    assert al.match("api.fly.io") is None and al.match("api.machines.dev") is None
+
+
+# --- rules -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "rules"),
+    [
+        ("api.github.com preset=github", Rules(preset="github")),
+        ("x.com:443 methods=GET,HEAD paths=/api/,/static/",
+         Rules(("GET", "HEAD"), ("/api/", "/static/"))),
+        ("x.com\tmethods=GET \t paths=/a", Rules(("GET",), ("/a",))),
+        ("x.com paths=/b,/a,/b methods=HEAD,GET,HEAD", Rules(("HEAD", "GET"), ("/b", "/a"))),
+        ("x.com preset=anthropic paths=/v1/", Rules(None, ("/v1/",), "anthropic")),
+        ("*.x.com:8443 methods=PROPFIND", Rules(("PROPFIND",))),
+        ("203.0.113.0/24:80 methods=GET", Rules(("GET",))),
+        ("[2001:db8::/32]:443 preset=npm", Rules(preset="npm")),
+        ("x.com paths=/a%2Fb/;x=1/~u/", Rules(None, ("/a%2Fb/;x=1/~u/",))),
+        ("X.COM paths=/CaseKept/", Rules(None, ("/CaseKept/",))),
+    ],
+)
+def test_rule_part(text: str, rules: Rules) -> None:
+    e = one(text)
+    assert e.rules == rules
+    assert parse_entry(str(e), e.source, e.lineno) == e
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_parses(preset: str) -> None:
+    assert one(f"x.com preset={preset}").rules == Rules(preset=preset)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("x.com methods", "not a rule: whitespace separates"),
+        ("a.com b.com", "not a rule"),
+        ("x.com method=GET", "unknown rule 'method'"),
+        ("x.com Preset=github", "unknown rule 'Preset'"),
+        ("x.com =GET", "unknown rule ''"),
+        ("x.com preset=gitlab", "unknown preset 'gitlab': one of github, npm"),
+        ("x.com preset=GitHub", "unknown preset"),
+        ("x.com preset=github preset=npm", "preset= given twice"),
+        ("x.com methods=GET methods=POST", "given twice: list every value in one rule "
+                                           "(methods=GET,POST)"),
+        ("x.com methods=get", "upper case (GET)"),
+        ("x.com methods=G3T", "bad method"),
+        ("x.com methods=" + "A" * 17, "bad method"),
+        ("x.com methods=", "empty value"),
+        ("x.com methods=GET,", "empty value"),
+        ("x.com paths=api/", "must start with '/'"),
+        ("x.com paths=/a/../b", "'..' segment"),
+        ("x.com paths=/a/./b", "'.' or '..' segment"),
+        ("x.com paths=/a/%2e%2E/b", "'.' or '..' segment"),
+        ("x.com paths=/a?b", "bad path prefix"),
+        ("x.com paths=/a#b", "bad path prefix"),  # not a comment here: parse_entry has no comments
+        ("x.com paths=/" + "a" * 201, "bad path prefix"),
+        ("x.com paths=" + ",".join(f"/{i}" for i in range(33)), "at most 32"),
+        ("x.com paths=/a\x00", "control byte"),
+        ("x.com paths=/\u00e9", "non-ASCII"),
+        ("@github preset=github", "@github takes no rules"),
+        ("@github:443 methods=GET", "@github takes no rules"),
+        ("evil}.com methods=GET", "'}'"),
+        ("x.com\x0bmethods=GET", "whitespace inside an entry"),
+    ],
+)
+def test_rejected_rules(text: str, why: str) -> None:
+    with pytest.raises(ValueError) as info:
+        one(text)
+    assert why in str(info.value), str(info.value)
+
+
+def test_bad_rule_lines_fail_with_file_and_line() -> None:
+    lines = errors_of("ok.com preset=npm\nx.com methods=get\n# c\ny.com preset=nope # c\n")
+    assert [ln.split(": ", 1)[0] for ln in lines] == ["domains.conf:2", "domains.conf:4"]
+    assert "unknown preset 'nope'" in lines[1]
+
+
+def test_rules_survive_comments_and_carry_to_the_policy() -> None:
+    (e,) = parse_text("  api.github.com:443  methods=POST  paths=/gists  # a grant\n", "f")
+    assert str(e) == "api.github.com:443 methods=POST paths=/gists"
+    pe = policy_entry(e, 12.5)
+    assert pe == PolicyEntry("host", "api.github.com", (443,), "f:1",
+                             Rules(("POST",), ("/gists",)), 12.5)
+    assert PolicyEntry.from_dict(pe.as_dict()) == pe
+    (g,) = parse_text("@github\n", "f")
+    assert policy_entry(g).rules is None and policy_entry(g).kind == "github"
+
+
+def test_codetainer_allow_target_with_rules() -> None:
+    # ``codetainer allow TARGET`` (network/ops.py) parses its target with parse_entry
+    e = parse_entry("api.github.com methods=POST paths=/gists", "codetainer allow", 0)
+    assert e.rules == Rules(("POST",), ("/gists",)) and e.where == "codetainer allow:0"
+    assert str(e) == "api.github.com methods=POST paths=/gists"
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        Rules(),  # an empty rule part is rules=None
+        Rules(("GET", "GET")),
+        Rules(("get",)),
+        Rules(None, ("nope",)),
+        Rules(None, ("/a/../b",)),
+        Rules(preset="gitlab"),
+        Rules((), None),
+        Rules(["GET"]),  # type: ignore[arg-type]
+    ],
+)
+def test_entry_with_unvalidated_rules_cannot_be_made(rules: Rules) -> None:
+    with pytest.raises(ValueError, match="unvalidated allowlist entry"):
+        Entry(EntryKind.HOST, "x.com", DEFAULT_PORTS, "f", 1, rules)
+
+
+def test_entry_rules_revalidated_on_github_entry() -> None:
+    with pytest.raises(ValueError, match="unvalidated allowlist entry"):
+        Entry(EntryKind.GITHUB, "@github", DEFAULT_PORTS, "f", 1, Rules(preset="github"))
+    assert Entry(EntryKind.CIDR, "203.0.113.0/24", (443,), "f", 1, Rules(("GET",))).rules
+
+
+def test_env_with_rules_splits_on_semicolons_and_newlines() -> None:
+    entries = parse_env("a.com methods=GET,HEAD; b.com:443,8443 ;\n\n*.c.org preset=npm;;")
+    assert [(str(e), e.lineno) for e in entries] == [
+        ("a.com methods=GET,HEAD", 1),
+        ("b.com:443,8443", 2),
+        ("*.c.org preset=npm", 3),
+    ]
+    assert [str(e) for e in parse_env("a.com:443,8443\nb.com")] == ["a.com:443,8443", "b.com"]
+    # a single entry with a rule and no comma needs no separator at all
+    assert [str(e) for e in parse_env("api.github.com preset=github")] == [
+        "api.github.com preset=github"]
+
+
+def test_env_rules_with_commas_need_semicolons() -> None:
+    with pytest.raises(AllowlistError) as info:
+        parse_env("a.com methods=GET,HEAD,b.com")
+    assert str(info.value).startswith("CODETAINER_ALLOW:1: entries with rules contain commas")
+    with pytest.raises(AllowlistError) as info:
+        parse_env("ok.com; x.com preset=nope; y}.com")
+    assert [ln.split(": ", 1)[0] for ln in str(info.value).split("\n")] == [
+        "CODETAINER_ALLOW:2", "CODETAINER_ALLOW:3"]
+
+
+RULE_KEYS = st.sampled_from(["methods", "paths", "preset"])
+METHODS = st.lists(st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "PROPFIND"]),
+                   min_size=1, max_size=4, unique=True)
+PATHS = st.lists(st.from_regex(r"/[A-Za-z0-9_~%-]{0,8}(/[A-Za-z0-9_~%-]{1,8}){0,3}/?", fullmatch=True),
+                 min_size=1, max_size=4, unique=True)
+HOSTS = st.sampled_from(["x.com", "*.x.com:443", "203.0.113.0/24:80,443", "[2001:db8::/32]:443",
+                         "api.github.com:443,8443"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(HOSTS, st.none() | METHODS, st.none() | PATHS, st.none() | st.sampled_from(PRESETS))
+def test_round_trip_with_rules(
+    host: str, methods: list[str] | None, paths: list[str] | None, preset: str | None
+) -> None:
+    words = [f"preset={preset}"] if preset else []
+    words += [f"methods={','.join(methods)}"] if methods else []
+    words += [f"paths={','.join(paths)}"] if paths else []
+    e = parse_entry(" ".join([host, *words]), "f", 3)
+    assert (e.rules is None) == (not words)
+    if e.rules is not None:
+        assert e.rules.methods == (tuple(methods) if methods else None)
+        assert e.rules.paths == (tuple(paths) if paths else None)
+        assert e.rules.preset == preset
+    assert parse_entry(str(e), "f", 3) == e
+    assert PolicyEntry.from_dict(policy_entry(e).as_dict()) == policy_entry(e)
+
+
+RULE_ALPHABET = st.sampled_from([*"abGETHOS=,/.;%#pm \t\x00\u00e9x-", "methods=", "paths=",
+                                 "preset=", "github"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(RULE_ALPHABET, max_size=30).map("".join))
+def test_rule_parser_never_crashes(tail: str) -> None:
+    try:
+        entries = parse_text("x.com " + tail, "r.conf")
+    except AllowlistError as exc:
+        assert all(ln.startswith("r.conf:1: ") for ln in str(exc).split("\n"))
+        return
+    for e in entries:
+        assert parse_entry(str(e), e.source, e.lineno) == e
 
 
 # --- matching ----------------------------------------------------------------

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from codetainer.boot import credentials
 from codetainer.boot.engine import BootContext, StepError
 from codetainer.boot.privileges import AgentUser
 from codetainer.events import EventBus
+from codetainer.proxy.model import ANTHROPIC_PLACEHOLDER, GITHUB_PLACEHOLDER
 from codetainer.settings import Settings
+
+
+def settings(home: Path, proxy: str) -> Any:
+    """Settings with CODETAINER_PROXY set explicitly (a plain namespace until the
+    setting exists)."""
+    base = Settings(home=str(home))
+    if "proxy" in {f.name for f in dataclasses.fields(Settings)}:
+        return dataclasses.replace(base, proxy=proxy)
+    return SimpleNamespace(**dataclasses.asdict(base), proxy=proxy)
 
 
 def git_config_list(path: Path) -> list[str]:
@@ -83,7 +96,7 @@ async def test_step_writes_files_token_only_in_hosts(tmp_path: Path,
     monkeypatch.setenv("GIT_USER_NAME", "Bot")
     monkeypatch.delenv("GIT_USER_EMAIL", raising=False)
     user = AgentUser("me", os.getuid(), os.getgid(), str(home))
-    ctx = BootContext(Settings(home=str(home)), EventBus(), secrets={"GH_TOKEN": "ghp_secret1"},
+    ctx = BootContext(settings(home, "off"), EventBus(), secrets={"GH_TOKEN": "ghp_secret1"},
                       state={"agent_user": user})
     await credentials.credentials_step().run(ctx)
     gitconfig = (tmp_path / "etc" / "gitconfig").read_text()
@@ -105,7 +118,7 @@ async def test_step_leaves_the_claude_token_for_hooks_in_a_private_file(
     home.mkdir()
     monkeypatch.setenv("CODETAINER_GIT_CONFIG", str(tmp_path / "etc" / "gitconfig"))
     user = AgentUser("me", os.getuid(), os.getgid(), str(home))
-    ctx = BootContext(Settings(home=str(home)), EventBus(),
+    ctx = BootContext(settings(home, "off"), EventBus(),
                       secrets={"GH_TOKEN": "ghp_x", "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-t"},
                       state={"agent_user": user})
     await credentials.credentials_step().run(ctx)
@@ -115,3 +128,28 @@ async def test_step_leaves_the_claude_token_for_hooks_in_a_private_file(
     assert stat.S_IMODE(token.parent.stat().st_mode) == 0o700
     for other in (home / ".npmrc", tmp_path / "etc" / "gitconfig"):
         assert "sk-ant-oat01-t" not in other.read_text()
+
+
+async def test_with_the_proxy_on_every_file_the_agent_reads_holds_placeholders(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy holds the tokens: gh's hosts file and the hooks' token file carry the
+    placeholders the proxy swaps, and no file the step writes carries a real token."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("CODETAINER_GIT_CONFIG", str(tmp_path / "etc" / "gitconfig"))
+    user = AgentUser("me", os.getuid(), os.getgid(), str(home))
+    real = {"GH_PAT": "ghp_REALgithub0123", "GH_TOKEN": "ghp_REALgithub0123",
+            "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-REALclaude"}
+    ctx = BootContext(settings(home, "on"), EventBus(), secrets=dict(real),
+                      state={"agent_user": user})
+    reason = await credentials.credentials_step().run(ctx)
+    assert "placeholders" in str(reason)
+    hosts = (home / ".config" / "gh" / "hosts.yml").read_text()
+    assert f"oauth_token: {json.dumps(GITHUB_PLACEHOLDER)}" in hosts
+    assert home.joinpath(*credentials.CLAUDE_TOKEN_FILE).read_text() == ANTHROPIC_PLACEHOLDER
+    written = [p for p in (*home.rglob("*"), tmp_path / "etc" / "gitconfig") if p.is_file()]
+    assert len(written) == 4, written
+    for path in written:
+        text = path.read_text()
+        assert not any(v in text for v in real.values()), path
+    assert ctx.secrets == real  # the real values stay the boot's (root's clone, the proxy)

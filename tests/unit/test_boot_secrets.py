@@ -10,6 +10,7 @@ import pytest
 from codetainer.boot import secrets
 from codetainer.boot.engine import BootContext, StepError
 from codetainer.events import EventBus
+from codetainer.log import redact
 from codetainer.settings import Settings
 
 
@@ -41,7 +42,7 @@ def test_app_placeholder_without_fly_app_name() -> None:
 
 def test_redact() -> None:
     s = {"GH_PAT": "ghp_abcdefgh", "short": "abc"}
-    assert secrets.redact("token ghp_abcdefgh here; abc", s) == "token [redacted] here; abc"
+    assert redact("token ghp_abcdefgh here; abc", s) == "token [redacted] here; abc"
 
 
 

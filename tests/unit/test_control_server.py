@@ -8,7 +8,7 @@ import json
 import socket
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -68,6 +68,14 @@ def assert_fast(latencies: list[float]) -> None:
 
 async def assert_status_fast(path: str, probes: int = 7) -> None:
     assert_fast([await status_latency(path) for _ in range(probes)])
+
+
+async def until(pred: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 async def test_status_reply_shape(daemon: Daemon) -> None:
@@ -154,7 +162,13 @@ async def test_five_hundred_clients_at_once(daemon: Daemon) -> None:
     ctl = daemon.control
     ctl.idle_timeout, ctl.max_clients, ctl.evict_after = 10.0, 256, 0.1
     conns = [await asyncio.open_unix_connection(daemon.settings.socket) for _ in range(500)]
-    await asyncio.sleep(0.2)
+
+    def full_and_evictable() -> bool:
+        # what lets the next client in: the cap reached, its oldest silent client evictable
+        return (len(ctl._clients) >= ctl.max_clients and bool(ctl._idle)
+                and time.monotonic() - min(ctl._idle.values()) > ctl.evict_after)
+
+    await until(full_and_evictable, "the server full of silent clients, the oldest evictable")
     # With 500 idle connections open, status still answers quickly (busy or served).
     await assert_status_fast(daemon.settings.socket)
     served = closed = 0
@@ -188,7 +202,7 @@ async def test_stalled_event_reader_is_cut_off(daemon: Daemon) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(daemon.settings.socket)
     sock.sendall(protocol.request("events"))
-    await asyncio.sleep(0.05)
+    await until(lambda: daemon.events.subscribers, "the events subscription")
     assert daemon.events.subscribers == 1
     big = "x" * 2000
     latencies = []
@@ -249,7 +263,7 @@ async def test_closed_connections_leave_no_cyclic_garbage(daemon: Daemon) -> Non
     status clients never builds up a full-collection stall."""
     from codetainer.control.client import Client
 
-    from tests.gcprobe import transports_left_by
+    from tests.gcprobe import connections_closed, transports_left_by
 
     def fifty() -> None:  # a plain-socket client: no asyncio transport on this side
         for _ in range(50):
@@ -257,8 +271,8 @@ async def test_closed_connections_leave_no_cyclic_garbage(daemon: Daemon) -> Non
                 c.call("status")
 
     await asyncio.to_thread(fifty)  # warm up: lazy imports, caches
-    await asyncio.sleep(0.05)
-    transports = await transports_left_by(fifty)
+    await connections_closed("ControlServer._on_client")
+    transports = await transports_left_by(fifty, "ControlServer._on_client")
     assert transports == []
 
 

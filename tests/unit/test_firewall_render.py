@@ -5,11 +5,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import string
+from pathlib import Path
 
 import pytest
 from codetainer.network import firewall_ipt as ipt
 from codetainer.network import firewall_nft as nft
+from codetainer.network import model
 from codetainer.network.firewall import (
+    DnsLimit,
     FirewallPolicy,
     InboundPort,
     PortGroup,
@@ -18,6 +21,7 @@ from codetainer.network.firewall import (
     parse_inbound,
     parse_network,
 )
+from codetainer.network.firewall_policy import dns_name_bound, parse_dns_rate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -537,3 +541,240 @@ def test_parse_inbound() -> None:
         parse_inbound("tcp/8080,,udp/53")
     with pytest.raises(ValueError):
         InboundPort("tcp", 70000)
+
+
+# -- the policy proxy's redirect -----------------------------------------------------------
+
+AGENT = 1000
+
+
+def proxied(**kw: object) -> FirewallPolicy:
+    groups = kw.pop("groups", None) or {
+        (443, 80): ["203.0.113.10", "2001:db8::1"],
+        (8443,): ["198.51.100.7"],
+        (443, 5432): ["198.51.100.8"],
+    }
+    return pol(groups=groups, agent_uid=AGENT, proxy_port=3129, **kw)
+
+
+def test_proxy_fields_are_validated() -> None:
+    with pytest.raises(ValueError, match="need agent_uid"):
+        pol(proxy_port=3129)
+    with pytest.raises(ValueError, match="need agent_uid"):
+        pol(dns_limit=DnsLimit(LOCAL_DNS, 50, 5000))
+    for uid in (0, 101):  # root, the DNS server
+        with pytest.raises(ValueError, match="root's or the DNS server's"):
+            pol(agent_uid=uid, proxy_port=3129)
+    for bad in (True, -1, "1000", 2**32):
+        with pytest.raises(ValueError):
+            pol(agent_uid=bad)
+    for port in (0, 443, 80, 65536, True):
+        with pytest.raises(ValueError):
+            pol(agent_uid=AGENT, proxy_port=port)
+    with pytest.raises(ValueError, match="DnsLimit value"):
+        pol(agent_uid=AGENT, dns_limit=(50, 5000))
+    assert proxied().redirects and not pol(agent_uid=AGENT).redirects and not pol().redirects
+
+
+def test_proxy_off_renders_exactly_as_before() -> None:
+    """No proxy port and no DNS limit: the agent's uid alone changes no byte."""
+    for ipv6 in ("deny", "allowlist", "fly"):
+        before = nft.render_apply(pol(ipv6=ipv6))
+        assert nft.render_apply(pol(ipv6=ipv6, agent_uid=AGENT)) == before
+        assert "to_proxy" not in before and "nat" not in before and "1000" not in before
+        for v in (4, 6):
+            text = ipt.render_rules(pol(ipv6=ipv6), v)
+            assert ipt.render_rules(pol(ipv6=ipv6, agent_uid=AGENT), v) == text
+            assert ipt.render_nat(pol(ipv6=ipv6, agent_uid=AGENT), v) == ""
+            assert "CODETAINER-DNS" not in text and "--uid-owner 1000" not in text
+    assert nft.chains_of(pol()) == nft.CHAINS
+
+
+def test_nft_redirect_chain() -> None:
+    text = nft.render_apply(proxied())
+    assert ("add chain inet codetainer to_proxy { type nat hook output priority -100; policy accept; }\n"
+            "flush chain inet codetainer to_proxy\n") in text
+    redirect = chain(rules_of(text), "to_proxy")
+    assert redirect == [
+        "meta skuid 1000 tcp dport { 80, 443 } ip daddr @s4_80_443 redirect to :3129",
+        # an entry with 443 and a non-HTTP port: 443 goes to the proxy, 5432 stays direct
+        "meta skuid 1000 tcp dport 443 ip daddr @s4_443_5432 redirect to :3129",
+        "ip daddr { " + ", ".join(model.INTERNAL[4]) + " } return",
+        "meta skuid 1000 tcp dport { 80, 443 } ip daddr @d4_80_443 redirect to :3129",
+        "meta skuid 1000 tcp dport 443 ip daddr @d4_443_5432 redirect to :3129",
+    ]
+    assert not any("8443" in r for r in redirect)  # a port of its own: direct, for everyone
+    six = chain(rules_of(nft.render_apply(proxied(ipv6="allowlist"))), "to_proxy")
+    assert "meta skuid 1000 tcp dport { 80, 443 } ip6 daddr @s6_80_443 redirect to :3129" in six
+    assert six.index("ip6 daddr { " + ", ".join(model.INTERNAL[6]) + " } return") < six.index(
+        "meta skuid 1000 tcp dport { 80, 443 } ip6 daddr @d6_80_443 redirect to :3129")
+    assert "to_proxy" in nft.chains_of(proxied())
+
+
+def test_nft_filter_side_of_the_redirect() -> None:
+    output = chain(rules_of(nft.render_apply(proxied())), "output")
+    lo = output.index('oif "lo" accept')
+    # the redirected connection keeps its first route's device: accepted by its new address
+    dnat4 = output.index("tcp dport 3129 ip daddr 127.0.0.1 ct status dnat accept")
+    dnat6 = output.index("tcp dport 3129 ip6 daddr ::1 ct status dnat accept")
+    deny = output.index("meta skuid 1000 tcp dport { 80, 443 } goto deny")
+    shortcut = output.index("ct direction original ct state established,related accept")
+    first_allow = output.index("tcp dport { 80, 443 } ip daddr @s4_80_443 accept")
+    assert lo < dnat4 < dnat6 < deny < shortcut < first_allow
+    # the allow rules are unchanged: the proxy's uid and root reach allowed addresses
+    assert output[first_allow:] == chain(rules_of(nft.render_apply(pol(groups={
+        (443, 80): ["203.0.113.10", "2001:db8::1"], (8443,): ["198.51.100.7"],
+        (443, 5432): ["198.51.100.8"]}))), "output")[first_allow - 3:]
+
+
+def test_nft_proxy_off_deletes_the_nat_chain() -> None:
+    existing = {"sets": {}, "chains": ["output", "input", "deny", "to_proxy"]}
+    assert "delete chain inet codetainer to_proxy" in nft.render_apply(pol(), existing)
+    assert "delete chain" not in nft.render_apply(proxied(), existing)
+
+
+def test_ipt_redirect() -> None:
+    nat = ipt.render_nat(proxied(), 4, add_jump=True).splitlines()
+    assert nat[:3] == ["*nat", ":CODETAINER-NAT - [0:0]", "-I OUTPUT 1 -j CODETAINER-NAT"]
+    assert nat[-1] == "COMMIT"
+    to = "-j REDIRECT --to-ports 3129"
+    static = (f"-A CODETAINER-NAT -p tcp -m multiport --dports 80,443 -m owner --uid-owner 1000 "
+              f"-m set --match-set ct-s4_80_443 dst {to}")
+    other = (f"-A CODETAINER-NAT -p tcp --dport 443 -m owner --uid-owner 1000 "
+             f"-m set --match-set ct-s4_443_5432 dst {to}")
+    internal = "-A CODETAINER-NAT -d 169.254.0.0/16 -j RETURN"
+    dynamic = static.replace("ct-s4", "ct-d4")
+    assert index(nat, static) < index(nat, other) < index(nat, internal) < index(nat, dynamic)
+    assert not any("8443" in line for line in nat)
+    assert "-I OUTPUT" not in ipt.render_nat(proxied(), 4)
+    assert ipt.render_nat(proxied(), 6) == ""  # IPv6 denied: nothing to redirect
+    assert "ct-s6_80_443 dst -j REDIRECT" in ipt.render_nat(proxied(ipv6="allowlist"), 6)
+    for v, loopback in ((4, "127.0.0.1"), (6, "::1")):
+        out = ipt_chain(ipt.render_rules(proxied(ipv6="allowlist"), v), "CODETAINER-OUT")
+        dnat = out.index(f"-d {loopback} -p tcp --dport 3129 -m conntrack --ctstate DNAT -j ACCEPT")
+        deny = out.index("-p tcp -m multiport --dports 80,443 -m owner --uid-owner 1000 -j CODETAINER-DENY")
+        assert out.index("-o lo -j ACCEPT") < dnat < deny < index(out, "ESTABLISHED") < index(out, "ct-s")
+
+
+# -- the agent's DNS limits ----------------------------------------------------------------
+
+LOCAL_DNS = ipaddress.ip_address("127.0.0.53")
+
+
+def limited(server: str = "127.0.0.53", **kw: object) -> FirewallPolicy:
+    return pol(agent_uid=AGENT, dns_limit=DnsLimit(ipaddress.ip_address(server), 50, 5000), **kw)
+
+
+def test_dns_limit_values() -> None:
+    limit = DnsLimit(LOCAL_DNS, 50, 5000)
+    assert limit.max_name == 100 and limit.port == 53
+    # IPv4 + UDP headers, then header 12, name 100 + 2, QTYPE/QCLASS 4, EDNS and a cookie 23
+    assert limit.max_length("udp") == 20 + 8 + 12 + 102 + 4 + 23 == 169
+    assert limit.max_length("tcp") == 20 + 60 + 2 * (2 + 141) == 366
+    assert DnsLimit(ipaddress.ip_address("::1"), 1, 1).max_length("udp") == 189
+    for bad in ({"rate": 0}, {"burst": 10_001}, {"max_name": 254}, {"rate": True}, {"port": 0}):
+        with pytest.raises(ValueError):
+            DnsLimit(LOCAL_DNS, **{"rate": 50, "burst": 5000, **bad})
+    with pytest.raises(ValueError):
+        DnsLimit("127.0.0.53; drop", 50, 5000)  # type: ignore[arg-type]
+    assert parse_dns_rate("50/5000") == (50, 5000) and parse_dns_rate(" 1/1 ") == (1, 1)
+    assert parse_dns_rate("off") is None and parse_dns_rate("0") is None
+    for bad_text in ("50", "50/", "/5", "a/b", "0/5", "5/0", "10001/5", "5/10001", "-1/5", "５/5"):
+        with pytest.raises(ValueError):
+            parse_dns_rate(bad_text)
+    assert dns_name_bound(["api.github.com"]) == 100
+    assert dns_name_bound(["x" * 150 + ".test."]) == 155
+
+
+def test_nft_dns_limit_rules() -> None:
+    output = chain(rules_of(nft.render_apply(limited(dns_hook=("127.0.0.1", 5354)))), "output")
+    to = "meta skuid 1000 ip daddr 127.0.0.53"
+    rules = [f"{to} udp dport 53 meta length > 169 counter drop",
+             f"{to} tcp dport 53 meta length > 366 counter drop",
+             f"{to} meta l4proto {{ tcp, udp }} th dport 53 limit rate over 50/second burst 5000 packets "
+             "counter drop"]  # fmt: skip
+    at = [output.index(r) for r in rules]
+    # after the hook's rule, before the loopback accept (the server is on loopback)
+    hook = output.index("meta l4proto { tcp, udp } ip daddr 127.0.0.1 th dport 5354 "
+                        "meta skuid != 101 goto deny")
+    assert hook < at[0] < at[1] < at[2] < output.index('oif "lo" accept')
+    six = "\n".join(rules_of(nft.render_apply(limited("::1"))))
+    assert "meta skuid 1000 ip6 daddr ::1 udp dport 53 meta length > 189 counter drop" in six
+
+
+def test_ipt_dns_limit_chain() -> None:
+    lines = ipt.render_rules(limited(), 4).splitlines()
+    assert lines[:5] == ["*filter", ":CODETAINER-OUT - [0:0]", ":CODETAINER-IN - [0:0]",
+                         ":CODETAINER-DENY - [0:0]", ":CODETAINER-DNS - [0:0]"]
+    jumps = [index(lines, f"-A CODETAINER-OUT -d 127.0.0.53 -p {p} --dport 53 -m owner --uid-owner 1000 "
+                          "-j CODETAINER-DNS") for p in ("udp", "tcp")]  # fmt: skip
+    assert max(jumps) < index(lines, "-o lo -j ACCEPT")
+    assert ipt_chain("\n".join(lines), "CODETAINER-DNS") == [
+        "-p udp -m length --length 170:65535 -j DROP",
+        "-p tcp -m length --length 367:65535 -j DROP",
+        "-m limit --limit 50/second --limit-burst 5000 -j RETURN",
+        "-j DROP",
+    ]
+    assert "CODETAINER-DNS" not in ipt.render_rules(limited(), 6)  # the server is IPv4
+    assert "CODETAINER-DNS" in ipt.render_rules(limited("::1"), 6)
+
+
+def test_the_proxys_uid_shares_the_agents_dns_budget() -> None:
+    """The proxy resolves what the agent asks it to reach: same length bound, one budget."""
+    limit = DnsLimit(LOCAL_DNS, 50, 5000, also_uids=(998,))
+    policy = pol(agent_uid=AGENT, dns_limit=limit)
+    output = chain(rules_of(nft.render_apply(policy)), "output")
+    to = "meta skuid { 1000, 998 } ip daddr 127.0.0.53"
+    assert f"{to} udp dport 53 meta length > 169 counter drop" in output
+    assert (f"{to} meta l4proto {{ tcp, udp }} th dport 53 limit rate over 50/second burst 5000 "
+            "packets counter drop") in output
+    lines = ipt.render_rules(policy, 4).splitlines()
+    for uid in (1000, 998):
+        for p in ("udp", "tcp"):
+            index(lines, f"-A CODETAINER-OUT -d 127.0.0.53 -p {p} --dport 53 -m owner "
+                         f"--uid-owner {uid} -j CODETAINER-DNS")
+    assert sum("-m limit" in ln for ln in lines) == 1  # one budget for both
+    for bad in ((0,), (True,), (-1,)):
+        with pytest.raises(ValueError):
+            DnsLimit(LOCAL_DNS, 50, 5000, also_uids=bad)  # type: ignore[arg-type]
+
+
+def test_selftest_redirect_verdicts() -> None:
+    def result(redirected: str | None) -> SelfTestResult:
+        return SelfTestResult("connected", 1.0, "ECONNREFUSED", 0.2, {}, allowed_target="203.0.113.10:443",
+                              redirected=redirected)  # fmt: skip
+
+    assert result("203.0.113.10:443").ok
+    assert result("in use").ok  # the proxy holds the port already: nothing to check
+    assert result(None).ok
+    for seen, words in (("", "never arrived"), ("203.0.113.11:443", "arrived for 203.0.113.11:443")):
+        (problem,) = result(seen).problems()
+        assert "not redirected" in problem and words in problem
+
+
+def test_compose_builds_the_agents_rules(tmp_path: Path) -> None:
+    from codetainer.network.allowlist import Allowlist, parse_text
+    from codetainer.network.compose import build_policy, make_plan, parse_options
+    from codetainer.network.dnsconfig import Engine
+    from codetainer.settings import Settings
+
+    def build(**kw: str) -> FirewallPolicy:
+        s = Settings(run_dir=str(tmp_path), dns_user="nobody", upstreams="192.0.2.53", agent_user="1000",
+                     **kw)  # fmt: skip
+        opts = parse_options(s, Engine.DNSMASQ)
+        long_name = "a" * 60 + "." + "b" * 60 + ".test"
+        plan = make_plan(Allowlist(tuple(parse_text(f"api.test\n{long_name}\n", "domains.conf"))), opts,
+                         "nftables")  # fmt: skip
+        return build_policy(plan, {}, opts)
+
+    on = build(proxy="on")
+    assert on.agent_uid == 1000 and on.proxy_port == 3129 and on.redirects
+    assert on.dns_limit == DnsLimit(ipaddress.ip_address("127.0.0.53"), 50, 5000, max_name=126)
+    off = build(proxy="off", dns_limit="off")
+    assert off.agent_uid == 1000 and off.proxy_port is None and off.dns_limit is None
+    assert build(proxy="off", dns_limit="5/10").dns_limit == DnsLimit(
+        ipaddress.ip_address("127.0.0.53"), 5, 10, max_name=126)
+    with pytest.raises(ValueError, match="CODETAINER_DNS_LIMIT"):
+        build(dns_limit="lots")
+    with pytest.raises(ValueError, match="CODETAINER_PROXY"):
+        build(proxy="maybe")

@@ -448,7 +448,7 @@ def seconds(value: object) -> float:
 def longest_shutdown_deadline() -> float:
     """The daemon's overall shutdown bound, or the services' stop deadlines added up
     (they stop one after another, in reverse order), whichever is longer."""
-    overall = Settings().number("shutdown_timeout")
+    overall = Settings().shutdown_timeout
     parser = configparser.RawConfigParser(
         comment_prefixes=(";", "#"), inline_comment_prefixes=(";",), strict=False
     )

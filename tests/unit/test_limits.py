@@ -19,7 +19,7 @@ from codetainer.limits.cgroup import AgentCgroup, CgroupError, Hierarchy
 from codetainer.limits.controller import has_cap_sys_resource
 from codetainer.limits.oom import OomWatch, oom_kill_victim, vmstat_oom_kills
 from codetainer.limits.plan import LimitSettings, settings_exec_limits
-from codetainer.settings import Settings
+from codetainer.settings import Settings, SettingsError
 
 USER = AgentUser("claude", 1000, 1000, "/home/claude")
 GIB = 1 << 30
@@ -46,25 +46,12 @@ def test_defaults() -> None:
     ("agent_pids", "many"), ("agent_nice", "-1"), ("agent_nice", "20"),
     ("agent_cpu_weight", "0"), ("agent_cpu_weight", "10001")])
 def test_a_bad_setting_names_its_variable(name: str, raw: str) -> None:
-    with pytest.raises(ValueError, match=f"CODETAINER_{name.upper()}="):
-        LimitSettings.parse(Settings(**{name: raw}))
-    # before the step fails the boot on it, agent processes still get the defaults
-    assert settings_exec_limits(Settings(**{name: raw})) == ExecLimits()
-
-
-async def test_the_step_fails_the_boot_on_a_bad_setting_before_touching_cgroups() -> None:
-    from codetainer.boot.engine import BootContext, StepError
-    from codetainer.events import EventBus
-    from codetainer.limits.controller import LimitsController
-
-    settings = Settings(agent_pids="10")
-    ctl = LimitsController(settings, EventBus())
-    step = ctl.step()
-    assert (step.name, step.policy.value) == ("limits", "fatal")
-    with pytest.raises(StepError, match="CODETAINER_AGENT_PIDS='10' is not valid"):
-        await step.run(BootContext(settings, EventBus()))
-    assert ctl.cgroup is None and ctl.exec_limits() == ExecLimits()
-    assert ctl.describe() == "rlimit only (no writable cgroup: the limits step has not run)"
+    # Checked once when the settings are parsed (codetainerd exits 64 with this line),
+    # before the limits step or any agent process could see the value.
+    with pytest.raises(SettingsError, match=f"CODETAINER_{name.upper()}=") as err:
+        Settings.from_env({f"CODETAINER_{name.upper()}": raw})
+    assert err.value.variable == f"CODETAINER_{name.upper()}" and err.value.raw == raw
+    assert "set it to" in str(err.value)
 
 
 def test_memory_sizes_and_the_share_kept_for_the_daemon() -> None:
@@ -96,19 +83,19 @@ def test_chain_order_root_first_then_the_drop_then_the_rlimit() -> None:
                                                                      "/cg/p/agent/cgroup.procs")))
     assert argv[:8] == ["/bin/sh", "-c", JOIN, "codetainer-limits", "1000",
                         "/cg/m/agent/cgroup.procs", "/cg/p/agent/cgroup.procs", "--"]
-    nice = argv.index("-n") - 1
     setpriv = next(i for i, a in enumerate(argv) if a.endswith("setpriv"))
-    prlimit = next(i for i, a in enumerate(argv) if a.endswith("prlimit"))
-    assert argv[nice].endswith("nice") and argv[nice + 1:nice + 3] == ["-n", "10"]
-    # the rlimit after the drop: set before it, setpriv's exec fails at the uid's limit
-    assert 7 < nice < setpriv < prlimit
-    assert argv[prlimit + 1:] == ["--nproc=300:300", "--", "tmux", "ls"]
-    assert "--reuid=1000" in argv[setpriv:prlimit] and "--bounding-set=-all" in argv
+    loader = argv.index("-S") - 2  # python3 -I -S -c LOADER HEX [limits] -- argv
+    # the rlimit (and nice) after the drop, set by the loader as the agent: set before
+    # it, setpriv's exec fails at the uid's limit
+    assert 7 < setpriv < loader
+    assert argv[loader + 6:] == ["--nproc=300", "--core=0", "--nice=10", "--", "tmux", "ls"]
+    assert "--reuid=1000" in argv[setpriv:loader] and "--bounding-set=-all" in argv
+    assert not any(a.endswith(("/nice", "/prlimit")) for a in argv)  # no exec of their own
 
 
 def test_chain_without_nice_or_cgroup() -> None:
     argv = setpriv_argv(USER, ["x"], ExecLimits(1000, 0, 64, ()))
-    assert argv[4:6] == ["1000", "--"] and not any(a.endswith("/nice") for a in argv)
+    assert argv[4:6] == ["1000", "--"] and not any(a.startswith("--nice") for a in argv)
 
 
 def test_limits_from_the_daemon_are_checked_before_attach_uses_them() -> None:

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from codetainer import sandbox
-from codetainer.sandbox import parse_env
+from codetainer.sandbox import fullboot
+from codetainer.sandbox import main as sandbox
+from codetainer.sandbox.main import parse_env
 
 
 def test_pairs_become_the_environment_the_last_one_winning() -> None:
@@ -37,19 +38,17 @@ def test_the_pairs_reach_the_daemon_and_the_usual_lines_are_printed(
     seen: dict[str, Any] = {}
 
     @contextlib.contextmanager
-    def fake_full_boot(env: Mapping[str, str], **kw: Any) -> Iterator[Any]:
+    def fake_proxy_boot(base: Path, env: Mapping[str, str], **kw: Any) -> Iterator[Any]:
         seen["env"] = dict(env)
         popen = SimpleNamespace(poll=lambda: 0)
         yield SimpleNamespace(proc=SimpleNamespace(pid=4242, popen=popen), log_path="LOG",
-                              socket="SOCK", wait_boot=lambda timeout: {}, stop=lambda: 0)
+                              socket="SOCK", wait_boot=lambda timeout: {}, stop=lambda: 0), None
 
     def fake_run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         seen["status"] = argv
         return subprocess.CompletedProcess(argv, 0)
 
-    import tests.fullboot
-
-    monkeypatch.setattr(tests.fullboot, "full_boot", fake_full_boot)
+    monkeypatch.setattr(fullboot, "proxy_boot", fake_proxy_boot)
     monkeypatch.setattr(sandbox.subprocess, "run", fake_run)
     monkeypatch.setattr(sandbox.sys.stdin, "isatty", lambda: False)
     monkeypatch.setattr(sandbox.signal, "signal", lambda *a: None)  # pytest keeps its SIGTERM

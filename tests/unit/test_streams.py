@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from codetainer.streams import close_writer
 
-from tests.gcprobe import transports_left_by
+from tests.gcprobe import connections_closed, transports_left_by
 
 
 async def _echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -41,8 +41,9 @@ async def test_closed_server_connections_leave_no_cyclic_garbage(tmp_path: Path,
         family, address = socket.AF_INET, server.sockets[0].getsockname()
     try:
         await asyncio.to_thread(_clients, family, address, 5)  # warm up
-        await asyncio.sleep(0.05)
-        transports = await transports_left_by(lambda: _clients(family, address, 40))
+        await connections_closed("_echo_once")
+        transports = await transports_left_by(lambda: _clients(family, address, 40),
+                                              "_echo_once")
         assert transports == []
     finally:
         server.close()

@@ -14,6 +14,11 @@ or npm's config, on a command line or in a log.
   environment of the hooks it runs, so the session namer's own ``claude -p`` was not
   logged in (found with the real CLI); the namer hands this file to it on a file
   descriptor (``CLAUDE_CODE_OAUTH_TOKEN_FILE_DESCRIPTOR``), never in an environment.
+
+With the policy proxy on (``CODETAINER_PROXY=on``) both files hold the proxy's
+placeholders (:func:`~codetainer.boot.privileges.agent_secret`), never a real token: git
+asks gh, gh answers with the placeholder, and the proxy puts the real token on the
+requests its policy allows (docs/credentials.md).
 """
 
 
@@ -29,7 +34,7 @@ import structlog
 
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.boot.filesystem import write_file
-from codetainer.boot.privileges import AgentUser
+from codetainer.boot.privileges import AgentProxy, AgentUser, agent_secret
 
 log = structlog.get_logger("codetainer.boot")
 
@@ -115,7 +120,8 @@ def _own_tree(top: Path, stop: Path, uid: int, gid: int) -> None:
 
 async def _run(ctx: BootContext) -> str:
     settings = ctx.settings
-    token = ctx.secrets.get("GH_TOKEN")
+    proxy = AgentProxy.of(settings)
+    token = agent_secret("GH_TOKEN", ctx.secrets, proxy)
     if not token:
         raise StepError("no GitHub token in the boot context", "the secrets step must run first")
     user: AgentUser = ctx.state.get("agent_user") or AgentUser.lookup(
@@ -136,7 +142,7 @@ async def _run(ctx: BootContext) -> str:
     _own_tree(hosts.parent, home, user.uid, user.gid)
     os.chmod(hosts.parent, 0o700)
 
-    claude_token = ctx.secrets.get("CLAUDE_CODE_OAUTH_TOKEN")
+    claude_token = agent_secret("CLAUDE_CODE_OAUTH_TOKEN", ctx.secrets, proxy)
     if claude_token:
         token_file = home.joinpath(*CLAUDE_TOKEN_FILE)
         write_file(token_file, claude_token, 0o600, user.uid, user.gid)
@@ -147,9 +153,10 @@ async def _run(ctx: BootContext) -> str:
     write_file(home / ".npmrc", render_npmrc(scopes), 0o644, user.uid, user.gid)
 
     log.info("credentials_configured", gitconfig=str(gitconfig), gh=bool(gh),
-             git_user=name, npm_scopes=scopes)
+             git_user=name, npm_scopes=scopes, placeholders=proxy is not None)
     return (f"git {gitconfig} ({'gh' if gh else 'env'} helper), gh hosts.yml, .npmrc"
-            + (", claude token for hooks" if claude_token else ""))
+            + (", claude token for hooks" if claude_token else "")
+            + (" (the proxy's placeholders)" if proxy is not None else ""))
 
 
 def credentials_step() -> Step:

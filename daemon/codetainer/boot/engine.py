@@ -25,6 +25,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from codetainer.events import EventBus
+from codetainer.lifecycle import (
+    InvalidTransition,  # noqa: F401 - raised by change_state; callers import it here
+    transition,
+)
 
 if TYPE_CHECKING:
     from codetainer.settings import Settings
@@ -51,10 +55,6 @@ BOOT_TRANSITIONS: dict[BootState, frozenset[BootState]] = {
     BootState.STOPPING: frozenset({BootState.STOPPED}),
     BootState.STOPPED: frozenset(),
 }
-
-
-class InvalidTransition(RuntimeError):
-    pass
 
 
 class Policy(enum.Enum):
@@ -146,9 +146,8 @@ class BootEngine:
         self.done = asyncio.Event()
 
     def change_state(self, new: BootState) -> None:
-        if new not in BOOT_TRANSITIONS[self.state]:
-            raise InvalidTransition(f"boot state {self.state.value} -> {new.value} is not allowed")
-        old, self.state = self.state, new
+        old = self.state
+        self.state = transition(BOOT_TRANSITIONS, old, new, "boot state")
         log.info("boot_state", old=old.value, new=new.value)
         self.ctx.events.publish("boot.state", old=old.value, state=new.value)
 

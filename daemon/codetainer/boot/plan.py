@@ -10,6 +10,7 @@ from codetainer.services.manager import ServiceManager
 if TYPE_CHECKING:
     from codetainer.limits.controller import LimitsController
     from codetainer.network.controller import NetworkController
+    from codetainer.proxy.setup import ProxyController
     from codetainer.settings import Settings
 
 SERVICES_START_TIMEOUT = 30.0
@@ -41,7 +42,8 @@ def services_step() -> Step:
 
 
 def all_steps(settings: Settings, network: NetworkController,
-              limits: LimitsController | None = None) -> list[Step]:
+              limits: LimitsController | None = None,
+              proxy: ProxyController | None = None) -> list[Step]:
     """Every boot step, in order (README lists them with their policies)."""
     from codetainer.boot import (
         agent_settings,
@@ -59,6 +61,7 @@ def all_steps(settings: Settings, network: NetworkController,
         *([limits.step()] if limits is not None else []),
         filesystem.filesystem_step(),
         *network.steps(),
+        *(proxy.steps() if proxy is not None else []),
         credentials.credentials_step(),
         agent_settings.agent_settings_step(),
         rootfs.rootfs_step(),

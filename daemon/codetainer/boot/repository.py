@@ -41,7 +41,9 @@ from tenacity import (
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.boot.filesystem import write_file
 from codetainer.boot.privileges import AgentUser
-from codetainer.boot.secrets import redact, strip_credentials, url_credentials
+from codetainer.boot.secrets import strip_credentials, url_credentials
+from codetainer.log import redact
+from codetainer.settings import Settings
 
 log = structlog.get_logger("codetainer.boot")
 
@@ -273,20 +275,16 @@ class RepoOptions:
     github_url: str
 
     @classmethod
-    def of(cls, settings: Any) -> RepoOptions:
-        try:
-            return cls(
-                attempts=max(1, int(settings.clone_attempts)),
-                backoff=float(settings.clone_backoff),
-                clone_timeout=float(settings.clone_timeout),
-                api_base=settings.github_api_url,
-                api_timeout=float(settings.github_api_timeout),
-                github_url=settings.github_url,
-            )
-        except ValueError as exc:
-            raise StepError(f"bad repository setting: {exc}",
-                            "CODETAINER_CLONE_* and CODETAINER_GITHUB_API_TIMEOUT are numbers"
-                            ) from None
+    def of(cls, settings: Settings) -> RepoOptions:
+        """From the typed settings (checked when they were parsed)."""
+        return cls(
+            attempts=max(1, settings.clone_attempts),
+            backoff=settings.clone_backoff,
+            clone_timeout=settings.clone_timeout,
+            api_base=settings.github_api_url,
+            api_timeout=settings.github_api_timeout,
+            github_url=settings.github_url,
+        )
 
 
 async def _add_upstream(repo: Path, url: str, o: RepoOptions, token: str) -> str:
@@ -357,15 +355,12 @@ async def _run(ctx: BootContext) -> str:
     return f"cloned {clean_url} into {dest} ({used} attempt{'s' if used > 1 else ''}); {upstream}"
 
 
-def repository_step(settings: Any = None) -> Step:
+def repository_step(settings: Settings | None = None) -> Step:
     """``settings`` sizes the step's timeout to the retry budget (defaults if None)."""
     budget = 3 * (300 + 30.0)
     if settings is not None:
-        try:
-            o = RepoOptions.of(settings)
-            budget = o.attempts * (o.clone_timeout + min(30.0, o.backoff * 8)) + o.api_timeout
-        except StepError:
-            pass  # the step itself reports the bad setting
+        o = RepoOptions.of(settings)
+        budget = o.attempts * (o.clone_timeout + min(30.0, o.backoff * 8)) + o.api_timeout
     return Step("repository", _run, timeout=budget + 30, policy=Policy.DEGRADED,
                 requires=("secrets", "filesystem"),
                 description="clone REPO_URL, add upstream for forks, snapshot remotes")

@@ -68,7 +68,7 @@ def root_is_readonly(path: str = "/") -> bool:
 
 async def _run(ctx: BootContext) -> str:
     s = ctx.settings
-    if s.readonly_root.strip().lower() in ("0", "false", "no", "off"):
+    if not s.readonly_root:
         log.warning("readonly_root_disabled", setting="CODETAINER_READONLY_ROOT")
         return "disabled by CODETAINER_READONLY_ROOT=0"
     if not root_is_readonly("/"):

@@ -6,7 +6,12 @@ removed from ``os.environ`` so no service or helper the daemon starts inherits t
 and their bytes in the process's original environment block are zeroed so
 ``/proc/<daemon>/environ`` no longer shows them. From then on a secret reaches only
 the processes that need it, through their environment or a file, never an argv, a
-log line, a status reply or an error message (see :func:`redact`).
+log line, a status reply or an error message (see :func:`codetainer.log.redact`).
+
+The agent is one of those processes only with the policy proxy off: with it on, what
+the agent holds for ``GH_TOKEN`` and ``CLAUDE_CODE_OAUTH_TOKEN`` (``AGENT_SECRETS``) is
+decided by ``privileges.agent_secret`` (the proxy's placeholders), and the real values
+stay here, for root's clone and the proxy's credentials file.
 """
 
 from __future__ import annotations
@@ -26,9 +31,6 @@ log = structlog.get_logger("codetainer.boot")
 REQUIRED = ("GH_PAT", "CLAUDE_CODE_OAUTH_TOKEN")
 #: Also taken out of the daemon's environment: services must not inherit a token.
 ALSO_REMOVED = ("GH_TOKEN", "GITHUB_TOKEN", "NODE_AUTH_TOKEN")
-REDACTED = "[redacted]"
-#: values shorter than this are not redacted (they would mangle ordinary text)
-MIN_REDACT_LEN = 6
 
 
 def read_secrets(environ: MutableMapping[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -70,14 +72,6 @@ def url_credentials(url: str) -> tuple[str, str] | None:
     if not parts.scheme or "@" not in parts.netloc:
         return None
     return unquote(parts.username or ""), unquote(parts.password or "")
-
-
-def redact(text: str, secrets: Mapping[str, str]) -> str:
-    """``text`` with every secret value replaced (for messages built from tool output)."""
-    for value in sorted(set(secrets.values()), key=len, reverse=True):
-        if len(value) >= MIN_REDACT_LEN:
-            text = text.replace(value, REDACTED)
-    return text
 
 
 async def _run(ctx: BootContext) -> str:

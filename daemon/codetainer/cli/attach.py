@@ -15,8 +15,11 @@ Root's shell profile in the image ends with ``exec codetainer attach``, so this 
 
 The fallback shell gets ``CODETAINER_NO_ATTACH=1`` so a profile that runs ``exec
 codetainer attach`` must skip it when that is set (otherwise the shell would loop back
-here). Only the standard library and the control client are imported: start-up time is
-the attach latency (see bench/bench_attach.py).
+here). Start-up time is the attach latency (bench/bench_fastpaths.py): with the session
+up only the control client (``json``, ``socket``), ``shlex`` and ``boot/chain.py``
+(``os``) are imported; the daemon's ``session`` reply carries what the privilege drop needs (the
+agent's uid, limits and compiled seccomp filter). ``typing`` is not imported at run time
+either (its import is a tenth of a bare interpreter's start).
 
 Exit codes (only when nothing was exec'd): 2 no terminal, 69 daemon unreachable and no
 terminal, 1 neither tmux nor a shell could be started.
@@ -26,11 +29,13 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
-from typing import Any, NoReturn, TextIO
 
 from codetainer.cli.inert import inert
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Any, NoReturn, TextIO
 
 NO_TTY = 2
 UNREACHABLE = 69
@@ -91,25 +96,30 @@ def dropped_attach(info: dict[str, Any], environ: dict[str, str]) -> tuple[list[
     """
     from shlex import join
 
-    from codetainer.boot.privileges import AgentUser, ExecLimits, setpriv_argv
+    from codetainer.boot import chain
 
     uid, gid = info.get("uid"), info.get("gid")
-    if not isinstance(uid, int) or not isinstance(gid, int) or uid <= 0 or gid <= 0:
+    if not isinstance(uid, int) or not isinstance(gid, int) or uid <= 0 or gid <= 0 or \
+            isinstance(uid, bool) or isinstance(gid, bool):
         raise UnsafeAttach(f"the daemon did not name the agent's uid (got {uid!r}); "
                            "refusing to attach as root to a server that uid may control")
     if not os.access(SCRIPT, os.X_OK):
         raise UnsafeAttach(f"{SCRIPT} (util-linux) is missing: it keeps root's terminal "
                            "away from the agent's tmux client; install bsdutils")
-    user = AgentUser(str(info.get("user") or uid), uid, gid, str(info.get("home") or "/"))
     try:  # the client is the agent's too: its limits, its cgroup (a server can make it exec)
-        limits = ExecLimits.from_dict(info.get("limits"))
+        limits = chain.checked_limits(info.get("limits"))
+        filter_hex = client_filter(info)
     except ValueError as exc:
         raise UnsafeAttach(str(exc)) from None
-    inner = setpriv_argv(user, tmux_attach_argv(info), limits)
+    oom, nice, nproc, procs = limits or (chain.OOM_SCORE_ADJ, chain.NICE, chain.NPROC, ())
+    inner = chain.agent_argv(uid, gid, tmux_attach_argv(info), filter_hex=filter_hex,
+                             oom_score_adj=oom, nice=nice, nproc=nproc, cgroup_procs=procs)
     env = {k: environ[k] for k in CLIENT_ENV if k in environ}
-    env.update(PATH=environ.get("PATH") or "/usr/bin:/bin", SHELL="/bin/sh", HOME=user.home)
+    home = str(info.get("home") or "/")
+    env.update(PATH=environ.get("PATH") or "/usr/bin:/bin", SHELL="/bin/sh", HOME=home)
     # -q no banner, -e the client's exit status, -f no buffering; the typescript is discarded.
-    relay = [SCRIPT, "-q", "-e", "-f", "-c", join(inner), "/dev/null"]
+    # script runs its command with ``sh -c``: ``exec`` leaves no shell waiting in between.
+    relay = [SCRIPT, "-q", "-e", "-f", "-c", f"exec {join(inner)}", "/dev/null"]
     # A small sh, not this Python, stays behind while attached: it runs the relay with
     # only ``env``, then (C-b d, or the session went away) hands the terminal to root's
     # login shell with root's own environment, as a shell with attach switched off.
@@ -119,6 +129,22 @@ def dropped_attach(info: dict[str, Any], environ: dict[str, str]) -> tuple[list[
             "echo 'codetainer: detached; `codetainer attach` goes back'; exec \"$0\" -l")
     argv = ["/bin/sh", "-c", then, shell, *(f"{k}={v}" for k, v in env.items()), *relay]
     return argv, dict(environ)
+
+
+def client_filter(info: dict[str, Any]) -> str:
+    """The agent's seccomp filter for root's client: the one the daemon's ``session``
+    reply hands over (checked), else (a ``session.ready`` event, an older daemon) compiled
+    here, which costs this process libseccomp's import. Raises ValueError or UnsafeAttach."""
+    from codetainer.boot import chain
+
+    if info.get("seccomp_filter") is not None:
+        return chain.checked_filter(info["seccomp_filter"])
+    from codetainer.boot.seccomp import SeccompUnavailable, filter_hex
+
+    try:
+        return filter_hex()
+    except SeccompUnavailable as exc:
+        raise UnsafeAttach(str(exc)) from None
 
 
 _TERMINFO_DIRS = ("/etc/terminfo", "/lib/terminfo", "/usr/share/terminfo", "/usr/lib/terminfo")
@@ -209,6 +235,8 @@ class Progress:
     """Prints boot steps live. With ``spinner`` one line animates while a step runs."""
 
     def __init__(self, out: TextIO, spinner: bool) -> None:
+        import threading  # the boot path only
+
         self.out = out
         self.spinner = spinner
         self._lock = threading.Lock()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the CLI's start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 COLORS = {"green": "32", "yellow": "33", "red": "31", "dim": "2", "bold": "1", "cyan": "36"}
 STATE_COLOR = {
@@ -81,6 +84,10 @@ def render_status(st: dict[str, Any], color: bool = False) -> str:
     if isinstance(net, dict) and net.get("text"):
         out.append(paint("network", "bold", color))
         out.extend("  " + ln for ln in str(net["text"]).splitlines())
+    proxy = st.get("proxy")
+    if isinstance(proxy, dict):
+        out.append(paint("proxy", "bold", color))
+        out.extend(render_proxy(proxy))
     sess = st.get("session")
     if isinstance(sess, dict):
         out.append(paint("session", "bold", color))
@@ -90,6 +97,27 @@ def render_status(st: dict[str, Any], color: bool = False) -> str:
         out.append(paint("limits", "bold", color))
         out.extend(render_limits(limits, color))
     return "\n".join(out)
+
+
+def render_proxy(px: dict[str, Any], now: float | None = None) -> list[str]:
+    """The ``proxy`` section: the policy proxy's state and what it refused, newest first."""
+    now = time.time() if now is None else now
+    ports = ", ".join(str(p) for p in px.get("ports") or [])
+    lines = [f"  {px.get('state', '?')} on 127.0.0.1:{ports or '-'}, "
+             f"{px.get('requests', 0)} requests, {px.get('refused_total', 0)} refused"]
+    if px.get("degraded"):
+        lines.append(f"  DEGRADED: {px['degraded']}")
+    for r in (px.get("refused") or [])[:10]:
+        if not isinstance(r, dict):
+            continue
+        last = r.get("last") or 0
+        ago = f"{max(0, now - float(last)):.0f}s ago" if last else "-"
+        by = " ".join(str(x) for x in (r.get("where"), r.get("rule")) if x) or "the policy"
+        lines.append(f"  refused {r.get('method', '?')} {r.get('host', '?')}{r.get('path', '')} "
+                     f"x{r.get('count', 0)}, last {ago}: {by}")
+        if r.get("reason"):
+            lines.append(f"    {r['reason']}")
+    return lines
 
 
 def _mib(n: Any) -> str:

@@ -6,9 +6,12 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from typing import Any
 
 from codetainer.control import protocol
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the CLI's start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class DaemonUnreachable(Exception):

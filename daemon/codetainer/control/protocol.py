@@ -11,7 +11,10 @@ This module is imported by the CLI, so it must stay free of heavy imports.
 from __future__ import annotations
 
 import json
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the CLI's start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024
@@ -29,11 +32,18 @@ FAILED = "failed"
 INTERNAL = "internal"
 
 
-class ProtocolError(Exception):
+class RequestError(Exception):
+    """A request answered with an error reply (``code``, ``message``), never a crash: a
+    line ``parse_request`` refuses, or a handler refusing or failing the request."""
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+#: The same class, by the name the wire-format checks were written with.
+ProtocolError = RequestError
 
 
 def encode(obj: dict[str, Any]) -> bytes:
@@ -57,20 +67,20 @@ def event(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
-    """Validate one request line; raise ProtocolError with a message a person can act on."""
+    """Validate one request line; raise RequestError with a message a person can act on."""
     try:
         obj = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(BAD_REQUEST, f"request is not valid JSON: {exc}") from None
+        raise RequestError(BAD_REQUEST, f"request is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise ProtocolError(BAD_REQUEST, "request must be a JSON object with an 'op' field")
+        raise RequestError(BAD_REQUEST, "request must be a JSON object with an 'op' field")
     v = obj.get("v", VERSION)
     if v != VERSION:
-        raise ProtocolError(BAD_REQUEST, f"unsupported protocol version {v!r}; this daemon speaks {VERSION}")
+        raise RequestError(BAD_REQUEST, f"unsupported protocol version {v!r}; this daemon speaks {VERSION}")
     op = obj.get("op")
     if not isinstance(op, str) or not op:
-        raise ProtocolError(BAD_REQUEST, "request has no 'op' string")
+        raise RequestError(BAD_REQUEST, "request has no 'op' string")
     args = obj.get("args", {})
     if not isinstance(args, dict):
-        raise ProtocolError(BAD_REQUEST, "'args' must be a JSON object")
+        raise RequestError(BAD_REQUEST, "'args' must be a JSON object")
     return op, args

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import struct
@@ -24,10 +23,14 @@ from typing import Any
 import structlog
 
 from codetainer.control import protocol
-from codetainer.control.protocol import ProtocolError
+from codetainer.control.protocol import RequestError
 from codetainer.streams import close_writer
 
 log = structlog.get_logger("codetainer.control")
+
+# RequestError is protocol's, re-exported: handlers raise it from here.
+__all__ = ["ControlServer", "Handler", "Peer", "Request", "RequestError", "Route", "Send",
+           "StreamHandler", "peer_credentials"]
 
 
 @dataclass(frozen=True)
@@ -60,15 +63,6 @@ class Route:
     privileged: bool
 
 
-class RequestError(Exception):
-    """Raised by handlers: becomes an error reply, never a crash."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 def peer_credentials(sock: socket.socket) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
@@ -97,7 +91,6 @@ class ControlServer:
         self._clients: set[asyncio.Task[None]] = set()
         # Clients that connected but have not sent a request yet, oldest first.
         self._idle: dict[asyncio.Task[None], float] = {}
-        self.rejected_busy = 0
         self.evicted_idle = 0
 
     def register(self, op: str, handler: Handler, *, privileged: bool = False) -> None:
@@ -144,7 +137,6 @@ class ControlServer:
             oldest.cancel()
             self.evicted_idle += 1
         elif len(self._clients) >= self.max_clients:
-            self.rejected_busy += 1
             with contextlib.suppress(Exception):
                 writer.write(protocol.encode(protocol.error(
                     protocol.BUSY, "too many control connections; try again shortly")))
@@ -207,7 +199,7 @@ class ControlServer:
     async def _dispatch(self, line: bytes, peer: Peer, writer: asyncio.StreamWriter) -> bool:
         try:
             op, args = protocol.parse_request(line)
-        except ProtocolError as exc:
+        except RequestError as exc:
             await self._write(writer, protocol.error(exc.code, exc.message))
             return True
         route = self.routes.get(op)
@@ -255,7 +247,3 @@ class ControlServer:
         except TypeError:
             await self._write(writer, protocol.error(protocol.INTERNAL, "unserialisable reply"))
         return True
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, default=str)

@@ -23,6 +23,8 @@ from typing import NoReturn
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
@@ -34,6 +36,14 @@ def _prctl(option: int, arg: int) -> bool:
 
     libc = ctypes.CDLL(None, use_errno=True)
     return int(libc.prctl(option, arg, 0, 0, 0)) == 0
+
+
+def dumpable() -> bool:
+    """Whether this process may be dumped or ptraced by its own uid (PR_GET_DUMPABLE)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)) != 0
 
 
 def _noop(signum: int, frame: object) -> None:
@@ -123,6 +133,12 @@ def _run_daemon(argv: list[str]) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     argv = sys.argv[1:] if argv is None else argv
+    # Non-dumpable, before the secrets are read, inherited by the daemon (fork keeps it,
+    # every exec of a child resets it): no core file of the init or the daemon holds
+    # them, and no process without CAP_SYS_PTRACE may ptrace or read their memory.
+    if not _prctl(PR_SET_DUMPABLE, 0):
+        sys.stderr.write("codetainerd: cannot make the daemon non-dumpable (prctl "
+                         "PR_SET_DUMPABLE); a core dump of it could hold the secrets\n")
     if os.environ.get("CODETAINER_INIT", "1") == "0" or "-h" in argv or "--help" in argv:
         # No init wanted (or just --help): run the daemon in this process.
         signal.pthread_sigmask(signal.SIG_SETMASK, [])

@@ -202,6 +202,11 @@ class LimitsController:
         out["oom_kills"] = self.oom.status() if self.oom is not None else None
         return out
 
+    def degraded(self) -> str | None:
+        """Never: what the limits refuse or kill is reported in status, it does not make
+        the daemon DEGRADED (``status --check``'s probe, instead of building status)."""
+        return None
+
     def _oom_scores(self) -> dict[str, Any]:
         scores: dict[str, Any] = {}
         if os.environ.get("CODETAINER_INIT", "1") != "0":  # init/pid1.py forked us

@@ -11,6 +11,20 @@ ignored. Entry kinds::
 Each may carry ports: ``host:443``, ``*.x.com:443,8443``, ``[2001:db8::/32]:443``,
 ``203.0.113.0/24:22``; without them ``model.DEFAULT_PORTS`` apply.
 
+After the entry, an optional rule part for the policy proxy, whitespace separated,
+each key at most once::
+
+    api.github.com preset=github           a named rule set (proxy.model.PRESETS)
+    example.com:443 methods=GET,HEAD paths=/api/,/static/
+
+``methods`` are upper-case HTTP methods; ``paths`` are prefixes of the request path
+(plain string prefixes: end one with ``/`` to mean a directory). A preset with
+``methods``/``paths`` allows the intersection: a request must pass both. No rule part:
+every method and path (an entry opened on purpose). ``@github`` takes no rules (they
+would apply only to requests made to a bare GitHub address, not to github.com, which
+is what a reader would take them to mean); CIDR entries may carry rules, since the
+proxy decides requests made to a bare address by those entries.
+
 This module is the only gate between operator text and the generated DNS and
 firewall configs, so it is strict: every problem is reported as ``source:line: why``,
 all problems are collected, and one :class:`AllowlistError` lists them. A network
@@ -26,8 +40,10 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 from codetainer.network.model import DEFAULT_PORTS
+from codetainer.proxy.model import METHOD, PATH_PREFIX, PRESETS, PolicyEntry, Rules
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -38,11 +54,17 @@ MAX_LABEL = 63
 MAX_LINE = 1024
 MAX_PORTS = 16
 MIN_PREFIX = {4: 8, 6: 16}
+MAX_RULE_VALUES = 32
+RULE_KEYS = ("preset", "methods", "paths")
+RULE_HELP = "preset=NAME, methods=GET,HEAD, paths=/a/,/b"
 
 _MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _PORTS = re.compile(r"[0-9]{1,5}(?:,[0-9]{1,5})*\Z")
 _IP_CHARS = re.compile(r"[0-9a-f.:/]+\Z")
+#: only spaces and tabs separate an entry from its rules: any other whitespace byte stays
+#: inside its word and is rejected there
+_WORDS = re.compile(r"[ \t]+")
 
 
 class EntryKind(enum.StrEnum):
@@ -79,6 +101,8 @@ class Entry:
     ports: tuple[int, ...] = DEFAULT_PORTS
     source: str = ""
     lineno: int = 0
+    #: the rule part (methods, paths, preset) the proxy applies; None: everything
+    rules: Rules | None = None
 
     def __post_init__(self) -> None:
         # Every Entry is a validated one, however it was made: generated configs and the
@@ -110,7 +134,7 @@ class Entry:
     def __str__(self) -> str:
         ports = "" if self.ports == DEFAULT_PORTS else ":" + ",".join(map(str, self.ports))
         value = f"[{self.value}]" if ports and ":" in self.value else self.value
-        return value + ports
+        return value + ports + (f" {self.rules}" if self.rules is not None else "")
 
 
 @dataclass(frozen=True)
@@ -291,36 +315,130 @@ def _split_ports(text: str) -> tuple[str, tuple[int, ...] | None]:
 
 
 def parse_entry(text: str, source: str = "", lineno: int = 0) -> Entry:
-    """One entry (no comment, stripped); ``ValueError`` says why it is invalid."""
+    """One entry with its optional rules (no comment, stripped); ``ValueError`` says
+    why it is invalid."""
     if not text:
         raise ValueError("empty entry")
     if len(text) > MAX_LINE:
         raise ValueError(f"entry of {len(text)} characters (at most {MAX_LINE})")
-    bad = _bad_char(text.lower())
+    head, *words = _WORDS.split(text.strip(" \t"))
+    # the rule part first: a second word that is not KEY=VALUE most often means two
+    # entries on one line, and that is the thing to say
+    rules = parse_rules(words) if words else None
+    bad = _bad_char(head.lower())
     if bad:
         raise ValueError(bad)
-    body, ports = _split_ports(text.lower())
+    body, ports = _split_ports(head.lower())
     ports = ports or DEFAULT_PORTS
     if body == "@github":
+        if rules is not None:
+            raise ValueError("@github takes no rules: they would apply only to requests made "
+                             "to a bare GitHub address; put them on the names "
+                             "(github.com preset=github)")
         return Entry(EntryKind.GITHUB, "@github", ports, source, lineno)
     if body.startswith("@"):
         raise ValueError(f"unknown source {show(body)}: only @github exists")
     if "/" in body or ":" in body or _looks_like_ipv4(body):
-        return Entry(EntryKind.CIDR, _parse_network(body), ports, source, lineno)
+        return Entry(EntryKind.CIDR, _parse_network(body), ports, source, lineno, rules)
     if body.startswith("*."):
         if "." not in body[2:].rstrip("."):
             raise ValueError(f"{show(body)} would allow a whole top-level domain")
         domain = validate_hostname(body[2:])
-        return Entry(EntryKind.WILDCARD, "*." + domain, ports, source, lineno)
+        return Entry(EntryKind.WILDCARD, "*." + domain, ports, source, lineno, rules)
     if body == "*":
         raise ValueError("'*' alone would allow everything")
-    return Entry(EntryKind.HOST, validate_hostname(body), ports, source, lineno)
+    return Entry(EntryKind.HOST, validate_hostname(body), ports, source, lineno, rules)
+
+
+def parse_rules(words: Sequence[str]) -> Rules:
+    """The rule part of a line: ``KEY=VALUE`` words, each key at most once."""
+    seen: dict[str, tuple[str, ...]] = {}
+    for word in words:
+        if "=" not in word:
+            raise ValueError(
+                f"{show(word)} after the entry is not a rule: whitespace separates an entry "
+                f"from its rules ({RULE_HELP}); one entry a line")
+        key, value = word.split("=", 1)
+        if key not in RULE_KEYS:
+            raise ValueError(f"unknown rule {show(key)}: the rules are {RULE_HELP}")
+        values = _rule_values(key, value)  # first: a message below may quote the value
+        if key in seen and key == "preset":
+            raise ValueError("preset= given twice: one preset a line")
+        if key in seen:
+            raise ValueError(f"{key}= given twice: list every value in one rule "
+                             f"({key}={','.join(seen[key] + values)})")
+        seen[key] = values
+    preset = seen.get("preset")
+    return Rules(seen.get("methods"), seen.get("paths"), preset[0] if preset else None)
+
+
+def _rule_values(key: str, value: str) -> tuple[str, ...]:
+    for ch in value:
+        if ord(ch) < 32 or ord(ch) == 127:
+            raise ValueError(f"control byte {ch!a} in {key}=")
+        if ord(ch) > 127:
+            raise ValueError(f"non-ASCII character {ch!a} in {key}=: percent-encode it")
+    if key == "preset":
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {show(value)}: one of {', '.join(PRESETS)}")
+        return (value,)
+    items = value.split(",")
+    if not value or not all(items):
+        raise ValueError(f"empty value in {key}={show(value)}: write {key}=A,B")
+    if len(items) > MAX_RULE_VALUES:
+        raise ValueError(f"{len(items)} values in {key}= (at most {MAX_RULE_VALUES})")
+    for item in items:
+        _check_rule_value(key, item)
+    return tuple(dict.fromkeys(items))
+
+
+def _check_rule_value(key: str, item: str) -> None:
+    if key == "methods":
+        if METHOD.match(item.upper()) and not METHOD.match(item):
+            # HTTP methods are case-sensitive (RFC 9110): 'get' is not GET
+            raise ValueError(f"method {show(item)}: methods are upper case ({item.upper()})")
+        if not METHOD.match(item):
+            raise ValueError(f"bad method {show(item)}: letters only (GET, POST, ...)")
+        return
+    if not item.startswith("/"):
+        raise ValueError(f"path prefix {show(item)} must start with '/'")
+    if not PATH_PREFIX.match(item):
+        raise ValueError(f"bad path prefix {show(item)}: letters, digits and "
+                         f"-._~!$&'()*+;=:@%/ only, at most 200 characters")
+    if any(seg in (".", "..") for seg in unquote(item).split("/")):
+        raise ValueError(f"path prefix {show(item)} has a '.' or '..' segment: "
+                         f"write the path the server sees")
+
+
+def _revalidate_rules(e: Entry) -> bool:
+    r = e.rules
+    if r is None:
+        return True
+    if not isinstance(r, Rules) or e.kind is EntryKind.GITHUB:
+        raise ValueError("rules on an @github entry, or not a Rules")
+    if r.methods is None and r.paths is None and r.preset is None:
+        return False  # an empty rule part is written rules=None
+    words = [f"preset={r.preset}"] if r.preset is not None else []
+    for key, values in (("methods", r.methods), ("paths", r.paths)):
+        if values is not None:
+            if not isinstance(values, tuple) or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"{key} must be a tuple of strings")
+            words.append(f"{key}={','.join(values)}")
+    return parse_rules(words) == r
+
+
+def policy_entry(entry: Entry, expires: float | None = None) -> PolicyEntry:
+    """``entry`` as the proxy's policy carries it (``expires``: a temporary grant's)."""
+    return PolicyEntry(entry.kind.value, entry.value, entry.ports, entry.where, entry.rules,
+                       expires)
 
 
 def _revalidate(e: Entry) -> bool:
     if not e.ports or any(isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 65536
                           for p in e.ports):
         raise ValueError(f"bad ports {e.ports!r}")
+    if not _revalidate_rules(e):
+        return False
     if e.kind is EntryKind.HOST:
         return validate_hostname(e.value) == e.value
     if e.kind is EntryKind.WILDCARD:
@@ -363,9 +481,19 @@ def parse_text(text: str, source: str) -> list[Entry]:
 
 
 def parse_env(value: str, source: str = ENV_SOURCE) -> list[Entry]:
-    """``CODETAINER_ALLOW``: comma-separated entries. A piece made only of digits
-    continues the previous entry's port list (``a.com:443,8443,b.com``); the
-    'line number' in errors is the entry's position in the list."""
+    """``CODETAINER_ALLOW``: entries separated by ``;`` or newlines when the value holds
+    either (entries with rules contain commas: ``a.com methods=GET,HEAD; b.com``), else
+    comma-separated as before. With commas, a piece made only of digits continues the
+    previous entry's port list (``a.com:443,8443,b.com``). The 'line number' in errors
+    is the entry's position in the list. A path prefix holding ``;`` cannot be given
+    here (it would split the entry): put that line in the allowlist file."""
+    if ";" in value or "\n" in value:
+        split = (p.strip(" \t\r") for p in re.split(r"[;\n]", value))
+        return parse_lines(enumerate((p for p in split if p), start=1), source)
+    if "=" in value and "," in value:
+        raise AllowlistError([Problem(source, 1, (
+            "entries with rules contain commas: separate the entries with ';' or newlines "
+            "(a.com methods=GET,HEAD; b.com)"))])
     pieces: list[tuple[int, str]] = []
     for raw in value.split(","):
         piece = raw.strip(" \t\r\n")

@@ -14,7 +14,7 @@ import pwd
 import shlex
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,11 +36,15 @@ from codetainer.network.dnsconfig import (
 from codetainer.network.dnshook import DEFAULT_HOOK, domain_sets, set_ports
 from codetainer.network.firewall import (
     INBOUND_FORM,
+    DnsLimit,
     FirewallPolicy,
     InboundPort,
     parse_inbound,
 )
+from codetainer.network.firewall_policy import dns_name_bound, parse_dns_rate
 from codetainer.network.flyenv import FlyEvidence, choose_ipv6, parse_ipv6_setting
+from codetainer.proxy.model import TRANSPARENT_PORT
+from codetainer.settings import SettingsError
 
 if TYPE_CHECKING:
     from codetainer.settings import Settings
@@ -72,6 +76,15 @@ class NetOptions:
     inbound: tuple[InboundPort, ...] = ()
     #: why ``ipv6`` is what it is (``auto``'s evidence, or the setting)
     ipv6_why: str = ""
+    #: the agent's uid (the firewall's rules for the agent: the proxy, the DNS limit)
+    agent_uid: int | None = None
+    #: the policy proxy's uid (proxy on): under the agent's DNS limit too
+    proxy_uid: int | None = None
+    #: the policy proxy's transparent port (``CODETAINER_PROXY=on``), else None
+    proxy_port: int | None = None
+    #: (rate, burst) of the agent's queries to the local DNS server
+    #: (``CODETAINER_DNS_LIMIT``), None: unlimited
+    dns_rate: tuple[int, int] | None = None
 
     @property
     def exec_path(self) -> Path:
@@ -92,21 +105,17 @@ def parse_options(settings: Settings, engine: Engine, fly: FlyEvidence | None = 
     """``fly``: what :func:`flyenv.read_evidence` found, for ``CODETAINER_IPV6=auto``."""
     upstreams = parse_upstreams(settings.upstreams)
     ipv6 = choose_ipv6(parse_ipv6_setting(settings.ipv6), fly)
-    min_ttl = settings.number("refresh_min_ttl")
-    max_ttl = settings.number("refresh_max_ttl")
-    grace = settings.number("refresh_grace")
-    if not 0 < min_ttl <= max_ttl <= 300:
-        raise ValueError(
-            f"CODETAINER_REFRESH_MIN_TTL={min_ttl:g} / CODETAINER_REFRESH_MAX_TTL={max_ttl:g}: "
-            "need 0 < floor <= ceiling <= 300 seconds"
-        )
-    if grace < 0:
-        raise ValueError(f"CODETAINER_REFRESH_GRACE={grace:g} must not be negative")
+    # ranges checked when the settings were parsed (0 < floor <= ceiling <= 300, grace >= 0)
+    min_ttl, max_ttl, grace = settings.refresh_min_ttl, settings.refresh_max_ttl, settings.refresh_grace
     try:
         inbound = parse_inbound(settings.inbound)
     except ValueError as exc:
         raise ValueError(f"CODETAINER_INBOUND={settings.inbound[:80]!r}: {exc}; use {INBOUND_FORM}") from None
     ipaddress.ip_address(settings.dns_listen)
+    try:
+        dns_rate = parse_dns_rate(settings.dns_limit)
+    except ValueError as exc:
+        raise ValueError(f"CODETAINER_DNS_LIMIT: {exc}") from None
     try:
         pw = pwd.getpwnam(settings.dns_user)
     except KeyError:
@@ -140,7 +149,39 @@ def parse_options(settings: Settings, engine: Engine, fly: FlyEvidence | None = 
         min_ttl=min_ttl, max_ttl=max_ttl, grace=grace, dns_user=settings.dns_user,
         dns_uid=pw.pw_uid, dns_gid=pw.pw_gid, dns_group=group, hook=hook,
         run_dir=Path(settings.run_dir), inbound=inbound, ipv6_why=ipv6.why,
+        agent_uid=agent_identity(settings.agent_user)[0],
+        proxy_port=TRANSPARENT_PORT if settings.proxy else None, dns_rate=dns_rate,
+        proxy_uid=_proxy_uid(settings) if settings.proxy else None,
     )  # fmt: skip
+
+
+def check_settings(settings: Settings) -> None:
+    """The network's text settings (their parsers live here), parsed at start so a bad one
+    exits 64 like every other setting: :class:`SettingsError` naming it."""
+    hook = settings.dns_hook.strip().lower()
+    checks: tuple[tuple[str, Callable[[str], object], str], ...] = (
+        ("upstreams", parse_upstreams, "use IP addresses, comma-separated (8.8.8.8,1.1.1.1)"),
+        ("inbound", parse_inbound, f"use {INBOUND_FORM}"),
+        ("dns_listen", ipaddress.ip_address, "use an IP address (127.0.0.53)"),
+        ("dns_limit", parse_dns_rate, "use RATE/BURST (50/5000) or off"),
+        ("dns_hook", (lambda _: None) if hook in ("", "off", "0", "none") else parse_upstream,
+         "use ip:port (127.0.0.1:5354), off, or leave it empty"),
+    )
+    for name, parse, accepted in checks:
+        raw = getattr(settings, name)
+        try:
+            parse(raw)
+        except ValueError as exc:
+            raise SettingsError(name, raw, f"{exc}; {accepted}") from None
+
+
+def _proxy_uid(settings: Settings) -> int | None:
+    """The proxy user's uid (None when it does not exist: the proxy step says so)."""
+    try:
+        uid = pwd.getpwnam(settings.proxy_user).pw_uid
+    except KeyError:
+        return None
+    return uid or None
 
 
 def agent_identity(name: str) -> tuple[int, int, str]:
@@ -229,10 +270,18 @@ def build_policy(
     for ports, addrs in contents.items():
         groups.setdefault(ports, []).extend(addrs)
     hook = parse_upstream(opts.hook) if opts.hook else None
+    limit = None
+    if opts.dns_rate is not None and opts.agent_uid is not None:
+        # An allowlisted name longer than the default bound raises it: never cut a name
+        # the operator allowed.
+        limit = DnsLimit(ipaddress.ip_address(opts.listen), *opts.dns_rate,
+                         max_name=dns_name_bound(plan.allowlist.names),
+                         also_uids=(opts.proxy_uid,) if opts.proxy_uid is not None else ())
     return FirewallPolicy.build(
         groups, dns_uid=opts.dns_uid, upstreams=[u.ip for u in opts.upstreams],
         ipv6=opts.ipv6, dynamic_timeout=plan.config.set_timeout, inbound=opts.inbound,
-        dns_hook=(hook.ip, hook.port) if hook else None,
+        dns_hook=(hook.ip, hook.port) if hook else None, agent_uid=opts.agent_uid,
+        proxy_port=opts.proxy_port if opts.agent_uid is not None else None, dns_limit=limit,
     )  # fmt: skip
 
 

@@ -45,6 +45,7 @@ from codetainer.network.compose import (
     NetworkPlan,
     agent_identity,
     build_policy,
+    check_settings,
     dns_exec_script,
     make_plan,
     parse_options,
@@ -58,7 +59,7 @@ from codetainer.network.dnsconfig import (
     parse_coredns_log_line,
 )
 from codetainer.network.dnsguard import DnsGuard
-from codetainer.network.dnshook import DnsHook, IpsetWriter, NftSetWriter, SetRoutes, SetWriter
+from codetainer.network.dnshook import DnsHook, SetRoutes
 from codetainer.network.firewall import (
     Denied,
     FirewallBackend,
@@ -69,10 +70,11 @@ from codetainer.network.firewall import (
     probe_backend,
     self_test,
 )
-from codetainer.network.flyenv import fly_environ, gather, parse_ipv6_setting
+from codetainer.network.flyenv import fly_environ, gather
 from codetainer.network.github_meta import GithubRanges, MetaSource, load_github_ranges
 from codetainer.network.ops import NetworkOps
 from codetainer.network.refresh import Contents, Refresher
+from codetainer.network.setwriter import IpsetWriter, NftSetWriter, SetWriter
 from codetainer.network.why import (
     AddressNames,
     RefusedTable,
@@ -82,7 +84,7 @@ from codetainer.services.manager import UnknownService
 from codetainer.services.states import ProcessState
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Mapping, Sequence
+    from collections.abc import Callable, Coroutine, Mapping, Sequence
 
     from codetainer.control.server import ControlServer
     from codetainer.events import EventBus
@@ -109,6 +111,9 @@ class NetworkController:
         self.github: GithubRanges | None = None
         self.refresher: Refresher | None = None
         self.hook: DnsHook | None = None
+        self.set_writer: SetWriter | None = None
+        #: called after each re-plan took effect (the proxy renders its policy from it)
+        self.on_change: list[Callable[[], object]] = []
         self.ops = NetworkOps(self)
         self.refused = RefusedTable()
         self.addr_names = AddressNames()
@@ -123,7 +128,8 @@ class NetworkController:
         self._listening = False
         self.health_interval = 15.0
         # At start, so a bad value exits 64; Fly's variables as the daemon got them.
-        self.ipv6_setting = parse_ipv6_setting(settings.ipv6)
+        check_settings(settings)
+        self.ipv6_setting = settings.ipv6
         self.fly_env = fly_environ(os.environ)
 
     # -- boot steps ------------------------------------------------------------------
@@ -162,10 +168,7 @@ class NetworkController:
             fly = await gather(self.fly_env) if self.ipv6_setting == "auto" else None
             opts = parse_options(s, detect_engine(s.dns_engine), fly)
             log.info("network_ipv6_policy", policy=opts.ipv6, reason=opts.ipv6_why)
-            self.health_interval = s.number("dns_health_interval")
-            if not 0.1 <= self.health_interval <= 3600:
-                raise ValueError(f"CODETAINER_DNS_HEALTH_INTERVAL={s.dns_health_interval!r}: "
-                                 "use 0.1 to 3600 seconds")
+            self.health_interval = s.dns_health_interval
         except ValueError as exc:
             raise StepError(str(exc), "fix the setting and restart") from None
         if allow.github:
@@ -175,7 +178,8 @@ class NetworkController:
             if self.github.source is MetaSource.NONE:
                 self.notes["github"] = f"@github ranges unavailable ({self.github.error}): denied"
         try:
-            name = await probe_backend(s.firewall.strip().lower(), self.runner)
+            name = await probe_backend(s.firewall, self.runner,
+                                       nat=opts.proxy_port is not None)
             backend = make_backend(name, self.runner)
         except FirewallError as exc:
             raise StepError(str(exc), "the kernel needs nf_tables or ip_tables with ipset") from None
@@ -203,10 +207,17 @@ class NetworkController:
         return make_plan(effective, self.opts, self.backend.name, nets)
 
     def _writer(self) -> SetWriter:
-        _, plan, backend = self._ready()
-        if backend.name == "nftables":
-            return NftSetWriter(Runner(timeout=5.0))
-        return IpsetWriter(Runner(timeout=5.0), plan.config.set_timeout)
+        """The one set writer, the hook's and the revokes'; with the hook it keeps a
+        helper process (no process per answer), without it runs the one-shot tool."""
+        if self.set_writer is None:
+            opts, plan, backend = self._ready()
+            keep = opts.hook is not None
+            if backend.name == "nftables":
+                self.set_writer = NftSetWriter(Runner(timeout=5.0), persistent=keep)
+            else:
+                self.set_writer = IpsetWriter(Runner(timeout=5.0), plan.config.set_timeout,
+                                              persistent=keep)  # fmt: skip
+        return self.set_writer
 
     def _write_dns(self, plan: NetworkPlan) -> bool:
         """Write config and exec script; True when the config changed."""
@@ -359,7 +370,8 @@ class NetworkController:
         denied = _hostport(self.settings.probe_denied, "CODETAINER_PROBE_DENIED")
         try:
             result = await self_test(uid, gid, allowed, denied, [str(u.ip) for u in opts.upstreams],
-                                     timeout=5.0, runner=Runner(timeout=40.0))  # fmt: skip
+                                     timeout=5.0, runner=Runner(timeout=40.0),
+                                     redirect_port=opts.proxy_port)  # fmt: skip
         except (FirewallError, ValueError) as exc:
             raise StepError(f"the self-test could not run: {exc}") from None
         self.selftest = result
@@ -367,7 +379,8 @@ class NetworkController:
         if problems:
             raise StepError("; ".join(problems), "the network is not isolated as configured; "
                             "the agent stays stopped (see `codetainer why ADDRESS`)")
-        return (f"{who}: {allowed[0]}:{allowed[1]} connected ({result.allowed_ms:.0f} ms), "
+        via = f" via the proxy's port {opts.proxy_port}" if result.redirected else ""
+        return (f"{who}: {allowed[0]}:{allowed[1]} connected{via} ({result.allowed_ms:.0f} ms), "
                 f"{denied[0]}:{denied[1]} refused ({result.denied_ms:.1f} ms), "
                 f"direct DNS to {len(result.dns)} upstream(s) blocked")
 
@@ -508,6 +521,8 @@ class NetworkController:
                 refresher.update(old_plan.names, old_plan.fixed)
                 log.error("network_rebuild_failed", reason=reason, error=str(exc)[:500])
                 return {"ok": False, "error": f"firewall update failed, nothing changed: {exc}"}
+            for notify in self.on_change:
+                notify()
             dns_changed = self._write_dns(plan)
             if self.hook is not None:
                 self.hook.routes = SetRoutes(plan.domain_sets)
@@ -578,6 +593,8 @@ class NetworkController:
         if self.hook is not None:
             await self.hook.close()
             self.hook = None
+        if self.set_writer is not None:
+            await self.set_writer.close()
 
 
 def plan_listen(opts: NetOptions | None) -> str:

@@ -17,7 +17,9 @@ allowlisted zone to this small forwarder inside the daemon (UDP and TCP, by defa
    ``bogus-nxdomain=`` does: DNS rebinding gets no answer at all, not just no set entry;
 4. adds every A/AAAA address of the answer to the dynamic set(s) of the name's domain,
    in **one** firewall transaction (shared with the answers that arrive meanwhile:
-   :class:`BatchedWriter`), and only then
+   :class:`~codetainer.network.setwriter.BatchedWriter`), applied by a persistent helper
+   process rather than one ``nft``/``ipset`` run each
+   (:class:`~codetainer.network.setwriter.SetHelper`), and only then
 5. replies. If the insertion fails the client gets SERVFAIL (and retries; the Corefile
    does not cache SERVFAIL): an address is never handed out before it is allowed.
 
@@ -60,11 +62,16 @@ import dns.rcode
 import dns.rdatatype
 import structlog
 
-from codetainer.network import model
 from codetainer.network.allowlist import IPNetwork
 from codetainer.network.dnsconfig import Upstream
-from codetainer.network.firewall import Runner, parse_address, rendered
 from codetainer.network.model import is_internal
+from codetainer.network.setwriter import (  # the writers lived here: still importable
+    SET_NAME,
+    BatchedWriter,
+    IpsetWriter,  # noqa: F401
+    NftSetWriter,  # noqa: F401
+    SetWriter,
+)
 from codetainer.streams import close_writer
 
 log = structlog.get_logger("codetainer.network")
@@ -74,7 +81,6 @@ DEFAULT_HOOK = "127.0.0.1:5354"
 #: try (fixed in 1.12: no option) and retries until 5 s: with a dead first upstream the
 #: next must still answer inside those 2 s. The upstream that answered goes first then.
 UPSTREAM_TIMEOUT = 0.8
-_SET_NAME = re.compile(r"[ds][46]_[0-9_]{1,90}\Z")
 _NFTSET = re.compile(r"^nftset=/([a-z0-9.-]+)/(\S+)$")
 #: a query label made only of what host names are made of (allowlist._LABEL's
 #: characters, compared after ASCII lower-casing), plus ``_`` as dnsmasq forwards it
@@ -90,7 +96,7 @@ def domain_sets(dnsmasq_text: str) -> dict[str, tuple[str, ...]]:
         m = _NFTSET.match(line)
         if m:
             names = tuple(spec.split("#")[-1] for spec in m[2].split(","))
-            out[m[1]] = tuple(n for n in names if _SET_NAME.match(n))
+            out[m[1]] = tuple(n for n in names if SET_NAME.match(n))
     return out
 
 
@@ -130,130 +136,6 @@ class SetRoutes:
             if hit is not None:
                 return hit
         return ()
-
-
-class SetWriter:
-    """Adds addresses to dynamic sets, one transaction per call."""
-
-    async def add(self, elements: Mapping[str, Sequence[str]]) -> None:
-        raise NotImplementedError
-
-    async def remove(self, elements: Mapping[str, Sequence[str]]) -> None:
-        """Take addresses out (a grant expired, a name left the allowlist)."""
-        raise NotImplementedError
-
-
-def _checked(elements: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for name, addrs in elements.items():
-        if not _SET_NAME.match(name):
-            raise ValueError(f"refusing set name {name[:40]!r}")
-        if addrs:
-            out[name] = sorted({rendered(parse_address(a)) for a in addrs})
-    return out
-
-
-class BatchedWriter(SetWriter):
-    """Concurrent ``add`` calls share one transaction: while one runs, the next batch
-    gathers, and each caller returns only once the transaction holding its elements has
-    been applied (or raises its error). A refresh of 1,000 names through the hook is then
-    a few ``nft`` runs, not one per answer (measured: README, Benchmarks)."""
-
-    def __init__(self, inner: SetWriter) -> None:
-        self.inner = inner
-        self._pending: dict[str, set[str]] = {}
-        self._waiters: list[asyncio.Future[None]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        #: transactions run (the tests read it)
-        self.transactions = 0
-
-    async def add(self, elements: Mapping[str, Sequence[str]]) -> None:
-        if not any(elements.values()):
-            return
-        for name, addrs in elements.items():
-            self._pending.setdefault(name, set()).update(addrs)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(done)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        await done
-
-    async def _flush(self) -> None:
-        while self._waiters:
-            batch = {name: sorted(addrs) for name, addrs in self._pending.items()}
-            waiters, self._pending, self._waiters = self._waiters, {}, []
-            error: BaseException | None = None
-            try:
-                await self.inner.add(batch)
-                self.transactions += 1
-            except Exception as exc:
-                error = exc
-            for w in waiters:
-                if not w.done():  # a caller that was cancelled meanwhile
-                    if error is None:
-                        w.set_result(None)
-                    else:
-                        w.set_exception(error)
-
-    async def remove(self, elements: Mapping[str, Sequence[str]]) -> None:
-        await self.inner.remove(elements)
-
-
-class NftSetWriter(SetWriter):
-    def __init__(self, runner: Runner | None = None) -> None:
-        self.runner = runner or Runner(timeout=5.0)
-
-    @staticmethod
-    def render(elements: Mapping[str, Sequence[str]]) -> str:
-        t = f"{model.FAMILY} {model.TABLE}"
-        lines: list[str] = []
-        for name, addrs in _checked(elements).items():
-            body = ", ".join(addrs)
-            # add (no-op if present), delete, add: the element's timeout starts again, and
-            # inside one transaction no packet ever sees it missing.
-            lines += [f"add element {t} {name} {{ {body} }}",
-                      f"delete element {t} {name} {{ {body} }}",
-                      f"add element {t} {name} {{ {body} }}"]  # fmt: skip
-        return "\n".join(lines) + "\n" if lines else ""
-
-    async def add(self, elements: Mapping[str, Sequence[str]]) -> None:
-        script = self.render(elements)
-        if script:
-            await self.runner.run(["nft", "-f", "-"], script, what="add DNS answers to the sets")
-
-    async def remove(self, elements: Mapping[str, Sequence[str]]) -> None:
-        t = f"{model.FAMILY} {model.TABLE}"
-        lines: list[str] = []
-        for name, addrs in _checked(elements).items():
-            body = ", ".join(addrs)
-            # add first, so the delete cannot fail on an element that is not there
-            lines += [f"add element {t} {name} {{ {body} }}", f"delete element {t} {name} {{ {body} }}"]
-        if lines:
-            await self.runner.run(["nft", "-f", "-"], "\n".join(lines) + "\n",
-                                  what="remove addresses from the dynamic sets")
-
-
-class IpsetWriter(SetWriter):
-    def __init__(self, runner: Runner | None = None, timeout: int = 660) -> None:
-        self.runner = runner or Runner(timeout=5.0)
-        self.timeout = int(timeout)
-
-    def render(self, elements: Mapping[str, Sequence[str]]) -> str:
-        lines = [f"add {model.ipset_name(name)} {a} timeout {self.timeout} -exist"
-                 for name, addrs in _checked(elements).items() for a in addrs]  # fmt: skip
-        return "\n".join(lines) + "\n" if lines else ""
-
-    async def add(self, elements: Mapping[str, Sequence[str]]) -> None:
-        script = self.render(elements)
-        if script:
-            await self.runner.run(["ipset", "restore"], script, what="add DNS answers to the ipsets")
-
-    async def remove(self, elements: Mapping[str, Sequence[str]]) -> None:
-        lines = [f"del {model.ipset_name(name)} {a} -exist"
-                 for name, addrs in _checked(elements).items() for a in addrs]  # fmt: skip
-        if lines:
-            await self.runner.run(["ipset", "restore"], "\n".join(lines) + "\n",
-                                  what="remove addresses from the dynamic ipsets")
 
 
 def owned_socket(family: int, kind: int, uid: int | None) -> socket.socket:

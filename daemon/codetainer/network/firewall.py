@@ -1,8 +1,9 @@
-"""Default-deny egress firewall: the policy, the backend interface, probing, self-test.
+"""Default-deny egress firewall: the backend interface, probing, self-test.
 
-The policy is a plain value (:class:`FirewallPolicy`) whose every address has been
-through :mod:`ipaddress` (construction fails otherwise), so nothing unvalidated can
-reach the rule text the backends render. Two backends implement it:
+The policy is a plain value (:class:`FirewallPolicy`, :mod:`.firewall_policy`, whose
+names this module re-exports) whose every address has been through :mod:`ipaddress`
+(construction fails otherwise), so nothing unvalidated can reach the rule text the
+backends render. Two backends implement it:
 
 * ``nftables`` (:mod:`.firewall_nft`): our own table ``inet codetainer``;
 * ``iptables`` (:mod:`.firewall_ipt`): chains ``CODETAINER-*`` plus ipsets ``ct-*``,
@@ -19,257 +20,70 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import ipaddress
 import json
 import shutil
-import string
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import structlog
 
-from codetainer.network import model
+from codetainer.boot.seccomp import loader_argv
+from codetainer.network.firewall_policy import (
+    FLY_NETWORK,
+    FLY_RESOLVER,
+    INBOUND_FORM,
+    IPV6_POLICIES,
+    PROXIED_PORTS,
+    DnsLimit,
+    FirewallPolicy,
+    InboundPort,
+    IPAddress,
+    IPNetwork,
+    PortGroup,
+    check_port,
+    parse_address,
+    parse_inbound,
+    parse_network,
+    rendered,
+)
+
+#: the policy's names are re-exported: callers import them from here
+__all__ = [
+    "BACKENDS",
+    "FLY_NETWORK",
+    "FLY_RESOLVER",
+    "INBOUND_FORM",
+    "IPV6_POLICIES",
+    "PROXIED_PORTS",
+    "Denied",
+    "DnsLimit",
+    "FirewallBackend",
+    "FirewallError",
+    "FirewallPolicy",
+    "FirewallStatus",
+    "IPAddress",
+    "IPNetwork",
+    "InboundPort",
+    "PortGroup",
+    "Runner",
+    "SelfTestResult",
+    "make_backend",
+    "member_of",
+    "parse_address",
+    "parse_inbound",
+    "parse_network",
+    "probe_backend",
+    "rendered",
+    "self_test",
+]
 
 log = structlog.get_logger("codetainer.network")
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-IPV6_POLICIES = ("deny", "fly", "allowlist")
-INBOUND_PROTOCOLS = ("tcp", "udp")
-INBOUND_FORM = "comma-separated tcp/PORT or udp/PORT (e.g. tcp/8080,udp/5353)"
 BACKENDS = ("nftables", "iptables")
-#: a prefix broader than this is never accepted into a set (0.0.0.0/0 would be "allow all")
-MIN_PREFIX = {4: 8, 6: 16}
-_ADDR_CHARS = frozenset("0123456789abcdefABCDEF.:/")
-FLY_NETWORK = ipaddress.IPv6Network("fdaa::/16")
-FLY_RESOLVER = ipaddress.IPv6Address("fdaa::3")
 
 
 class FirewallError(Exception):
     """A firewall operation failed; the message says what failed and what to do next."""
-
-
-# -- validation ----------------------------------------------------------------------------
-
-
-def parse_network(value: object) -> IPNetwork:
-    """An address or CIDR as an ``ipaddress`` network, or ``ValueError`` saying why not."""
-    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        net: IPNetwork = value
-    elif isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        net = ipaddress.ip_network(value)
-    elif isinstance(value, str):
-        if not value or len(value) > 49 or not set(value) <= _ADDR_CHARS:
-            raise ValueError(f"{value[:60]!r} is not an IP address or CIDR")
-        try:
-            net = ipaddress.ip_network(value, strict=True)
-        except ValueError as exc:
-            raise ValueError(f"{value!r} is not a valid IP address or CIDR: {exc}") from None
-    else:
-        raise ValueError(f"{value!r} ({type(value).__name__}) is not an IP address or CIDR")
-    if isinstance(net, ipaddress.IPv6Network) and net.network_address.scope_id is not None:
-        raise ValueError(f"{net} has a scope id; scoped addresses cannot be allowlisted")
-    if net.prefixlen < MIN_PREFIX[net.version]:
-        raise ValueError(f"{net} is broader than /{MIN_PREFIX[net.version]}: refusing to allow it")
-    return net
-
-
-def parse_address(value: object) -> IPAddress:
-    """A single address (not a network), validated like :func:`parse_network`."""
-    net = parse_network(value)
-    if net.num_addresses != 1:
-        raise ValueError(f"{net} is a network; a single address is needed here")
-    return net.network_address
-
-
-def rendered(value: IPNetwork | IPAddress) -> str:
-    """Text of a validated address for rule files; re-checked so no other byte can slip in."""
-    text = str(value)
-    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network) and value.num_addresses == 1:
-        text = str(value.network_address)
-    if not set(text) <= _ADDR_CHARS:
-        raise ValueError(f"refusing to render {text!r} into a firewall rule")
-    return text
-
-
-def _port(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ValueError(f"{value!r} is not a TCP port (1-65535)")
-    return value
-
-
-@dataclass(frozen=True, order=True)
-class InboundPort:
-    """A port the operator published (Docker ``-p``): connections to it may come in."""
-
-    proto: str
-    port: int
-
-    def __post_init__(self) -> None:
-        if self.proto not in INBOUND_PROTOCOLS:
-            raise ValueError(f"{self.proto!r} is not tcp or udp")
-        _port(self.port)
-
-    def __str__(self) -> str:
-        return f"{self.proto}/{self.port}"
-
-    @classmethod
-    def parse(cls, text: str) -> InboundPort:
-        """``tcp/8080`` -> InboundPort("tcp", 8080); ``ValueError`` says what is wrong."""
-        proto, sep, port = text.partition("/")
-        if port in INBOUND_PROTOCOLS and proto.isdigit():
-            raise ValueError(f"{text[:20]!r}: the protocol comes first ({port}/{proto})")
-        # ASCII digits, no sign, no leading zero (str.isdigit would take "²").
-        digits = 0 < len(port) <= 5 and set(port) <= set(string.digits) and port[0] != "0"
-        if not sep or proto not in INBOUND_PROTOCOLS or not digits:
-            raise ValueError(f"{text[:20]!r} is not tcp/PORT or udp/PORT")
-        if int(port) > 65535:
-            raise ValueError(f"{text[:20]!r}: port {port} is not in 1-65535")
-        return cls(proto, int(port))
-
-
-def parse_inbound(text: str) -> tuple[InboundPort, ...]:
-    """``"tcp/8080, udp/5353"`` -> sorted, deduplicated ports; empty text: none."""
-    if not text.strip():
-        return ()
-    return tuple(sorted({InboundPort.parse(item.strip()) for item in text.split(",")}))
-
-
-# -- the policy ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PortGroup:
-    """Destinations allowed on one set of TCP ports; ``v4``/``v6`` fill the *static* sets."""
-
-    ports: tuple[int, ...]
-    v4: tuple[ipaddress.IPv4Network, ...] = ()
-    v6: tuple[ipaddress.IPv6Network, ...] = ()
-
-    def __post_init__(self) -> None:
-        ports = tuple(sorted({_port(p) for p in self.ports}))
-        if not ports:
-            raise ValueError("a port group needs at least one port")
-        v4 = [parse_network(n) for n in self.v4]
-        v6 = [parse_network(n) for n in self.v6]
-        if any(n.version != 4 for n in v4) or any(n.version != 6 for n in v6):
-            raise ValueError("PortGroup: v4 holds IPv4 networks and v6 holds IPv6 networks only")
-        object.__setattr__(self, "ports", ports)
-        # Collapsed: interval sets refuse overlapping elements, and it dedupes for free.
-        object.__setattr__(self, "v4", tuple(ipaddress.collapse_addresses(v4)))
-        object.__setattr__(self, "v6", tuple(ipaddress.collapse_addresses(v6)))
-
-    @classmethod
-    def of(cls, ports: Iterable[int], addresses: Iterable[object]) -> PortGroup:
-        """Group from ports and addresses/CIDRs of both families (strings or ipaddress objects)."""
-        nets = [parse_network(a) for a in addresses]
-        return cls(
-            tuple(ports),
-            tuple(n for n in nets if isinstance(n, ipaddress.IPv4Network)),
-            tuple(n for n in nets if isinstance(n, ipaddress.IPv6Network)),
-        )
-
-    @property
-    def key(self) -> str:
-        return model.port_key(self.ports)
-
-    def set_names(self) -> tuple[str, str, str, str]:
-        """(s4, d4, s6, d6) set names of this group."""
-        p = self.ports
-        return (
-            model.static_set(4, p),
-            model.dynamic_set(4, p),
-            model.static_set(6, p),
-            model.dynamic_set(6, p),
-        )
-
-
-@dataclass(frozen=True)
-class FirewallPolicy:
-    """Everything the firewall needs; build with :meth:`build` from strings."""
-
-    groups: tuple[PortGroup, ...]
-    #: uid of the DNS server: the only user that may reach the upstream resolvers
-    dns_uid: int
-    upstreams: tuple[IPAddress, ...] = ()
-    ipv6: str = "deny"
-    #: record denied destinations (with counters) in the kernel
-    log_denied: bool = True
-    #: default timeout of the dynamic (DNS-filled) sets, seconds; >= the DNS cache's max TTL
-    dynamic_timeout: int = 3600
-    #: how long a denied destination stays listed after its last packet, seconds
-    denied_timeout: int = 3600
-    denied_size: int = 4096
-    fly_network: ipaddress.IPv6Network = FLY_NETWORK
-    fly_resolver: ipaddress.IPv6Address = FLY_RESOLVER
-    #: published ports that accept inbound connections; nothing else comes in (values or
-    #: ``tcp/8080`` strings)
-    inbound: tuple[InboundPort, ...] = ()
-    #: the daemon's DNS forwarding hook (address, port), which only the DNS server's uid
-    #: may send to (it answers allowlisted names and fills the dynamic sets); None: no hook
-    dns_hook: tuple[IPAddress, int] | None = None
-
-    def __post_init__(self) -> None:
-        if any(not isinstance(g, PortGroup) for g in self.groups):
-            raise ValueError("groups must be PortGroup values")
-        keys = [g.key for g in self.groups]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"duplicate port groups: {sorted(keys)}; merge them first")
-        if isinstance(self.dns_uid, bool) or not isinstance(self.dns_uid, int):
-            raise ValueError(f"dns_uid {self.dns_uid!r} is not an integer uid")
-        if not 0 <= self.dns_uid < 2**32 - 1:
-            raise ValueError(f"dns_uid {self.dns_uid} is out of range")
-        if self.ipv6 not in IPV6_POLICIES:
-            raise ValueError(f"ipv6 policy {self.ipv6!r}: use one of {', '.join(IPV6_POLICIES)}")
-        for name in ("dynamic_timeout", "denied_timeout", "denied_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: a positive integer is needed")
-        object.__setattr__(self, "upstreams", tuple(parse_address(u) for u in self.upstreams))
-        fly_net = parse_network(self.fly_network)
-        fly_res = parse_address(self.fly_resolver)
-        if fly_net.version != 6 or fly_res.version != 6:
-            raise ValueError("fly_network and fly_resolver must be IPv6")
-        object.__setattr__(self, "fly_network", fly_net)
-        object.__setattr__(self, "fly_resolver", fly_res)
-        ports = [p if isinstance(p, InboundPort) else InboundPort.parse(str(p)) for p in self.inbound]
-        object.__setattr__(self, "inbound", tuple(sorted(set(ports))))
-        if self.dns_hook is not None:
-            addr, port = self.dns_hook
-            object.__setattr__(self, "dns_hook", (parse_address(addr), _port(port)))
-
-    @classmethod
-    def build(
-        cls,
-        groups: Mapping[tuple[int, ...], Iterable[object]],
-        *,
-        dns_uid: int,
-        upstreams: Iterable[object] = (),
-        **options: Any,
-    ) -> FirewallPolicy:
-        """Policy from ``{ports: [address or CIDR, ...]}``; groups with equal ports merge."""
-        merged: dict[str, tuple[tuple[int, ...], list[object]]] = {}
-        for ports, addrs in groups.items():
-            entry = merged.setdefault(model.port_key(ports), (ports, []))
-            entry[1].extend(addrs)
-        return cls(
-            tuple(PortGroup.of(p, a) for p, a in merged.values()),
-            dns_uid=dns_uid,
-            upstreams=tuple(parse_address(u) for u in upstreams),
-            **options,
-        )
-
-    def upstreams_of(self, version: int) -> tuple[IPAddress, ...]:
-        return tuple(u for u in self.upstreams if u.version == version)
-
-    def inbound_ports(self, proto: str) -> tuple[int, ...]:
-        return tuple(p.port for p in self.inbound if p.proto == proto)
-
-    def shape(self) -> FirewallPolicy:
-        """The policy without static addresses: equal shapes mean a set refresh suffices."""
-        return replace(self, groups=tuple(PortGroup(g.ports) for g in self.groups))
 
 
 # -- what backends report ------------------------------------------------------------------
@@ -418,35 +232,44 @@ add rule inet {_PROBE_TABLE} c ip6 daddr . meta l4proto . th dport @n counter
 add rule inet {_PROBE_TABLE} c meta l4proto tcp update @n {{ ip6 daddr . meta l4proto . th dport }}
 add rule inet {_PROBE_TABLE} c meta l4proto tcp ip6 daddr ::2 reject with tcp reset
 add rule inet {_PROBE_TABLE} c ip6 daddr ::2 reject with icmpx type admin-prohibited
-delete table inet {_PROBE_TABLE}
+add rule inet {_PROBE_TABLE} c meta skuid 0 ip6 daddr ::2 udp dport 53 meta length > 99 drop
+add rule inet {_PROBE_TABLE} c meta skuid 0 th dport 53 limit rate over 9/second burst 9 packets drop
+"""
+#: the policy proxy's redirect (nat): nf_nat and nft_redir
+_PROBE_NAT = f"""\
+add chain inet {_PROBE_TABLE} r {{ type nat hook output priority -100; policy accept; }}
+add rule inet {_PROBE_TABLE} r meta skuid 0 tcp dport {{ 80, 443 }} ip daddr @s redirect to :3129
 """
 
 
-async def _probe_nftables(runner: Runner) -> str:
+async def _probe_nftables(runner: Runner, nat: bool) -> str:
     """Empty string when nf_tables supports everything we use, else the reason."""
     if shutil.which("nft") is None and not runner.wrap:
         return "nft is not installed"
     # Everything in one transaction that deletes what it created: nothing is left behind.
-    rc, _out, err = await runner.run(["nft", "-f", "-"], _PROBE_RULES, check=False)
+    rules = _PROBE_RULES + (_PROBE_NAT if nat else "") + f"delete table inet {_PROBE_TABLE}\n"
+    rc, _out, err = await runner.run(["nft", "-f", "-"], rules, check=False)
     return "" if rc == 0 else (err.strip() or f"nft exited {rc}")
 
 
-async def _probe_iptables(runner: Runner) -> str:
+async def _probe_iptables(runner: Runner, nat: bool) -> str:
     from codetainer.network.firewall_ipt import iptables_tools
 
     tools = iptables_tools()
     for tool in (tools[0], "ipset"):
         if shutil.which(tool) is None and not runner.wrap:
             return f"{tool} is not installed"
-    rc, _o, err = await runner.run([tools[0], "-w", "-S", "OUTPUT"], check=False)
-    if rc != 0:
-        return err.strip() or f"{tools[0]} exited {rc}"
+    for table in ("filter", "nat") if nat else ("filter",):
+        rc, _o, err = await runner.run([tools[0], "-w", "-t", table, "-S", "OUTPUT"], check=False)
+        if rc != 0:
+            return err.strip() or f"{tools[0]} -t {table} exited {rc}"
     rc, _o, err = await runner.run(["ipset", "list", "-n"], check=False)
     return "" if rc == 0 else (err.strip() or f"ipset exited {rc}")
 
 
-async def probe_backend(setting: str = "auto", runner: Runner | None = None) -> str:
-    """``nftables`` or ``iptables``: the setting when forced, else what the kernel supports."""
+async def probe_backend(setting: str = "auto", runner: Runner | None = None, *, nat: bool = False) -> str:
+    """``nftables`` or ``iptables``: the setting when forced, else what the kernel supports
+    (``nat``: the policy proxy's redirect too)."""
     runner = runner or Runner()
     if setting in BACKENDS:
         return setting
@@ -454,17 +277,18 @@ async def probe_backend(setting: str = "auto", runner: Runner | None = None) -> 
         raise FirewallError(
             f"CODETAINER_FIREWALL={setting!r} is not a backend: use auto, nftables or iptables"
         )
-    nft_problem = await _probe_nftables(runner)
+    nft_problem = await _probe_nftables(runner, nat)
     if not nft_problem:
         log.info("firewall_probe", backend="nftables")
         return "nftables"
-    ipt_problem = await _probe_iptables(runner)
+    ipt_problem = await _probe_iptables(runner, nat)
     if not ipt_problem:
         log.warning("firewall_probe", backend="iptables", nftables_problem=nft_problem[:500])
         return "iptables"
     raise FirewallError(
         f"no usable firewall backend: nftables: {nft_problem[:500]}; iptables: {ipt_problem[:500]}; "
         "the kernel needs nf_tables or ip_tables with ipset support"
+        + (" and NAT (the policy proxy's redirect; or CODETAINER_PROXY=off)" if nat else "")
     )
 
 
@@ -512,9 +336,45 @@ def udp(host):
     finally:
         s.close()
     return "answered"
-out = {"allowed": tcp(a["allowed"][0], a["allowed"][1], a["timeout"]),
+def listener(host, port):
+    # The proxy's transparent port, held for the probe: where the redirect must land.
+    v6 = ":" in host
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("::1" if v6 else "127.0.0.1", port))
+        s.listen(4)
+    except OSError:
+        s.close()
+        return None
+    return s
+def original(s, v6):
+    # SO_ORIGINAL_DST (80): sockaddr_in, or sockaddr_in6 for IPv6 (level IPPROTO_IPV6)
+    raw = s.getsockopt(41 if v6 else 0, 80, 28 if v6 else 16)
+    addr = socket.inet_ntop(socket.AF_INET6, raw[8:24]) if v6 else socket.inet_ntoa(raw[4:8])
+    return f"{addr}:{int.from_bytes(raw[2:4], 'big')}"
+def redirected(lst, v6):
+    if lst is None:
+        return "in use"
+    lst.settimeout(1.0)
+    try:
+        c, _ = lst.accept()
+    except TimeoutError:
+        return ""
+    try:
+        return original(c, v6)
+    except OSError as e:
+        return "no original destination (" + errno.errorcode.get(e.errno or 0, "error") + ")"
+    finally:
+        c.close()
+        lst.close()
+host, port = a["allowed"]
+lst = listener(host, a["redirect"]) if a["redirect"] else None
+out = {"allowed": tcp(host, port, a["timeout"]),
        "denied": tcp(a["denied"][0], a["denied"][1], a["timeout"]),
        "dns": {u: [udp(u), tcp(u, 53, a["udp_wait"])[0]] for u in a["upstreams"]}}
+if a["redirect"]:
+    out["redirected"] = redirected(lst, ":" in host)
 print(json.dumps(out))
 """
 
@@ -533,6 +393,10 @@ class SelfTestResult:
     #: the probe targets, host:port, for the messages
     allowed_target: str = "allowed probe"
     denied_target: str = "denied probe"
+    #: with the policy proxy: the original destination of the allowed probe's connection
+    #: as it arrived on the transparent port; "" if it did not, "in use" if the proxy
+    #: holds the port already (nothing to check); None: not checked
+    redirected: str | None = None
 
     def problems(self) -> list[str]:
         out = []
@@ -548,6 +412,10 @@ class SelfTestResult:
         elif self.denied_ms > self.denied_max_ms:
             out.append(f"denied probe {self.denied_target} refused only after {self.denied_ms:.0f} ms "
                        "(want fast reject)")
+        if self.redirected is not None and self.redirected not in (self.allowed_target, "in use"):
+            seen = f"arrived for {self.redirected}" if self.redirected else "never arrived"
+            out.append(f"allowed probe {self.allowed_target} was not redirected to the policy "
+                       f"proxy's transparent port ({seen}): the agent's HTTPS would bypass the proxy")
         for up, (udp, tcp) in self.dns.items():
             if udp == "answered" or tcp == "connected":
                 out.append(f"direct DNS to upstream {up} is not blocked (udp {udp}, tcp {tcp})")
@@ -560,7 +428,7 @@ class SelfTestResult:
 
 def _hostport(value: tuple[str, int]) -> list[object]:
     host, port = value
-    _port(port)
+    check_port(port)
     if not host or len(host) > 253 or any(c.isspace() or ord(c) < 33 for c in host):
         raise ValueError(f"probe host {host!r} is not a host name or address")
     return [host, port]
@@ -576,18 +444,26 @@ async def self_test(
     runner: Runner | None = None,
     timeout: float = 5.0,
     denied_max_ms: float = 1000.0,
+    redirect_port: int | None = None,
 ) -> SelfTestResult:
-    """Probe the live firewall from ``uid``; check :meth:`SelfTestResult.problems`."""
+    """Probe the live firewall from ``uid``; check :meth:`SelfTestResult.problems`.
+
+    ``redirect_port``: the policy proxy's transparent port. Where the allowed probe's port
+    is one the proxy takes (80, 443), the probe holds that port itself (the proxy starts
+    later) and checks that its connection arrives there, for the allowed destination."""
     runner = runner or Runner(timeout=timeout * 3 + 10)
+    redirect = check_port(redirect_port) if redirect_port and allowed[1] in PROXIED_PORTS else None
     args = {
         "allowed": _hostport(allowed),
         "denied": _hostport(denied),
         "upstreams": [rendered(parse_address(u)) for u in upstreams],
         "timeout": timeout,
         "udp_wait": 1.0,
+        "redirect": redirect,
     }
     argv = [
         "setpriv", f"--reuid={int(uid)}", f"--regid={int(gid)}", "--clear-groups",
+        *loader_argv(),  # the agent's seccomp filter: no uid-1000 process goes without it
         "/usr/bin/python3", "-I", "-c", _SELFTEST_CHILD, json.dumps(args),
     ]  # fmt: skip
     _rc, out, _err = await runner.run(argv, what="firewall self-test")
@@ -602,6 +478,7 @@ async def self_test(
             denied_max_ms=denied_max_ms,
             allowed_target=f"{allowed[0]}:{allowed[1]}",
             denied_target=f"{denied[0]}:{denied[1]}",
+            redirected=str(data["redirected"]) if redirect else None,
         )
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise FirewallError(f"firewall self-test printed garbage ({exc}): {out[:300]!r}") from None
@@ -612,5 +489,6 @@ async def self_test(
         allowed_ms=round(result.allowed_ms, 1),
         denied=result.denied,
         denied_ms=round(result.denied_ms, 1),
+        redirected=result.redirected,
     )
     return result

@@ -10,6 +10,12 @@ refreshed by filling a temporary set and ``ipset swap``-ing it in, which is atom
 set. ``iptables-legacy`` is preferred when installed (a kernel without nf_tables cannot
 run the nft-based ``iptables``).
 
+With the policy proxy on, ``CODETAINER-NAT`` (nat table, jumped to from its ``OUTPUT``)
+redirects the agent's TCP 80/443 to allowed addresses to the proxy's transparent port;
+the nat table is a second table in the same ``iptables-restore`` input (committed first:
+a redirect is in place before the filter's deny of the rest). The agent's DNS queries
+go through ``CODETAINER-DNS`` (size bound, rate limit) when the policy limits them.
+
 Denied destinations go into ``ct-denied4/6`` (``hash:ip,port`` with counters): the rule
 order "count if present, then add if absent" keeps counts exact; the element's timeout
 is not refreshed by later packets, so ``seen_ago`` is the *first* time seen here.
@@ -27,7 +33,9 @@ import structlog
 
 from codetainer.network import model
 from codetainer.network.firewall import (
+    PROXIED_PORTS,
     Denied,
+    DnsLimit,
     FirewallBackend,
     FirewallError,
     FirewallPolicy,
@@ -43,8 +51,14 @@ log = structlog.get_logger("codetainer.network")
 CHAIN = "CODETAINER-OUT"
 IN_CHAIN = "CODETAINER-IN"
 DENY = "CODETAINER-DENY"
+#: the agent's queries to the local DNS server (filter table; only with a DNS limit)
+DNS_CHAIN = "CODETAINER-DNS"
+#: the policy proxy's redirect (nat table; only with the proxy)
+NAT_CHAIN = "CODETAINER-NAT"
 #: built-in chain -> our chain it jumps to (first rule)
 JUMPS = {"OUTPUT": CHAIN, "INPUT": IN_CHAIN}
+#: the same in the nat table
+NAT_JUMPS = {"OUTPUT": NAT_CHAIN}
 PREFIX = "ct-"
 _MULTIPORT_MAX = 15
 
@@ -129,6 +143,9 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jumps: Iterable[st
     uid = policy.dns_uid
     v = version
     out = ["*filter", f":{CHAIN} - [0:0]", f":{IN_CHAIN} - [0:0]", f":{DENY} - [0:0]"]
+    limit = dns_limit_of(policy, v)
+    if limit is not None:
+        out.append(f":{DNS_CHAIN} - [0:0]")
     out += [f"-I {hook} 1 -j {JUMPS[hook]}" for hook in JUMPS if hook in set(add_jumps)]
 
     def rule(text: str, chain: str = CHAIN) -> None:
@@ -140,7 +157,13 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jumps: Iterable[st
         for proto in ("udp", "tcp"):
             rule(f"-d {rendered(addr)} -p {proto} --dport {port} "
                  f"-m owner ! --uid-owner {uid} -j {DENY}")  # fmt: skip
+    if limit is not None:
+        _render_dns_limit(limit, policy.agent_uid, rule)
     rule("-o lo -j ACCEPT")
+    if policy.redirects:
+        # A redirected connection keeps its first route's device (see firewall_nft).
+        loopback = "127.0.0.1" if v == 4 else "::1"
+        rule(f"-d {loopback} -p tcp --dport {policy.proxy_port} -m conntrack --ctstate DNAT -j ACCEPT")
     fly = v == 6 and policy.ipv6 == "fly"
     if v == 6:
         for t in ("neighbour-solicitation", "neighbour-advertisement", "router-solicitation"):
@@ -160,6 +183,11 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jumps: Iterable[st
         for proto in ("tcp", "udp"):
             for ports in _multiport(policy.inbound_ports(proto), "s"):
                 rule(f"-p {proto} {ports} -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j ACCEPT")
+    if policy.redirects:
+        # The agent's HTTP(S) that CODETAINER-NAT did not send to the proxy never goes
+        # direct (see firewall_nft).
+        for ports in _multiport(PROXIED_PORTS):
+            rule(f"-p tcp {ports} -m owner --uid-owner {policy.agent_uid} -j {DENY}")
     # Before the conntrack shortcut (see firewall_nft): UDP off loopback is the DNS
     # server's alone, whatever conntrack remembers of an earlier flow on the same ports.
     rule(f"-p udp -m owner ! --uid-owner {uid} -j {DENY}")
@@ -196,6 +224,58 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jumps: Iterable[st
     rule("-p tcp -j REJECT --reject-with tcp-reset", DENY)
     icmp = "icmp-admin-prohibited" if v == 4 else "adm-prohibited"
     rule(f"-j REJECT --reject-with {icmp}", DENY)
+    out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def dns_limit_of(policy: FirewallPolicy, version: int) -> DnsLimit | None:
+    """The policy's DNS limit if its server is in this family."""
+    limit = policy.dns_limit
+    return limit if limit is not None and limit.server.version == version else None
+
+
+def _render_dns_limit(limit: DnsLimit, uid: int | None, rule: Callable[..., None]) -> None:
+    """Jumps to ``CODETAINER-DNS`` for the agent's queries (before the loopback accept)
+    and the chain: over-long queries dropped, then one budget for UDP and TCP (a chain
+    of its own so both share one ``limit`` match), what passes returns to the loopback
+    accept (see firewall_nft)."""
+    server = rendered(limit.server)
+    for who in (uid, *limit.also_uids):
+        for proto in ("udp", "tcp"):
+            rule(f"-d {server} -p {proto} --dport {limit.port} -m owner --uid-owner {who} "
+                 f"-j {DNS_CHAIN}")
+    for proto in ("udp", "tcp"):
+        rule(f"-p {proto} -m length --length {limit.max_length(proto) + 1}:65535 -j DROP", DNS_CHAIN)
+    rule(f"-m limit --limit {limit.rate}/second --limit-burst {limit.burst} -j RETURN", DNS_CHAIN)
+    rule("-j DROP", DNS_CHAIN)
+
+
+def nat_wanted(policy: FirewallPolicy, version: int) -> bool:
+    """Whether this family gets the redirect: IPv6 only where the agent may use it."""
+    return policy.redirects and (version == 4 or policy.ipv6 == "allowlist")
+
+
+def render_nat(policy: FirewallPolicy, version: int, *, add_jump: bool = False) -> str:
+    """``iptables-restore --noflush`` input for the nat table (empty without the proxy):
+    the agent's TCP to the proxied ports of allowed addresses goes to the transparent
+    port. Static sets, the internal screen (no redirect: the filter denies and records
+    it), the DNS-filled sets, as in the filter."""
+    if not nat_wanted(policy, version):
+        return ""
+    v = version
+    out = ["*nat", f":{NAT_CHAIN} - [0:0]"]
+    if add_jump:
+        out.append(f"-I OUTPUT 1 -j {NAT_CHAIN}")
+    to = f"-j REDIRECT --to-ports {policy.proxy_port}"
+    for dynamic in (False, True):
+        if dynamic:
+            out += [f"-A {NAT_CHAIN} -d {net} -j RETURN" for net in model.INTERNAL[v]]
+        for g in policy.groups:
+            s4, d4, s6, d6 = g.set_names()
+            name = (d4 if dynamic else s4) if v == 4 else (d6 if dynamic else s6)
+            for ports in _multiport(policy.proxied(g)):
+                out.append(f"-A {NAT_CHAIN} -p tcp {ports} -m owner --uid-owner {policy.agent_uid} "
+                           f"-m set --match-set {model.ipset_name(name)} dst {to}")  # fmt: skip
     out.append("COMMIT")
     return "\n".join(out) + "\n"
 
@@ -280,10 +360,21 @@ class IptablesBackend(FirewallBackend):
     async def _ipset(self, script: str, what: str) -> None:
         await self.runner.run(["ipset", "restore"], script, what=what)
 
-    async def _has_jump(self, version: int, hook: str = "OUTPUT") -> bool:
+    async def _has_jump(self, version: int, hook: str = "OUTPUT", *, nat: bool = False) -> bool:
         ipt, _ = self._tools(version)
-        rc, _o, _e = await self.runner.run([ipt, "-w", "-C", hook, "-j", JUMPS[hook]], check=False)
+        table = ["-t", "nat"] if nat else []
+        chain = (NAT_JUMPS if nat else JUMPS)[hook]
+        rc, _o, _e = await self.runner.run([ipt, "-w", *table, "-C", hook, "-j", chain], check=False)
         return rc == 0
+
+    async def _remove_nat(self, version: int) -> None:
+        """The redirect's jump and chain, if there (best effort: no nat table, nothing to do)."""
+        ipt, _ = self._tools(version)
+        while await self._has_jump(version, nat=True):
+            await self.runner.run([ipt, "-w", "-t", "nat", "-D", "OUTPUT", "-j", NAT_CHAIN],
+                                  what="unhook the redirect")
+        for flag in ("-F", "-X"):
+            await self.runner.run([ipt, "-w", "-t", "nat", flag, NAT_CHAIN], check=False)
 
     async def apply(self, policy: FirewallPolicy, *, fresh: bool = False) -> None:
         defs = ipset_definitions(policy)
@@ -292,11 +383,23 @@ class IptablesBackend(FirewallBackend):
             script += "".join(f"flush {ipset}\n" for ipset, (name, _spec) in defs.items()
                               if name[0] == "d" and name[1] in "46")
         await self._ipset(script, "create and fill the ipsets")
+        before = self.applied
         for v in (4, 6):
-            _ipt, restore = self._tools(v)
+            ipt, restore = self._tools(v)
             missing = [hook for hook in JUMPS if not await self._has_jump(v, hook)]
-            rules = render_rules(policy, v, add_jumps=missing)
+            jump = nat_wanted(policy, v) and not await self._has_jump(v, nat=True)
+            # One input, the nat table first: the redirect is in place before the deny.
+            rules = render_nat(policy, v, add_jump=jump) + render_rules(policy, v, add_jumps=missing)
             await self.runner.run([restore, "-w", "--noflush"], rules, what=f"apply IPv{v} rules")
+            # What the new rules no longer use: this daemon's, an earlier one's at boot, and
+            # with the proxy on always (the nat table is in use then anyway).
+            old = before if before is not None and not fresh else None
+            stale = fresh or policy.redirects or (old is not None and nat_wanted(old, v))
+            if not nat_wanted(policy, v) and stale:
+                await self._remove_nat(v)
+            if dns_limit_of(policy, v) is None and (fresh or (old is not None and dns_limit_of(old, v))):
+                for flag in ("-F", "-X"):
+                    await self.runner.run([ipt, "-w", flag, DNS_CHAIN], check=False)
         # Sets the new rules no longer reference: best effort, a leftover set is harmless.
         for name in set(await self._ours()) - set(defs):
             await self.runner.run(["ipset", "destroy", name], check=False)
@@ -362,10 +465,11 @@ class IptablesBackend(FirewallBackend):
             for hook, chain in JUMPS.items():
                 while await self._has_jump(v, hook):
                     await self.runner.run([ipt, "-w", "-D", hook, "-j", chain], what="unhook")
-            for chain in (CHAIN, IN_CHAIN, DENY):
+            for chain in (CHAIN, IN_CHAIN, DENY, DNS_CHAIN):
                 await self.runner.run([ipt, "-w", "-F", chain], check=False)
-            for chain in (CHAIN, IN_CHAIN, DENY):
+            for chain in (CHAIN, IN_CHAIN, DENY, DNS_CHAIN):
                 await self.runner.run([ipt, "-w", "-X", chain], check=False)
+            await self._remove_nat(v)
         for name in await self._ours():
             await self.runner.run(["ipset", "destroy", name], check=False)
         self.applied = None

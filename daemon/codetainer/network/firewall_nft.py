@@ -11,6 +11,12 @@ carrying the dynamic sets' elements over with their remaining lifetime.
 
 A refresh touches the static sets only: ``flush set`` + ``add element`` for every set,
 one transaction.
+
+With the policy proxy on, a nat chain (``to_proxy``, hook output, priority -100, so before
+the filter) redirects the agent's TCP to ports 80/443 of allowed addresses (the same sets
+as the filter's) to the proxy's transparent port on loopback; the filter refuses the
+agent's 80/443 that was not redirected. The agent's queries to the local DNS server are
+bounded (name length, one rate for UDP and TCP) before the loopback accept.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import structlog
 
 from codetainer.network import model
 from codetainer.network.firewall import (
+    PROXIED_PORTS,
     Denied,
+    DnsLimit,
     FirewallBackend,
     FirewallError,
     FirewallPolicy,
@@ -40,6 +48,8 @@ log = structlog.get_logger("codetainer.network")
 
 T = f"{model.FAMILY} {model.TABLE}"
 CHAINS = ("input", "output", "deny")
+#: the nat chain of the policy proxy's redirect (``redirect`` itself is a keyword)
+PROXY_CHAIN = "to_proxy"
 DENIED_SETS = {4: "denied4", 6: "denied6"}
 UPSTREAM_SETS = {4: "upstream4", 6: "upstream6"}
 _ND = "{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }"
@@ -113,7 +123,14 @@ def render_rules(policy: FirewallPolicy) -> list[str]:
         daddr = "ip daddr" if addr.version == 4 else "ip6 daddr"
         rule("output", f"meta l4proto {{ tcp, udp }} {daddr} {rendered(addr)} th dport {port} "
              f"meta skuid != {uid} goto deny")  # fmt: skip
+    if policy.dns_limit is not None and policy.agent_uid is not None:
+        _render_dns_limit(policy.dns_limit, policy.agent_uid, rule)
     rule("output", 'oif "lo" accept')
+    if policy.redirects:
+        # A redirected connection: the hook's output device stays the one routed to
+        # before the nat chain rewrote the destination, so `oif "lo"` does not see it.
+        rule("output", f"tcp dport {policy.proxy_port} ip daddr 127.0.0.1 ct status dnat accept")
+        rule("output", f"tcp dport {policy.proxy_port} ip6 daddr ::1 ct status dnat accept")
     # Neighbour discovery and multicast listener reports are link-local plumbing that
     # any IPv6 reply (even to inbound ssh) needs; their hop limits keep them on the link.
     rule("output", f"ip6 hoplimit 255 icmpv6 type {_ND} accept")
@@ -137,6 +154,11 @@ def render_rules(policy: FirewallPolicy) -> list[str]:
     for proto in ("tcp", "udp"):
         if ports := policy.inbound_ports(proto):
             rule("output", f"ct direction reply ct state established {proto} sport {_ports(ports)} accept")
+    if policy.redirects:
+        # The agent's HTTP(S) that the nat chain did not send to the proxy (after the
+        # redirect its destination is loopback, accepted above) never goes direct: a
+        # destination no entry allows is refused and recorded like any other.
+        rule("output", f"meta skuid {policy.agent_uid} tcp dport {_ports(PROXIED_PORTS)} goto deny")
     # Before the conntrack shortcut: a conntrack entry outlives its socket, so another
     # uid that binds the DNS server's old source port would otherwise ride the entry of
     # an answered upstream query ("established") to the upstreams. No uid but the DNS
@@ -185,6 +207,54 @@ def render_rules(policy: FirewallPolicy) -> list[str]:
     rule("deny", "meta l4proto tcp reject with tcp reset")
     rule("deny", "reject with icmpx type admin-prohibited")
     return out
+
+
+def _render_dns_limit(limit: DnsLimit, uid: int, rule: Callable[[str, str], None]) -> None:
+    """The agent's queries to the local DNS server (before the loopback accept): a query
+    with a name over the bound, and any packet past the shared UDP+TCP budget, dropped."""
+    daddr = "ip daddr" if limit.server.version == 4 else "ip6 daddr"
+    uids = (uid, *limit.also_uids)
+    who = str(uid) if len(uids) == 1 else "{ " + ", ".join(map(str, uids)) + " }"
+    to = f"meta skuid {who} {daddr} {rendered(limit.server)}"
+    for proto in ("udp", "tcp"):
+        rule("output", f"{to} {proto} dport {limit.port} meta length > {limit.max_length(proto)} "
+             "counter drop")  # fmt: skip
+    rule("output", f"{to} meta l4proto {{ tcp, udp }} th dport {limit.port} "
+         f"limit rate over {limit.rate}/second burst {limit.burst} packets counter drop")  # fmt: skip
+
+
+def render_redirect(policy: FirewallPolicy) -> list[str]:
+    """The nat chain's rules: the agent's TCP to the proxied ports of allowed addresses
+    goes to the proxy's transparent port. Same order as the output chain: static sets,
+    the internal screen (no redirect: the filter denies and records it), dynamic sets."""
+    if not policy.redirects:
+        return []
+    out: list[str] = []
+    to = f"redirect to :{policy.proxy_port}"
+    v6 = policy.ipv6 == "allowlist"
+
+    def rule(text: str) -> None:
+        out.append(f"add rule {T} {PROXY_CHAIN} {text}")
+
+    for dynamic in (False, True):
+        if dynamic:
+            rule(f"ip daddr {{ {', '.join(model.INTERNAL[4])} }} return")
+            if v6:
+                rule(f"ip6 daddr {{ {', '.join(model.INTERNAL[6])} }} return")
+        for g in policy.groups:
+            if not (ports := policy.proxied(g)):
+                continue
+            s4, d4, s6, d6 = g.set_names()
+            agent = f"meta skuid {policy.agent_uid} tcp dport {_ports(ports)}"
+            rule(f"{agent} ip daddr @{d4 if dynamic else s4} {to}")
+            if v6:
+                rule(f"{agent} ip6 daddr @{d6 if dynamic else s6} {to}")
+    return out
+
+
+def chains_of(policy: FirewallPolicy) -> tuple[str, ...]:
+    """Our chains in a table that holds ``policy``."""
+    return (*CHAINS, PROXY_CHAIN) if policy.redirects else CHAINS
 
 
 def _render_input(policy: FirewallPolicy, rule: Callable[[str, str], None]) -> None:
@@ -243,6 +313,10 @@ def render_apply(
         f"add chain {T} deny",
         f"flush chain {T} deny",
     ]
+    if policy.redirects:
+        # Before the filter (priority -100): the filter sees the redirected destination.
+        lines += [f"add chain {T} {PROXY_CHAIN} {{ type nat hook output priority -100; policy accept; }}",
+                  f"flush chain {T} {PROXY_CHAIN}"]  # fmt: skip
     defs = set_definitions(policy)
     for name, decl in defs.items():
         lines.append(f"add set {T} {name} {decl}")
@@ -255,10 +329,11 @@ def render_apply(
             text = ", ".join(f"{rendered(a)} timeout {max(1, int(s))}s" for a, s in elems)
             lines.append(f"add element {T} {name} {{ {text} }}")
     lines += render_rules(policy)
+    lines += render_redirect(policy)
     if existing and not replace_table:
         for name in sorted(set(existing["sets"]) - set(defs)):
             lines.append(f"delete set {T} {name}")
-        for chain in sorted(set(existing["chains"]) - set(CHAINS)):
+        for chain in sorted(set(existing["chains"]) - set(chains_of(policy))):
             lines.append(f"delete chain {T} {chain}")
     return "\n".join(lines) + "\n"
 

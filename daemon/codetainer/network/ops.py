@@ -14,6 +14,9 @@ import asyncio
 import contextlib
 import ipaddress
 import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -23,9 +26,11 @@ from codetainer.control.server import Request, RequestError
 from codetainer.network import dnscheck
 from codetainer.network.allowlist import Entry, EntryKind, parse_entry, validate_hostname
 from codetainer.network.why import Grant, WhyAddress, WhyReport, denied_rows, parse_duration, span
+from codetainer.proxy.model import METHOD
 
 if TYPE_CHECKING:
     from codetainer.network.controller import NetworkController
+    from codetainer.proxy.model import ProxyPolicy
 
 log = structlog.get_logger("codetainer.network")
 
@@ -35,6 +40,9 @@ GRANT_SOURCE = "codetainer allow"
 class NetworkOps:
     def __init__(self, net: NetworkController) -> None:
         self.net = net
+        #: set by the proxy when it runs: the policy it enforces now, and its refusals
+        self.proxy_policy: Callable[[], ProxyPolicy | None] | None = None
+        self.proxy_refused: Callable[[], list[dict[str, Any]]] | None = None
         self.grants: dict[str, Grant] = {}
         self.changed = asyncio.Event()
 
@@ -92,12 +100,53 @@ class NetworkOps:
 
     async def op_why(self, req: Request) -> dict[str, Any]:
         target = req.args.get("target")
-        if not isinstance(target, str) or not target.strip() or len(target) > 260:
-            raise RequestError(protocol.BAD_REQUEST, "why needs args.target: a host name or an IP")
+        if not isinstance(target, str) or not target.strip() or len(target) > 2048:
+            raise RequestError(protocol.BAD_REQUEST,
+                               "why needs args.target: a host name, an IP or a URL")
         net = self.net
         if net.backend is None or net.opts is None:
             raise RequestError(protocol.FAILED, "the network is not set up (network-config did not run)")
         target = target.strip()
+        url = parse_url(target) if "://" in target else None
+        if url is not None:
+            target = url.host
+        elif len(target) > 260:
+            raise RequestError(protocol.BAD_REQUEST, "why: a host name or an IP is at most 260 characters")
+        report = await self._why_target(target)
+        if url is not None:
+            method = req.args.get("method")
+            methods = [method] if isinstance(method, str) and method else ["GET", "POST"]
+            if not all(METHOD.match(m) for m in methods):
+                raise RequestError(protocol.BAD_REQUEST, f"why: {methods[0][:20]!r} is not an HTTP method")
+            self._why_requests(report, url, methods)
+        return report.as_dict()
+
+    def _why_requests(self, report: WhyReport, url: Url, methods: list[str]) -> None:
+        """The proxy's verdict on ``url`` per method, by the policy the proxy runs now."""
+        policy = self.proxy_policy() if self.proxy_policy is not None else None
+        if policy is None:
+            report.notes.append("the policy proxy is off (CODETAINER_PROXY=off): the firewall "
+                                "decides by address and port only")
+            return
+        from codetainer.proxy.model import HttpRequest
+        from codetainer.proxy.policy import decide
+
+        now = time.time()
+        for m in methods:
+            host = url.host
+            d = decide(policy, HttpRequest(method=m, host=host, path=url.path, port=url.port,
+                                           scheme=url.scheme, sni=host if url.scheme == "https" else None),
+                       now)
+            report.requests.append({"method": m, "url": url.text, "allowed": d.allowed,
+                                    "where": d.where, "rule": d.rule, "reason": d.reason,
+                                    "credential": bool(d.credential)})
+        if self.proxy_refused is not None:
+            report.proxy_refused = [r for r in self.proxy_refused() if r.get("host") == url.host]
+
+    async def _why_target(self, target: str) -> WhyReport:
+        net = self.net
+        if net.backend is None or net.opts is None:
+            raise RequestError(protocol.FAILED, "the network is not set up (network-config did not run)")
         allow = net.effective()
         report: WhyReport
         addrs: list[str]
@@ -133,13 +182,47 @@ class NetworkOps:
                 report.notes.append("IPv6 egress is denied (CODETAINER_IPV6=deny)")
         if entry is not None and report.kind == "host":
             report.notes.append(f"allowed ports: {', '.join(map(str, allow.ports_for(entry)))}")
-        return report.as_dict()
+        return report
 
     def _grant_for(self, entry: Any) -> dict[str, Any] | None:
         if entry is None or entry.source != GRANT_SOURCE:
             return None
         grant = self.grants.get(str(entry))
         return grant.as_dict() if grant else None
+
+
+@dataclass(frozen=True)
+class Url:
+    text: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+
+def parse_url(text: str) -> Url:
+    """``https://host[:port]/path?q`` for ``why``; ``RequestError`` says what is wrong."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+        host = validate_hostname(parts.hostname or "") if not _is_ip(parts.hostname) \
+            else str(parts.hostname)
+    except ValueError as exc:
+        raise RequestError(protocol.BAD_REQUEST, f"why: {text[:80]!r} is not a URL I can "
+                           f"decide: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise RequestError(protocol.BAD_REQUEST, "why: the URL must be http:// or https://")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Url(text[:300], parts.scheme, host,
+               port or (443 if parts.scheme == "https" else 80), path)
+
+
+def _is_ip(host: str | None) -> bool:
+    try:
+        ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    return True
 
 
 def where(entry: Any) -> str | None:

@@ -1,5 +1,5 @@
 """Visibility: refused DNS names, which name an address came from, temporary grants,
-and ``codetainer why HOST|IP`` rendered as one screen.
+and ``codetainer why HOST|IP|URL`` rendered as one screen.
 
 All tables are bounded (least recently touched entries go first), so a client that
 asks for a million random names cannot grow the daemon.
@@ -151,6 +151,9 @@ class WhyReport:
     refused: dict[str, Any] | None = None
     grant: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    #: ``why URL``: the proxy's decision per method, and what it refused for this host
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    proxy_refused: list[dict[str, Any]] = field(default_factory=list)
 
     def verdict(self) -> str:
         if self.kind == "host":
@@ -193,6 +196,16 @@ class WhyReport:
         if self.refused is not None:
             r = self.refused
             out.append(f"  DNS refused it {r['count']}x, last {ago(time.time() - r['last'])}")
+        for q in self.requests:
+            verdict = "allowed" if q["allowed"] else "REFUSED"
+            by = q["where"] or "no allowlist entry"
+            cred = ", the proxy adds the credential" if q.get("credential") else ""
+            out.append(f"  proxy: {q['method']} {q['url']}: {verdict} by {by} {q['rule']}{cred}")
+            if q.get("reason"):
+                out.append(f"    {q['reason']}")
+        for r in self.proxy_refused[:5]:
+            out.append(f"  proxy refused {r['method']} {r['host']}{r['path']} {r['count']}x, "
+                       f"last {ago(time.time() - r['last'])}: {r.get('where') or 'no entry'}")
         out.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(out[:24])
 
@@ -213,6 +226,8 @@ class WhyReport:
             "refused": self.refused,
             "grant": self.grant,
             "notes": self.notes,
+            "requests": self.requests,
+            "proxy_refused": self.proxy_refused,
             "text": self.text(),
         }
 

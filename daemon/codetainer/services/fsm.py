@@ -15,15 +15,12 @@ decides (``true`` always, ``unexpected`` when the code is not in ``exitcodes``).
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from codetainer.lifecycle import transition
 from codetainer.services.config import ServiceConfig
-from codetainer.services.states import (
-    TRANSITIONS,
-    InvalidTransition,
-    ProcessState,
-    decode_wait_status,
-)
+from codetainer.services.states import TRANSITIONS, ProcessState, decode_wait_status
 
 
 @dataclass(frozen=True)
@@ -46,23 +43,23 @@ class ServiceFSM:
         self.state = ProcessState.STOPPED
         self.pid = 0
         self.laststart = 0.0  # monotonic time of the last spawn, 0 = never
-        self.laststop = 0.0
         self.backoff = 0  # failed start attempts in a row
         self.delay = 0.0  # BACKOFF: when to retry; STOPPING: when to SIGKILL
         self.killing = False  # a stop was requested for the current process
-        self.exitstatus: int | None = None
         self.last_exit = ""  # "exited 7" / "killed by SIGKILL"
         self.spawnerr = ""
         self.expected: bool | None = None
         self.starts = 0  # number of spawns, for "restarts"
         self.wants_running = False  # asked to be up (start/autostart) and not since stopped
+        #: called with (old, new) after every state change: the driver wakes its waiters
+        self.on_change: Callable[[ProcessState, ProcessState], None] | None = None
 
     # -- the one place state changes ------------------------------------------------
     def change_state(self, new: ProcessState) -> ProcessState:
-        if new not in TRANSITIONS[self.state]:
-            raise InvalidTransition(
-                f"service {self.config.name}: {self.state.name} -> {new.name} is not allowed")
-        old, self.state = self.state, new
+        old = self.state
+        self.state = transition(TRANSITIONS, old, new, f"service {self.config.name}:")
+        if self.on_change is not None:
+            self.on_change(old, new)
         return old
 
     # -- inputs ------------------------------------------------------------------------
@@ -115,23 +112,19 @@ class ServiceFSM:
     def exited(self, now: float, status: int) -> list[Action]:
         code, msg = decode_wait_status(status)
         self.pid = 0
-        self.laststop = now
         self.last_exit = msg
         too_quickly = now - self.laststart < self.config.startsecs
         self.expected = code in self.config.exitcodes
         if self.killing:
             # STOPPING -> STOPPED
             self.killing = False
-            self.exitstatus = code
             self.change_state(ProcessState.STOPPED)
             return []
         if self.state is ProcessState.STARTING and too_quickly:
             # STARTING -> BACKOFF: never made it to RUNNING
-            self.exitstatus = None
             self.spawnerr = f"exited too quickly ({msg})"
             self._backoff(now)
             return self.tick(now)
-        self.exitstatus = code
         self.backoff = 0
         if self.state is ProcessState.STARTING:
             self.change_state(ProcessState.RUNNING)  # startsecs elapsed while unobserved

@@ -19,7 +19,6 @@ from codetainer.services.states import ProcessState
 log = structlog.get_logger("codetainer.services")
 
 UP = {ProcessState.RUNNING}
-DOWN = {ProcessState.STOPPED, ProcessState.EXITED, ProcessState.FATAL}
 
 
 class UnknownService(KeyError):
@@ -34,7 +33,6 @@ class ServiceManager:
         self.events = events
         self.base_env = base_env
         self.services: dict[str, Service] = {}
-        self.started_order: list[str] = []
         self._listeners: dict[str, list[Callable[[str, str], None]]] = {}
 
     def load(self) -> None:
@@ -76,8 +74,6 @@ class ServiceManager:
     def start(self, name: str) -> Service:
         svc = self.get(name)
         svc.start()
-        if name not in self.started_order:
-            self.started_order.append(name)
         return svc
 
     async def wait_running(self, names: list[str], timeout: float) -> list[str]:

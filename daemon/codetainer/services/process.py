@@ -23,6 +23,7 @@ import structlog
 
 from codetainer.events import EventBus
 from codetainer.limits import SERVICE_OOM_SCORE_ADJ, set_oom_score_adj
+from codetainer.runner import reap
 from codetainer.services.config import ServiceConfig, user_identity
 from codetainer.services.fsm import Action, Kill, ServiceFSM, Spawn
 from codetainer.services.states import ProcessState, signame
@@ -117,9 +118,11 @@ class Service:
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd = -1
         self._wake = asyncio.Event()
+        #: wait_state's callers: the states each waits for, and its future
+        self._waiters: list[tuple[frozenset[ProcessState], asyncio.Future[None]]] = []
+        self.fsm.on_change = self._state_changed
         self._task: asyncio.Task[None] | None = None
         self._pipes: list[asyncio.BaseTransport] = []
-        self.exits: list[str] = []  # recent exit messages, newest last (bounded)
         #: called with (stream, line) for every output line, before rate limiting
         self.output_listeners: list[Callable[[str, str], None]] = []
 
@@ -153,13 +156,28 @@ class Service:
         self._drive(self.fsm.request_stop)
 
     async def wait_state(self, states: set[ProcessState], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.state not in states:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            await asyncio.sleep(min(0.02, left))
+        """Wait until the service enters one of ``states`` (True) or ``timeout`` passes
+        (False, unless it is in one of them by then). Woken by the FSM's state change,
+        never by polling; a state passed through within one step counts too."""
+        if self.state in states:
+            return True
+        waiter = (frozenset(states), asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):  # not wait_for: see _loop
+                await waiter[1]
+        except TimeoutError:
+            return self.state in states
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
         return True
+
+    def _state_changed(self, old: ProcessState, new: ProcessState) -> None:
+        """The FSM's change_state hook: wake whoever waits for ``new``."""
+        for states, fut in self._waiters:
+            if new in states and not fut.done():
+                fut.set_result(None)
 
     async def stop_and_wait(self, timeout: float | None = None) -> None:
         """Stop; the FSM escalates to SIGKILL at stopwaitsecs. Then kill stragglers."""
@@ -184,8 +202,11 @@ class Service:
             deadline = self.fsm.next_deadline()
             self._wake.clear()
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel
+            # (close()) that lands as the wake-up does, and the loop would run on forever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._drive(self.fsm.tick)
 
     def _drive(self, step: Callable[[float], list[Action]]) -> None:
@@ -296,23 +317,19 @@ class Service:
 
     def _on_exit(self, proc: subprocess.Popen[bytes], pidfd: int) -> None:
         # The only place an exit is recorded: waitpid on our own pid, never -1.
-        try:
-            pid, status = os.waitpid(proc.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = proc.pid, 0xFF00  # cannot happen unless someone stole it
-        if pid == 0:
+        status = reap(proc)
+        if status is None:
             return
+        pid = proc.pid
         loop = asyncio.get_running_loop()
         loop.remove_reader(pidfd)
         os.close(pidfd)
         self._pidfd = -1
-        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
         self._proc = None
         self._pipes = [t for t in self._pipes if not t.is_closing()]
         before = self.fsm.state
         actions = self.fsm.exited(time.monotonic(), status)
         msg = self.fsm.last_exit
-        self.exits = [*self.exits[-19:], msg]
         if before is ProcessState.STOPPING:
             log.info("service_stopped", service=self.name, pid=pid, exit=msg)
         else:

@@ -2,7 +2,8 @@
 
 Values and names are supervisord's (``supervisor/states.py``), so an operator's
 knowledge carries over. The transition table below is the one documented in
-supervisord's ``docs/subprocess.rst``; ``tests/unit/test_service_fsm.py`` checks it.
+supervisord's ``docs/subprocess.rst``; ``tests/unit/test_service_fsm.py`` checks it. The
+guard (``InvalidTransition``) is every lifecycle's, from ``codetainer.lifecycle``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import enum
 import os
 import signal
+
+from codetainer.lifecycle import InvalidTransition  # noqa: F401 - raised by change_state; callers import it here
 
 
 class ProcessState(enum.IntEnum):
@@ -23,12 +26,6 @@ class ProcessState(enum.IntEnum):
     UNKNOWN = 1000
 
 
-STOPPED_STATES = frozenset({ProcessState.STOPPED, ProcessState.EXITED, ProcessState.FATAL,
-                            ProcessState.UNKNOWN})
-RUNNING_STATES = frozenset({ProcessState.RUNNING, ProcessState.BACKOFF, ProcessState.STARTING})
-SIGNALLABLE_STATES = frozenset({ProcessState.RUNNING, ProcessState.STARTING,
-                                ProcessState.STOPPING})
-
 S = ProcessState
 TRANSITIONS: dict[ProcessState, frozenset[ProcessState]] = {
     S.STOPPED: frozenset({S.STARTING}),
@@ -41,10 +38,6 @@ TRANSITIONS: dict[ProcessState, frozenset[ProcessState]] = {
     S.UNKNOWN: frozenset(),
 }
 del S
-
-
-class InvalidTransition(RuntimeError):
-    """A state change that supervisord's model does not allow: a bug, never ignored."""
 
 
 def signame(sig: int) -> str:

@@ -17,8 +17,6 @@ others still run, and the agent starts anyway.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -26,8 +24,9 @@ from dataclasses import dataclass
 
 import structlog
 
+from codetainer import runner
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
-from codetainer.boot.privileges import AgentUser, ExecLimits, agent_env, setpriv_argv
+from codetainer.boot.privileges import AgentProxy, AgentUser, ExecLimits, agent_env, setpriv_argv
 from codetainer.limits.plan import settings_exec_limits
 
 log = structlog.get_logger("codetainer.session")
@@ -85,26 +84,20 @@ def _last_line(text: str) -> str:
 
 async def _run_one(argv: list[str], env: dict[str, str], cwd: str,
                    timeout: float) -> tuple[bool, str]:
-    """(ok, reason). 'already added/installed' counts as success: boot is idempotent."""
+    """(ok, reason). 'already added/installed' counts as success: boot is idempotent.
+    At the timeout the command's whole process group is killed (what it forked too)."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
-    except OSError as exc:
-        return False, f"cannot run {argv[0]}: {exc.strerror}"
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        return False, f"timed out after {timeout:g}s"
-    text = out.decode(errors="replace")
-    if proc.returncode == 0:
+        done = await runner.run(argv, timeout=timeout, env=env, cwd=cwd, merge_stderr=True)
+    except runner.SpawnError as exc:
+        return False, str(exc)
+    if done.timed_out:
+        return False, done.outcome
+    text = done.stdout
+    if done.code == 0:
         return True, _last_line(text)
     if "already" in text.lower():
         return True, _last_line(text)
-    return False, _last_line(text) or f"exit status {proc.returncode}"
+    return False, _last_line(text) or f"exit status {done.code}"
 
 
 def plugins_step(
@@ -132,7 +125,7 @@ def plugins_step(
                 agent = AgentUser.lookup(ctx.settings.agent_user, ctx.settings.home)
             except LookupError as exc:
                 raise StepError(str(exc)) from None
-        env = agent_env(agent, ctx.secrets, os.environ)
+        env = agent_env(agent, ctx.secrets, os.environ, proxy=AgentProxy.of(ctx.settings))
         under = limits() if limits is not None else settings_exec_limits(ctx.settings)
         cwd = agent.home if os.path.isdir(agent.home) else "/"
         failures: list[str] = []

@@ -48,7 +48,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from codetainer.boot.privileges import AgentUser, ExecLimits, agent_env, setpriv_argv
+from codetainer.boot.privileges import AgentProxy, AgentUser, ExecLimits, agent_env, setpriv_argv
+from codetainer.boot.seccomp import SeccompUnavailable, filter_hex
+from codetainer.lifecycle import InvalidTransition, transition
 from codetainer.limits.plan import settings_exec_limits
 from codetainer.procinfo import PROCESS_GONE
 from codetainer.session import prompt as prompt_mod
@@ -67,7 +69,7 @@ from codetainer.session.tmuxctl import (
     run,
     wait_gone,
 )
-from codetainer.session.usage import TreeSampler, mounts_usage
+from codetainer.session.usage import UsageCache
 
 if TYPE_CHECKING:
     from codetainer.control.server import Request
@@ -79,7 +81,7 @@ log = structlog.get_logger("codetainer.session")
 CONFIG_FILE = Path(__file__).with_name("tmux.conf")
 SESSION_NAME = "claude"
 
-__all__ = ["SessionError", "SessionManager", "SessionState", "TmuxGone"]
+__all__ = ["InvalidTransition", "SessionError", "SessionManager", "SessionState", "TmuxGone"]
 
 
 class SessionState(enum.Enum):
@@ -100,12 +102,6 @@ TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
     S.FAILED: frozenset({S.STARTING, S.STOPPING}),
     S.STOPPING: frozenset({S.STOPPED}),
 }
-
-
-class InvalidTransition(RuntimeError):
-    pass
-
-
 
 
 def _traversable(st: os.stat_result, user: AgentUser) -> bool:
@@ -150,10 +146,7 @@ class SessionManager:
         self.socket = settings.tmux_socket
         self.config = config or str(CONFIG_FILE)
         self.session_name = session_name
-        self.policy = settings.agent_restart.strip().lower()
-        if self.policy not in ("respawn", "leave"):
-            raise ValueError(f"CODETAINER_AGENT_RESTART={settings.agent_restart!r} is not "
-                             "valid: set it to respawn or leave")
+        self.policy = settings.agent_restart  # respawn or leave, checked with the settings
         self._cwd = cwd
         self.poll_interval = poll_interval
         self.backoff_base = backoff_base
@@ -178,7 +171,7 @@ class SessionManager:
         self.snapshot: Snapshot | None = None
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
-        self._sampler = TreeSampler()
+        self._usage = UsageCache()
         # agent pane bookkeeping
         self._agent_pid: int | None = None
         self._agent_started = time.monotonic()
@@ -194,10 +187,8 @@ class SessionManager:
     # -- lifecycle -----------------------------------------------------------------------
 
     def change_state(self, new: SessionState) -> None:
-        if new not in TRANSITIONS[self.state]:
-            raise InvalidTransition(f"session state {self.state.value} -> {new.value} "
-                                    "is not allowed")
-        old, self.state = self.state, new
+        old = self.state
+        self.state = transition(TRANSITIONS, old, new, "session state")
         log.info("session_state", old=old.value, new=new.value)
 
     async def start(self) -> dict[str, Any]:
@@ -327,7 +318,8 @@ class SessionManager:
             self._prompt_written = True
             log.info("session_prompt", sha256=prompt_mod.digest(self._prompt),
                      bytes=len(self._prompt.encode()))
-        env = agent_env(user, self.secrets, self.environ, {"COLORTERM": "truecolor"})
+        env = agent_env(user, self.secrets, self.environ, {"COLORTERM": "truecolor"},
+                        proxy=AgentProxy.of(self.settings))
         env.pop(prompt_mod.PROMPT_VAR, None)
         argv = setpriv_argv(user, [
             tmux, "-u", "-S", self.socket, "-f", self.config, "new-session", "-d",
@@ -535,7 +527,7 @@ class SessionManager:
         # that client's PATH: the daemon's would leak into the agent's panes.
         path = os.environ.get("PATH", "/usr/bin:/bin")
         tmux = shutil.which(self.settings.tmux, path=path) or self.settings.tmux
-        path = agent_env(self._resolve_user(), {}, {})["PATH"]
+        path = agent_env(self._resolve_user(), {}, {}, proxy=None)["PATH"]
         argv = setpriv_argv(self._resolve_user(), [tmux, "-u", "-S", self.socket, *args],
                             self.limits())
         rc, out, err = await run(argv, env={"PATH": path})
@@ -599,20 +591,27 @@ class SessionManager:
             except (TmuxGone, SessionError, ValueError) as exc:
                 info["exists"] = False
                 info["reason"] = f"the tmux session is being recreated ({exc})"
+        if info["exists"]:
+            # root's client loads the agent's seccomp filter too; compiled here already (the
+            # session's own chains), so ``attach`` never imports libseccomp (boot/chain.py)
+            with contextlib.suppress(SeccompUnavailable):
+                info["seccomp_filter"] = filter_hex()
         return info
 
     def status(self) -> dict[str, Any]:
-        """For ``codetainer status`` (cached tmux view, fresh psutil figures)."""
+        """For ``codetainer status`` (cached tmux view; the agent's CPU, memory and mounts
+        sampled at most once a second, see ``UsageCache``)."""
         snap = self.snapshot
         agent = None
         if snap is not None:
             agent = next((p for p in snap.panes if p.id == self.agent_pane), None)
         pid = agent.pid if agent is not None and not agent.dead else None
-        if pid is not None and (self.user is None or agent_process(pid, self.user.uid) is None):
-            pid = None  # tmux's answer is the agent's to forge: only its own processes
-        tree = self._sampler.sample(pid)
+        uid = self.user.uid if self.user is not None else None
         # every place the agent can write (its tmux directory is a small tmpfs of its own)
-        paths = [self.settings.workspace, "/tmp", self.settings.home, str(Path(self.socket).parent)]
+        paths = (self.settings.workspace, "/tmp", self.settings.home, str(Path(self.socket).parent))
+        # tmux's answer is the agent's to forge: only its own processes are sampled
+        tree, mounts = self._usage.sample(
+            pid, paths, lambda p: uid is not None and agent_process(p, uid) is not None)
         return {
             **self.describe(),
             "policy": self.policy,
@@ -623,5 +622,5 @@ class SessionManager:
             "agent": tree,
             "restarts": dict(self.restarts),
             "gave_up": self._gave_up,
-            "mounts": mounts_usage(dict.fromkeys(paths)),
+            "mounts": mounts,
         }

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
+from codetainer import runner
 from codetainer.procinfo import PROCESS_GONE
 
 ROLE_OPTION = "@codetainer_role"
@@ -104,23 +104,16 @@ def parse_snapshot(out: str) -> Snapshot | None:
 
 async def run(argv: list[str], env: Mapping[str, str] | None = None,
                cwd: str | None = None, timeout: float = TMUX_TIMEOUT) -> tuple[int, str, str]:
+    """``(code, stdout, stderr)`` of a tmux client; at the timeout its whole process group
+    is killed (what a server made it run too) and :class:`SessionError` raised."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=dict(env) if env is not None else None,
-            cwd=cwd, start_new_session=True)
-    except OSError as exc:
-        raise SessionError(f"cannot run {argv[0]}: {exc.strerror}") from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+        done = await runner.run(argv, timeout=timeout, env=env, cwd=cwd)
+    except runner.SpawnError as exc:
+        raise SessionError(str(exc)) from None
+    if done.timed_out:
         raise SessionError(f"{os.path.basename(argv[0])} did not answer within "
-                           f"{timeout:g}s") from None
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+                           f"{timeout:g}s")
+    return done.code, done.stdout, done.stderr
 
 
 def agent_process(pid: int, uid: int) -> psutil.Process | None:
@@ -138,18 +131,22 @@ def agent_process(pid: int, uid: int) -> psutil.Process | None:
 
 
 async def wait_gone(pids: list[int], timeout: float) -> list[psutil.Process]:
-    """Wait until ``pids`` exited (zombies count as gone); return the survivors."""
-    deadline = time.monotonic() + timeout
-    procs: list[psutil.Process] = []
-    for pid in pids:
-        with contextlib.suppress(*PROCESS_GONE):
-            procs.append(psutil.Process(pid))
-    while True:
-        alive = []
-        for p in procs:
+    """Wait until ``pids`` exited (zombies count as gone); return the survivors.
+
+    Woken by each process's pidfd as it exits, not by polling."""
+    watches: list[tuple[psutil.Process, runner.ExitWatch]] = []
+    try:
+        for pid in pids:
             with contextlib.suppress(*PROCESS_GONE):
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        await asyncio.sleep(0.05)
+                proc = psutil.Process(pid)
+                watch = runner.ExitWatch(pid)
+                if proc.is_running():  # the pidfd is that process's, not a reused pid's
+                    watches.append((proc, watch))
+                else:
+                    watch.close()
+        if watches:
+            await asyncio.wait([w.exited for _p, w in watches], timeout=max(timeout, 0.0))
+        return [p for p, w in watches if not w.exited.done()]
+    finally:
+        for _p, w in watches:
+            w.close()

@@ -2,14 +2,15 @@
 
 A full ``/workspace`` (a tmpfs) is a common way for an agent to fail, so its usage is
 shown as a bar next to the agent's CPU and memory. Everything here reads ``/proc`` through
-psutil and is cheap enough to run on every status request.
+psutil; :class:`UsageCache` samples at most once a second however often status is asked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psutil
@@ -19,6 +20,9 @@ from codetainer.procinfo import PROCESS_GONE
 BAR_WIDTH = 20
 #: At or above this percentage a mount is flagged (``warn``), the agent is about to fail.
 WARN_PERCENT = 90.0
+#: The agent's tree and the mounts are sampled for status at most this often (as the
+#: daemon's own memory figures are): a crowd polling status costs one sample a second.
+SAMPLE_MAX_AGE = 1.0
 
 
 def human_bytes(n: float) -> str:
@@ -126,3 +130,31 @@ class TreeSampler:
             "rss_bytes": rss,
             "rss": human_bytes(rss),
         }
+
+
+class UsageCache:
+    """The agent's process tree and the mounts it writes to, sampled again only when the
+    last sample is older than ``max_age`` seconds or of another root pid (a respawned
+    agent shows at once)."""
+
+    def __init__(self, max_age: float = SAMPLE_MAX_AGE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age = max_age
+        self.clock = clock
+        self.tree = TreeSampler()
+        self.samples = 0  # how many times it really sampled
+        self._last: tuple[float, int | None, dict[str, Any] | None, list[dict[str, Any]]] | None = None
+
+    def sample(self, pid: int | None, paths: Iterable[str],
+               owned: Callable[[int], bool]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """``(tree, mounts)``: the tree from ``pid`` (None when there is none, or when
+        ``owned(pid)`` says it is not the agent's) and :func:`mounts_usage` of ``paths``."""
+        now = self.clock()
+        last = self._last
+        if last is None or last[1] != pid or now - last[0] > self.max_age:
+            root = pid if pid is not None and owned(pid) else None
+            last = self._last = (now, pid, self.tree.sample(root),
+                                 mounts_usage(dict.fromkeys(paths)))
+            self.samples += 1
+        _at, _pid, tree, mounts = last
+        return (None if tree is None else dict(tree)), [dict(m) for m in mounts]

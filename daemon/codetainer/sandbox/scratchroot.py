@@ -12,7 +12,7 @@ scratch filesystem:
   which the host's ``/usr/local/bin/claude`` and ``coredns`` point into) are bind-mounted
   read-only at their host paths, so the editable install and the tools work unchanged;
 - ``/etc`` is a copy of the host's with our own ``passwd``/``group`` (root, ``claude``
-  1000, ``codetainer-dns``, nobody), no ``/etc/gitconfig``;
+  1000, ``codetainer-dns``, ``codetainer-proxy`` 998, nobody), no ``/etc/gitconfig``;
 - fresh ``/proc`` (the new PID namespace), ``/sys`` (read-only), a minimal ``/dev``
   (null, zero, full, random, urandom, tty, a private devpts for tmux, shm), empty
   ``/tmp``, ``/run``, ``/root``, ``/workspace``, ``/home/claude``;
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[3]
 VENV = Path("/opt/ctvenv")
 OUT = "/scratch-out"
 READY_MARK = ".pid1-ready"
@@ -54,11 +54,13 @@ READY_MARK = ".pid1-ready"
 PASSWD = """root:x:0:0:root:/root:/bin/bash
 claude:x:1000:1000:claude:/home/claude:/bin/bash
 codetainer-dns:x:999:999:codetainer DNS:/nonexistent:/usr/sbin/nologin
+codetainer-proxy:x:998:998:codetainer policy proxy:/nonexistent:/usr/sbin/nologin
 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
 """
 GROUP = """root:x:0:
 claude:x:1000:
 codetainer-dns:x:999:
+codetainer-proxy:x:998:
 nogroup:x:65534:
 """
 DEFAULT_ENV = {
@@ -132,7 +134,7 @@ class ScratchRoot:
             "own_netns": self.netns is None,
             "ready": str(self.out / READY_MARK),
         }
-        Path(spec["root"]).mkdir(parents=True, exist_ok=True)
+        Path(str(spec["root"])).mkdir(parents=True, exist_ok=True)
         path = self.base / f"spec{self._n}.json"
         path.write_text(json.dumps(spec))
         return path

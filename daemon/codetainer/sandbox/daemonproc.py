@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
 from codetainer.control.client import Client, DaemonUnreachable
 
 BIN = Path(sys.executable).parent
@@ -58,7 +59,8 @@ class DaemonProc:
             argv = ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--uts", "--net",
                     "--kill-child", *argv]
         full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                    "CODETAINER_RUN_DIR": str(tmp / "run"), "CODETAINER_LOG_LEVEL": "debug"}
+                    "CODETAINER_RUN_DIR": str(tmp / "run"), "CODETAINER_LOG_LEVEL": "debug",
+                    "CODETAINER_PROXY": "off"}  # a test's env may turn it on
         full_env.update(env or {})
         self.log_file = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,

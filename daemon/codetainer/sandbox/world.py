@@ -53,7 +53,7 @@ NEVER_HOSTS = tuple(f"192.0.2.{i}" for i in range(10, 21))
 V6_HOSTS = ("fd00:ce:1::10", "fd00:ce:1::11")
 TCP_PORTS = (80, 443, 8443, 22)
 UDP_ECHO = ("203.0.113.10", 443)
-#: where the stand-in for Anthropic's API listens (tests/apistandin.py): no generic server
+#: where the stand-in for Anthropic's API listens (apistandin.py): no generic server
 API_HOST = "203.0.113.50"
 PYTHON = "/usr/bin/python3"
 # Fly's private network (6PN) under ``World(fly=True)``; fdaa::/16 lies inside fd00::/8.

@@ -13,17 +13,21 @@
   self-test, git/gh/npm credentials, agent
   settings, read-only root, services, readiness, and the agent's tmux session with the
   real Claude Code CLI in it (``./dev setup`` installs it at the Dockerfile's pin),
-  talking to a stand-in for Anthropic's API in the world (tests/apistandin.py: canned
+  talking to a stand-in for Anthropic's API in the world (apistandin.py: canned
   replies, ``RUN: <command>`` asks for a Bash tool call) under its real host name,
-  through the allowlist and the firewall; ``--agent-command`` overrides it.
+  through the allowlist, the firewall and the policy proxy (``CODETAINER_PROXY=on`` as
+  in the image); stand-ins for GitHub (git over HTTPS, the REST and GraphQL API: the
+  machine clones ``REPO_URL=https://github.com/owner/repo.git`` from it), npm, PyPI and
+  sentry.io answer under their real names too (standins.py);
+  ``--agent-command`` overrides the agent.
 
 ``-e NAME=VALUE`` (repeatable) puts a variable in the daemon's environment, as ``fly
 machine run -e`` does on Fly (``-e CODETAINER_DNS_ENGINE=dnsmasq``, ``-e FLY_MACHINE_ID=…``).
 
 On a terminal it then runs ``codetainer attach`` inside, as ``fly ssh console`` would;
 detach with ``C-b d``. Otherwise it prints the status. Ctrl-C (or ``codetainer
-shutdown`` inside) stops the daemon; the namespaces are removed. Uses the helpers in
-``tests/`` (the same world and scratch root the integration tests use).
+shutdown`` inside) stops the daemon; the namespaces are removed. The kit beside this
+module (world, scratch root, full boot, stand-ins) is the one the integration tests use.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -86,20 +89,23 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt  # SIGTERM cleans up (namespaces, processes) like Ctrl-C
 
     signal.signal(signal.SIGTERM, interrupt)
-    sys.path.insert(0, str(ROOT))
-    from tests.fullboot import full_boot
-    from tests.scratchroot import OUT
+    from codetainer.sandbox.fullboot import proxy_boot
+    from codetainer.sandbox.scratchroot import OUT
+    from codetainer.sandbox.standins import StandIns
 
     base = Path(args.dir)
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
-    os.chmod(base, 0o755)  # noqa: S103 - the scratch root's binds must be reachable
+    os.chmod(base, 0o755)
     agent = args.agent_command or ("claude --dangerously-skip-permissions"
                                    if shutil.which("claude") else "bash -l")
-    env = {"CODETAINER_AGENT_COMMAND": agent, "CODETAINER_DNS_ENGINE": args.dns_engine, **extra}
+    # NODE_EXTRA_CA_CERTS: the test CA for the agent itself when the proxy is off (-e
+    # CODETAINER_PROXY=off); with it on, the agent trusts the proxy's CA instead
+    env = {"CODETAINER_AGENT_COMMAND": agent, "CODETAINER_DNS_ENGINE": args.dns_engine,
+           "NODE_EXTRA_CA_CERTS": StandIns.CA_INSIDE, **extra}
     if extra:  # names only: a value may be a secret
         print(f"sandbox: -e {', '.join(sorted(extra))}", flush=True)
-    with full_boot(env=env, steps=args.steps, base=base, api=True) as fb:
+    with proxy_boot(base, env=env, steps=args.steps) as (fb, _standins):
         codetainer = str(Path(sys.executable).parent / "codetainer")
         print(f"sandbox: codetainerd is PID 1 (host pid {fb.proc.pid}); log {fb.log_path}\n"
               f"sandbox: from the host: {codetainer} --socket {fb.socket} status", flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -16,17 +17,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from codetainer.control.client import Client, DaemonUnreachable
 from codetainer.network.allowlist import load_allowlist
+from codetainer.sandbox.daemonproc import wait_for
+from codetainer.sandbox.scratchroot import DEFAULT_ENV, OUT, ScratchRoot, Spawned
+from codetainer.sandbox.standins import StandIns
+from codetainer.sandbox.world import ALLOWED_HOSTS, API_HOST, PYTHON, UPSTREAM, World
 
-from tests.daemonproc import wait_for
-from tests.scratchroot import DEFAULT_ENV, OUT, ScratchRoot, Spawned
-from tests.world import ALLOWED_HOSTS, API_HOST, PYTHON, UPSTREAM, World
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 CODETAINERD = str(Path(sys.executable).parent / "codetainerd")
 
 
@@ -49,10 +51,11 @@ class FullBoot:
     def __init__(self, world: World, base: Path, env: Mapping[str, str] | None = None,
                  steps: str = "", binds: tuple[tuple[str, str, bool], ...] = (),
                  services: str | None = None, cgroups: Mapping[str, str] | None = None,
-                 show_cgroups: bool = True) -> None:
+                 show_cgroups: bool = True, files: Mapping[str, str] | None = None) -> None:
+        """``files``: {path inside: content} written into the root before the boot."""
         self.world = world
         self.root = ScratchRoot(base, netns=world.inner, binds=binds, cgroups=cgroups or {},
-                                show_cgroups=show_cgroups)
+                                show_cgroups=show_cgroups, files=dict(files or {}))
         conf = services if services is not None else \
             (ROOT / "supervisord" / "codetainer.conf").read_text()
         (self.root.out / "services.conf").write_text(conf)
@@ -69,7 +72,10 @@ class FullBoot:
                     # the image's engine (named, so a missing binary fails the boot rather
                     # than `auto` falling back to dnsmasq); CODETAINER_DNS_ENGINE=dnsmasq
                     # in ``env`` boots the other one
-                    "CODETAINER_DNS_ENGINE": "coredns", **(env or {})}
+                    "CODETAINER_DNS_ENGINE": "coredns",
+                    # the policy proxy is the test's to turn on (tests/integration/
+                    # test_proxy_boot.py); the others boot as before it
+                    "CODETAINER_PROXY": "off", **(env or {})}
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.t0 = time.monotonic()
         try:
@@ -175,14 +181,14 @@ def full_boot(env: Mapping[str, str] | None = None, steps: str = "",
 
 
 class ApiStandIn:
-    """tests/apistandin.py in the world on API_HOST:443, published as api.anthropic.com,
+    """apistandin.py in the world on API_HOST:443, published as api.anthropic.com,
     with a certificate from a test CA whose certificate the container gets at
     ``/scratch-out/anthropic-ca.pem`` (``env()`` names it in NODE_EXTRA_CA_CERTS)."""
 
     CA_INSIDE = f"{OUT}/anthropic-ca.pem"
 
     def __init__(self, world: World, base: Path) -> None:
-        from tests.apistandin import HOSTS, make_ca
+        from codetainer.sandbox.apistandin import HOSTS, make_ca
 
         self.dir = base / "standin"
         ca = make_ca(self.dir)
@@ -190,7 +196,8 @@ class ApiStandIn:
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ca, out / "anthropic-ca.pem")
         (out / "anthropic-ca.pem").chmod(0o644)
-        proc = world.spawn_in(world.world, [PYTHON, "-I", str(ROOT / "tests" / "apistandin.py"),
+        script = str(Path(__file__).resolve().parent / "apistandin.py")  # -I: by path
+        proc = world.spawn_in(world.world, [PYTHON, "-I", script,
                                             str(self.dir), API_HOST])
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
@@ -204,7 +211,7 @@ class ApiStandIn:
         return {"NODE_EXTRA_CA_CERTS": self.CA_INSIDE}
 
     def requests(self) -> list[dict[str, Any]]:
-        from tests.apistandin import requests
+        from codetainer.sandbox.apistandin import requests
 
         return requests(self.dir)
 
@@ -350,3 +357,146 @@ class GitServer:
     def stats(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.stats_path.read_text())
         return data
+
+
+# -- the policy proxy's world (issue 13) ---------------------------------------------------------
+
+#: the agent's tmux socket (the daemon's default), and how root becomes the agent
+AGENT_SOCK = "/run/codetainer/tmux/agent.sock"
+AGENT_UID = 1000
+AS_AGENT = ("setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}", "--clear-groups",
+            "--no-new-privs", "--bounding-set=-all", "--")
+
+
+LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
+
+
+@dataclass
+class AgentRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class AgentShell:
+    """Commands typed into the agent's own shell pane: the login shell the daemon started in
+    the agent's tmux session, so they run with the environment, limits and filters the
+    daemon gave the agent's tree, as a prompt-injected agent's commands would.
+
+    Each run is a script in ``/scratch-out/agent-runs`` (``base/out`` on the host);
+    its output and exit status come back through files beside it. One run at a time.
+    """
+
+    def __init__(self, fb: FullBoot) -> None:
+        self.fb = fb
+        self.dir = fb.root.out / "agent-runs"
+        self.dir.mkdir(exist_ok=True)
+        self.dir.chmod(0o777)
+        self.n = 0
+
+    def pane(self) -> str:
+        """The shell pane's id (``@codetainer_role`` shell), else the agent pane."""
+        r = self.fb.inside(*AS_AGENT, "tmux", "-S", AGENT_SOCK, "list-panes", "-a", "-F",
+                           "#{pane_id}\t#{@codetainer_role}")
+        assert r.returncode == 0, r.stderr
+        roles = dict(line.split("\t")[::-1] for line in r.stdout.splitlines() if "\t" in line)
+        pane = roles.get("shell") or roles.get("agent")
+        assert pane, f"no pane of the agent's session: {r.stdout!r}"
+        return pane
+
+    def run(self, script: str, timeout: float = 60.0) -> AgentRun:
+        self.n += 1
+        name = f"{os.getpid()}-{self.n}"
+        (self.dir / f"{name}.sh").write_text(script)
+        (self.dir / f"{name}.sh").chmod(0o644)
+        inside = f"{OUT}/agent-runs/{name}"
+        line = (f"timeout -k 5 {int(timeout)} bash {inside}.sh </dev/null >{inside}.out "
+                f"2>{inside}.err; echo $? >{inside}.rc.tmp; mv {inside}.rc.tmp {inside}.rc")
+        pane = self.pane()
+        for keys in (("-l", line), ("Enter",)):
+            r = self.fb.inside(*AS_AGENT, "tmux", "-S", AGENT_SOCK, "send-keys", "-t", pane, *keys)
+            assert r.returncode == 0, r.stderr
+        rc = self.dir / f"{name}.rc"
+
+        def screen() -> str:
+            r = self.fb.inside(*AS_AGENT, "tmux", "-S", AGENT_SOCK, "capture-pane", "-p", "-t", pane)
+            return f"the shell pane:\n{r.stdout}"
+
+        wait_for(rc.exists, timeout + 15, f"the agent's shell to run {script[:60]!r}",
+                 context=screen)
+        return AgentRun(int(rc.read_text().strip()), (self.dir / f"{name}.out").read_text(),
+                        (self.dir / f"{name}.err").read_text())
+
+
+@dataclass
+class ProxyMachine:
+    """A machine booted READY with ``CODETAINER_PROXY=on`` in a world of stand-ins."""
+
+    fb: FullBoot
+    standins: StandIns
+    #: the real secrets the machine booted with (the agent must never hold them)
+    github_token: str
+    oauth_token: str
+    shell: AgentShell
+
+    def agent(self, script: str, timeout: float = 60.0) -> AgentRun:
+        return self.shell.run(script, timeout)
+
+
+@contextlib.contextmanager
+def proxy_boot(base: Path, env: Mapping[str, str] | None = None, steps: str = "",
+               github_token: str = "", oauth_token: str = ""
+               ) -> Iterator[tuple[FullBoot, StandIns]]:
+    """World + stand-ins (standins.py) + a booting machine (not waited for) with the
+    policy proxy on, ``REPO_URL=https://github.com/owner/repo.git`` (the stand-in GitHub,
+    cloned with the real token), the given real tokens (fresh random ones by default), the
+    test CA in the machine's system store and named in ``CODETAINER_PROXY_UPSTREAM_CA``.
+    ``./dev sandbox`` runs this; :func:`proxy_machine` waits for it."""
+    from codetainer.proxy.model import ANTHROPIC_PLACEHOLDER, GITHUB_PLACEHOLDER
+
+    github_token = github_token or "ghp_PROXYworldREAL" + secrets.token_hex(11)
+    oauth_token = oauth_token or "sk-ant-oat01-PROXYworldREAL" + secrets.token_hex(12)
+    with World(ttl=60) as world:
+        publish_names(world, default_names())
+        standins = StandIns(world, base, github_token=github_token, oauth_token=oauth_token,
+                            placeholders=(GITHUB_PLACEHOLDER, ANTHROPIC_PLACEHOLDER))
+        # The image's /usr/local/share/ca-certificates is writable until the root goes
+        # read-only (the proxy step installs its CA there); the scratch root binds the
+        # host's /usr read-only, so a directory of our own stands in for it, holding
+        # the host's local CAs and the test CA (as the store holds public CAs).
+        local_ca = base / "local-ca"
+        if LOCAL_CA_DIR.is_dir():
+            shutil.copytree(LOCAL_CA_DIR, local_ca)
+        else:
+            local_ca.mkdir()
+        local_ca.chmod(0o755)
+        shutil.copyfile(standins.ca, local_ca / "codetainer-test-world.crt")
+        fb = FullBoot(world, base, steps=steps, env={
+            "CODETAINER_PROXY": "on", **standins.env(), "GH_PAT": github_token,
+            "CLAUDE_CODE_OAUTH_TOKEN": oauth_token,
+            "REPO_URL": "https://github.com/owner/repo.git", **(env or {})},
+            binds=((str(local_ca), str(LOCAL_CA_DIR), False),),
+            files={"/etc/ssl/certs/ca-certificates.crt": standins.system_bundle()})
+        try:
+            yield fb, standins
+        finally:
+            fb.close()
+
+
+@contextlib.contextmanager
+def proxy_machine(prefix: str, env: Mapping[str, str] | None = None) -> Iterator[ProxyMachine]:
+    """:func:`proxy_boot` in a fresh scratch directory; yields once READY with the session
+    up."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    base.chmod(0o755)
+    github_token = "ghp_PROXYworldREAL" + secrets.token_hex(11)
+    oauth_token = "sk-ant-oat01-PROXYworldREAL" + secrets.token_hex(12)
+    try:
+        with proxy_boot(base, env, github_token=github_token, oauth_token=oauth_token) as (
+                fb, standins):
+            st = fb.wait_boot(timeout=120)
+            assert st["state"] == "READY", (st["reasons"], fb.log()[-4000:])
+            fb.wait_session()
+            yield ProxyMachine(fb, standins, github_token, oauth_token, AgentShell(fb))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
