@@ -137,7 +137,7 @@ class Bench:
 
     def exfil(self, length: int, secs: float) -> dict[str, Any]:
         out = self.world.python_in(self.world.inner, EXFIL_PY, LISTEN, str(length), str(secs), "64",
-                                   EXFIL_ZONE, uid=AGENT, timeout=secs + 30)  # fmt: skip
+                                   EXFIL_ZONE, uid=AGENT, timeout=secs + 30)
         if out.returncode != 0:
             raise RuntimeError(f"exfil client failed: {out.stderr[-2000:]}")
         return dict(json.loads(out.stdout))
@@ -152,7 +152,7 @@ class Bench:
         script = ('mount --bind "$0" /etc/resolv.conf && exec setpriv --reuid=1000 --regid=1000 '
                   '--clear-groups /usr/bin/python3 -I -c "$1" "$2" "$3"')
         argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(resolv),
-                NPM_PY, str(path), str(threads)]  # fmt: skip
+                NPM_PY, str(path), str(threads)]
         out = self.world.run_in(self.world.inner, argv, timeout=600)
         if out.returncode != 0:
             raise RuntimeError(f"npm-like client failed: {out.stderr[-2000:]}")
@@ -173,7 +173,7 @@ async def setup(world: World, tmp: Path, backend_name: str) -> Bench:
     from codetainer.settings import Settings
 
     settings = Settings(dns_user="nobody", upstreams=UPSTREAM, run_dir=str(tmp / "run"),
-                        dns_hook="off", proxy="off")  # fmt: skip
+                        dns_hook="off", proxy="off")
     opts = parse_options(settings, Engine.COREDNS)
     plan = make_plan(Allowlist(tuple(parse_text(ALLOW, "bench"))), opts, backend_name)
     opts.config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +193,7 @@ async def setup(world: World, tmp: Path, backend_name: str) -> Bench:
         threading.Thread(target=drain, args=(stream,), daemon=True).start()
     for _ in range(100):  # until CoreDNS answers
         probe = world.run_in(world.inner, ["dig", "+short", "+time=1", "+tries=1", f"@{LISTEN}",
-                                           f"probe.{NPM_ZONE}"])  # fmt: skip
+                                           f"probe.{NPM_ZONE}"])
         if probe.returncode == 0:
             break
     else:

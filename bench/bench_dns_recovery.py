@@ -105,7 +105,7 @@ for line in sys.stdin:
 class Prober:
     def __init__(self, world: World, engine: str) -> None:
         self.proc = world.spawn_in(world.inner, [PYTHON, "-I", "-c", _PROBER, engine,
-                                                 "127.0.0.53", "allowed.test"])  # fmt: skip
+                                                 "127.0.0.53", "allowed.test"])
         if self._line() != "ready":
             raise SystemExit("the prober did not start")
 
@@ -129,7 +129,7 @@ class Prober:
 
 def wait_running(d: DaemonProc) -> dict[str, Any]:
     svc: dict[str, Any] = d.wait_until(lambda: (s := d.service("dns"))["state"] == "RUNNING" and s,
-                                       120, "dns RUNNING")  # fmt: skip
+                                       120, "dns RUNNING")
     return svc
 
 

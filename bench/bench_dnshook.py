@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: the set each writer fills (its own, so what it holds can be counted)
 SET_OF = {"none": "d4_80", "nft-oneshot": "d4_443", "nft": "d4_8443",
-          "ipset-oneshot": "d4_443", "ipset": "d4_8443"}  # fmt: skip
+          "ipset-oneshot": "d4_443", "ipset": "d4_8443"}
 SETS = "table inet codetainer {\n" + "".join(
     f"    set {n} {{ type ipv4_addr; flags timeout; timeout 660s; size 262144; }}\n"
     for n in sorted(set(SET_OF.values()))) + "}\n"
@@ -166,7 +166,7 @@ def in_set(kind: str) -> int:
         out = subprocess.run(["ipset", "list", "-t", f"ct-{name}"], capture_output=True, text=True).stdout
         return int(out.split("Number of entries:")[1].split()[0])
     out = subprocess.run(["nft", "-j", "list", "set", "inet", "codetainer", name],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+                         capture_output=True, text=True, check=True).stdout
     return len(json.loads(out)["nftables"][1]["set"].get("elem", []))
 
 
@@ -220,7 +220,7 @@ def inner(n_seq: int, n_par: int, inflight: int) -> dict[str, Any]:
     subprocess.run(["nft", "-f", "-"], input=SETS, text=True, check=True)
     for name in ("d4_443", "d4_8443"):
         subprocess.run(["ipset", "create", f"ct-{name}", "hash:ip", "timeout", "660", "maxelem", "262144"],
-                       check=True)  # fmt: skip
+                       check=True)
     upstream = spawn(UPSTREAM_PY)
     hooks: dict[str, subprocess.Popen[str]] = {}
     addr = {kind: ("127.0.0.1", port) for port, (kind, _) in enumerate(WRITERS, start=5401)}
@@ -240,7 +240,7 @@ def inner(n_seq: int, n_par: int, inflight: int) -> dict[str, Any]:
         for kind, where in addr.items():
             par = concurrent(where, kind, n_par, inflight)
             results[kind] = {"seq": {**seq[kind], "rate": n_seq / seq[kind]["wall"]}, "par": par,
-                             "helper_kib": helper_memory_kib(hooks[kind].pid)}  # fmt: skip
+                             "helper_kib": helper_memory_kib(hooks[kind].pid)}
     finally:
         for proc in hooks.values():
             stop(proc)

@@ -67,7 +67,7 @@ async def inner_refresh(names: list[str], ours_rounds: int, ref_rounds: int) -> 
     from codetainer.settings import Settings
 
     settings = Settings(dns_user="nobody", upstreams=UPSTREAM, refresh_min_ttl="300",
-                        refresh_max_ttl="300", run_dir=tempfile.mkdtemp())  # fmt: skip
+                        refresh_max_ttl="300", run_dir=tempfile.mkdtemp())
     opts = parse_options(settings, Engine.DNSMASQ)
     plan = make_plan(Allowlist(tuple(parse_text("\n".join(names), "bench"))), opts, "nftables")
     backend = NftablesBackend(Runner())
@@ -95,12 +95,12 @@ async def inner_refresh(names: list[str], ours_rounds: int, ref_rounds: int) -> 
         addrs: list[str] = []
         for name in names:
             out = subprocess.run(["dig", "+short", "+time=2", "+tries=1", "@127.0.0.53", name],
-                                 capture_output=True, text=True)  # fmt: skip
+                                 capture_output=True, text=True)
             addrs += out.stdout.split()
         subprocess.run([IPT, "-F", "CT-REF"], check=True)
         for a in addrs:
             subprocess.run([IPT, "-A", "CT-REF", "-d", a, "-p", "tcp", "-m", "multiport",
-                            "--dports", "80,443", "-j", "ACCEPT"], check=True)  # fmt: skip
+                            "--dports", "80,443", "-j", "ACCEPT"], check=True)
         ref.append(time.perf_counter() - t)
         assert len(addrs) == len(names), len(addrs)
     subprocess.run([IPT, "-F", "CT-REF"], capture_output=True)
@@ -116,7 +116,7 @@ def refresh_run(names: list[str], engine: str, ref_rounds: int) -> dict[str, Any
         tmp = Path(tempfile.mkdtemp(prefix="ct-bench-net-"))
         tmp.chmod(0o755)  # CoreDNS reads its Corefile as the DNS user
         env = {"CODETAINER_REFRESH_MIN_TTL": "300", "CODETAINER_REFRESH_MAX_TTL": "300",
-               "CODETAINER_PROBE_ALLOWED": f"{TARGET}:443"}  # fmt: skip
+               "CODETAINER_PROBE_ALLOWED": f"{TARGET}:443"}
         d = start_daemon(world, tmp, "".join(f"{x}\n" for x in names), env=env, engine=engine)
         try:
             st = wait_boot(d, 120)
@@ -177,7 +177,7 @@ def rotation_reference(attempts: int, seconds: float) -> dict[str, Any]:
             "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
             "--listen-address=127.0.0.53", "--bind-interfaces", f"--server={UPSTREAM}",
             "--user=nobody", "--pid-file=", "--log-facility=-",
-        ])  # fmt: skip
+        ])
         deadline = time.monotonic() + 10
         dig = ["dig", "+short", "+time=1", "@127.0.0.53", "rot.test"]
         while world.run_in(world.inner, dig).stdout.strip() != ROTATION[0]:
@@ -209,7 +209,7 @@ def latency_bench(n_conn: int, rounds: int = 4) -> tuple[list[float], list[float
 
     addrs = [bench_addr(i) for i in range(999)] + [TARGET]
     rules = ["*filter", ":CT-REF - [0:0]", "-A OUTPUT -j CT-REF",
-             "-A CT-REF -m state --state ESTABLISHED,RELATED -j ACCEPT"]  # fmt: skip
+             "-A CT-REF -m state --state ESTABLISHED,RELATED -j ACCEPT"]
     rules += [f"-A CT-REF -d {a}/32 -p tcp -m multiport --dports 80,443 -j ACCEPT" for a in addrs]
     rules += ["-A CT-REF -p tcp -j REJECT --reject-with tcp-reset", "COMMIT"]
     policy = FirewallPolicy.build({(80, 443): addrs}, dns_uid=65534, upstreams=[UPSTREAM])

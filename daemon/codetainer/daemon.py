@@ -117,13 +117,13 @@ class Daemon:
         self.network.register(self.control)
         self.extra_status["network"] = self.network.status
         self.extra_status["limits"] = self.limits.status
-        self.degraded_probes["network"] = lambda: network_degraded(self.network)
+        self.degraded_probes["network"] = self.network.degraded
         self.degraded_probes["limits"] = self.limits.degraded
         if self.proxy is not None:
             self.extra_status["proxy"] = self.proxy.status
             self.degraded_probes["proxy"] = self.proxy.degraded
         self.ctx.state.setdefault("reloaders", {})["network"] = self.network.reload
-        from codetainer.init.pid1 import dumpable
+        from codetainer.init import dumpable
 
         log.info("daemon_started", version=__version__, pid=os.getpid(), ppid=os.getppid(),
                  steps=[s.name for s in self.engine.steps], socket=self.settings.socket,
@@ -458,16 +458,6 @@ def _merge_degraded(out: dict[str, Any], name: str, degraded: str | None) -> Non
         out["reasons"] = [*out["reasons"], f"{name}: {degraded}"]
         if out["state"] == BootState.READY.value:
             out["state"] = BootState.DEGRADED.value
-
-
-def network_degraded(nc: NetworkController) -> str | None:
-    """The network section's ``degraded`` without building the section: the same reading
-    as ``network/why.py``'s ``network_status`` (tests/unit/test_status_cost.py holds them
-    together; it belongs in the network controller)."""
-    if nc.opts is None or nc.backend is None:
-        return None
-    return ((nc.guard.degraded if nc.guard else None)
-            or (nc.refresher.degraded if nc.refresher else None) or nc.notes.get("github"))
 
 
 class _Parser(argparse.ArgumentParser):

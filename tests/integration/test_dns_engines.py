@@ -577,10 +577,10 @@ def test_a_cidr_entry_keeps_its_internal_network_resolvable(
     assert ask(ns, "mixed.wild.test").rcode() == dns.rcode.NXDOMAIN  # 10.9.9.9: outside it
 
 
-def test_installed_dnsmasq_supports_what_we_generate() -> None:
+async def test_installed_dnsmasq_supports_what_we_generate() -> None:
     # filter-AAAA needs 2.90; local=/*.name/ and server=/*.name/ need 2.86;
     # bogus-nxdomain=NET/PREFIX, IPv6 included, is what 2.90 does (the tests above)
-    assert dnsmasq_version() >= (2, 90)
+    assert await dnsmasq_version() >= (2, 90)
 
 
 def test_installed_coredns_is_the_dockerfiles_pin() -> None:

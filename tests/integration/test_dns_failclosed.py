@@ -69,7 +69,7 @@ def boot_fails(world: World, tmp: Path, env: dict[str, str], failed: str) -> dic
     (no agent), and nothing but the default-deny firewall is in place. Returns that step's
     record."""
     d: DaemonProc = start_daemon(world, tmp, env=env, engine="coredns",
-                                 services=SERVICES.replace("startretries=5", ONCE))  # fmt: skip
+                                 services=SERVICES.replace("startretries=5", ONCE))
     try:
         st = wait_boot(d, 60)
         assert st["state"] == "FAILED", (st["reasons"], d.log()[-3000:])
@@ -125,7 +125,7 @@ def test_a_hook_that_never_answers_fails_the_dns_step(world: World, open_tmp: Pa
         "import socket, time\n"
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', 5399))\n"
         "t = socket.socket(); t.bind(('127.0.0.1', 5399)); t.listen()\n"
-        "print('ready', flush=True); time.sleep(600)\n"])  # fmt: skip
+        "print('ready', flush=True); time.sleep(600)\n"])
     assert silent.stdout is not None and silent.stdout.readline().strip() == "ready"
     env = wrapper(open_tmp, EDITING.replace("{edit}", "'s/127.0.0.1:5354/127.0.0.1:5399/'"))
     rec = boot_fails(world, open_tmp, env, "dns")

@@ -81,7 +81,7 @@ def test_a_server_that_crash_loops_to_fatal_comes_back_once_it_can(open_tmp: Pat
             holder = hold_port(world)
             d.call("start", name="dns")
             st = d.wait_until(lambda: (g := guard(d))["revivals"] >= 2 and g, 40,
-                              "the guard starting it again after FATAL, twice")  # fmt: skip
+                              "the guard starting it again after FATAL, twice")
             assert st["up"] is False and st["state"] == "DEGRADED", st
             assert any(r.startswith("network: DNS server down for ") for r in st["reasons"]), st
             assert "the supervisor gave up" in st["degraded"], st["degraded"]
@@ -93,7 +93,7 @@ def test_a_server_that_crash_loops_to_fatal_comes_back_once_it_can(open_tmp: Pat
             holder.stdin.close()
             holder.wait(10)
             d.wait_until(lambda: dig(world, "allowed.test") == ("NOERROR", [ALLOWED]), 45,
-                         "the server answering again")  # fmt: skip
+                         "the server answering again")
             st = d.wait_until(lambda: (g := guard(d))["state"] == "READY" and g, 10, "READY again")
             assert st["up"] is True and st["degraded"] is None and st["recoveries"] >= 1, st
             assert not any(r.startswith("network:") for r in st["reasons"])

@@ -53,7 +53,7 @@ def hooked() -> Iterator[tuple[World, DaemonProc]]:
             world.set_records("allowed.test", [ALLOWED_HOSTS[0]])  # the self-test's probe
             world.set_records("a.wild.test", [WILD])
             d = start_daemon(world, tmp, "allowed.test\n*.wild.test:443\n",
-                             env={"CODETAINER_DNS_HOOK": HOOK}, engine="coredns")  # fmt: skip
+                             env={"CODETAINER_DNS_HOOK": HOOK}, engine="coredns")
             try:
                 st = wait_boot(d)
                 assert st["state"] == "READY", (st["reasons"], d.log()[-3000:])

@@ -152,7 +152,7 @@ async def test_upstream_dns_only_for_the_dns_user(world: World, backend_name: st
     # The DNS user gets DNS, not the rest of the world.
     assert world.connect(N, 443, uid=DNS_UID)[0] == "ECONNREFUSED"
     dig = world.run_in(world.inner, ["dig", "+short", "+time=1", "+tries=1", f"@{UPSTREAM}", "api.test"],
-                       uid=DNS_UID)  # fmt: skip
+                       uid=DNS_UID)
     assert dig.stdout.split() == [A]
 
 
@@ -259,13 +259,13 @@ async def test_fly_ipv6_policy_for_real(world: World, backend_name: str) -> None
     # Be in Fly's position: no IPv6 connection tracking (every IPv6 packet untracked).
     notrack = ("table ip6 fly_no_conntrack {\n"
                " chain pre { type filter hook prerouting priority raw; notrack; }\n"
-               " chain out { type filter hook output priority raw; notrack; }\n}\n")  # fmt: skip
+               " chain out { type filter hook output priority raw; notrack; }\n}\n")
     assert world.run_in(world.inner, ["nft", "-f", "-"], input=notrack).returncode == 0
     await applied(world, backend_name, policy(ipv6="deny"))
     assert world.connect(A, 443, uid=AGENT)[0] == "connected"  # IPv4 still tracked
     assert ssh_in() in {"TimeoutError", "ConnectionRefusedError"}  # untracked replies: cut
     fly = FirewallPolicy.build({(80, 443): [A, FLY_OPERATOR]}, dns_uid=DNS_UID,
-                               upstreams=[UPSTREAM, FLY_RESOLVER], ipv6="fly")  # fmt: skip
+                               upstreams=[UPSTREAM, FLY_RESOLVER], ipv6="fly")
     await applied(world, backend_name, fly)
     assert ssh_in() == "SSH-2.0-stand-in"
     # Only the DNS user reaches Fly's resolver; the agent reaches nothing in IPv6, even an
@@ -319,7 +319,7 @@ async def test_set_updates_are_atomic(world: World, backend_name: str) -> None:
     result = prober.stop()
     a, n = result["counts"][f"{A}:443"], result["counts"][f"{N}:443"]
     print(f"\n[{backend_name}] {rounds} set updates in {elapsed:.2f}s, prober rounds {result['rounds']}: "
-          f"allowed {a}, never {n}")  # fmt: skip
+          f"allowed {a}, never {n}")
     assert result["rounds"] > rounds  # the prober really ran throughout
     assert set(a) == {"connected", "max_ms"}, a
     assert "connected" not in n and n.get("ECONNREFUSED") == result["rounds"], n
@@ -478,7 +478,7 @@ async def test_dnsmasq_fills_the_dynamic_set_before_answering(world: World, back
         ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
          "--listen-address=127.0.0.53", "--bind-interfaces", f"--server={UPSTREAM}", "--user=nobody",
          "--pid-file=", "--log-facility=-", fill],
-    )  # fmt: skip
+    )
     assert world.connect("203.0.113.20", 443, uid=AGENT)[0] == "ECONNREFUSED"
     deadline = time.monotonic() + 5
     answer: list[str] = []

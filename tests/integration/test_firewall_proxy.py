@@ -172,7 +172,7 @@ async def test_dns_filled_addresses_are_redirected_too(world: World, backend_nam
     await applied(world, backend_name, proxied())
     assert get(world, D, 443) == "ECONNREFUSED"  # not allowed yet
     add = (["nft", f"add element inet codetainer d4_80_443 {{ {D} }}"] if backend_name == "nftables"
-           else ["ipset", "add", "ct-d4_80_443", D])  # fmt: skip
+           else ["ipset", "add", "ct-d4_80_443", D])
     assert world.run_in(world.inner, add).returncode == 0
     assert get(world, D, 443) == "proxy"
     assert proxy.original() == f"{D}:443"
@@ -322,7 +322,7 @@ def local_dns(world: World) -> World:
     world.spawn_in(world.inner, [
         "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
         f"--listen-address={LISTEN}", "--bind-interfaces", f"--server={UPSTREAM}", "--user=nobody",
-        "--pid-file=", "--log-facility=-", "--cache-size=0"])  # fmt: skip
+        "--pid-file=", "--log-facility=-", "--cache-size=0"])
     probe = world.run_in(world.inner, ["dig", "+short", "+tries=5", "+time=1", f"@{LISTEN}", "probe.test"])
     assert probe.returncode == 0, probe.stdout + probe.stderr
     return world
@@ -331,7 +331,7 @@ def local_dns(world: World) -> World:
 def limited(rate: int = 5, burst: int = 10, max_name: int = 100, **kw: Any) -> FirewallPolicy:
     return FirewallPolicy.build({(80, 443): [A]}, dns_uid=NOBODY, upstreams=[UPSTREAM], agent_uid=AGENT,
                                 dns_limit=DnsLimit(ipaddress.ip_address(LISTEN), rate, burst, max_name),
-                                **kw)  # fmt: skip
+                                **kw)
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
@@ -349,7 +349,7 @@ async def test_agent_names_longer_than_the_bound_are_dropped(local_dns: World, b
     world.set_records(at, [A])
     for proto in ("+notcp", "+tcp"):
         dig = world.run_in(world.inner, ["dig", "+short", "+time=1", "+tries=1", proto, f"@{LISTEN}", at],
-                           uid=AGENT)  # fmt: skip
+                           uid=AGENT)
         assert dig.stdout.split() == [A], proto
     # TCP: a segment holds at most two such queries (one name of any length fits).
     assert answered(world, [(over, "tcp"), (name_of(250, "long"), "tcp")], AGENT) == [True, True]

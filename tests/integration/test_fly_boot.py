@@ -43,7 +43,7 @@ DNS_UID = 999  # codetainer-dns in the scratch root (codetainer/sandbox/scratchr
 MACHINE_ID = "148e272c1d2e89"
 NOTRACK = ("table ip6 fly_no_conntrack {\n"
            " chain pre { type filter hook prerouting priority raw; notrack; }\n"
-           " chain out { type filter hook output priority raw; notrack; }\n}\n")  # fmt: skip
+           " chain out { type filter hook output priority raw; notrack; }\n}\n")
 #: IPv6 destinations in the world with a TCP server behind them (codetainer/sandbox/world.py)
 V6_TARGETS = ((FLY_OPERATOR, 443), (FLY_PEER, 80), (WORLD_V6, 443), (V6_HOSTS[0], 443),
               (FLY_RESOLVER, 53))
@@ -59,7 +59,7 @@ while True:
 def dig(world: World, server: str, name: str, uid: int) -> str:
     """One UDP query from the container's netns as ``uid``: the rcode, or TIMEOUT/ERROR."""
     out = world.run_in(world.inner, ["dig", "+time=1", "+tries=1", "+notcp", f"@{server}",
-                                     name, "A"], uid=uid)  # fmt: skip
+                                     name, "A"], uid=uid)
     m = re.search(r"status: ([A-Z]+)", out.stdout)
     return m[1] if m else ("TIMEOUT" if "timed out" in out.stdout else "ERROR")
 
@@ -85,7 +85,7 @@ class Keys:
     def _keygen(path: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         out = subprocess.run(["dropbearkey", "-t", "ed25519", "-f", str(path)],
-                             capture_output=True, text=True, check=True, timeout=30)  # fmt: skip
+                             capture_output=True, text=True, check=True, timeout=30)
         pub = next(ln for ln in out.stdout.splitlines() if ln.startswith("ssh-ed25519 "))
         return " ".join(pub.split()[:2])
 
@@ -93,7 +93,7 @@ class Keys:
         """``dbclient`` from the operator's 6PN address; the host key must match."""
         argv = ["env", "-i", f"HOME={self.home}", "PATH=/usr/bin:/bin", "dbclient", "-T",
                 "-b", f"[{FLY_OPERATOR}]", "-i", str(self.client_key), f"root@{FLY_MACHINE}",
-                command]  # fmt: skip
+                command]
         return world.run_in(world.world, argv, timeout=30)
 
 
@@ -113,7 +113,7 @@ def fly(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[World, FullB
         assert world.run_in(world.inner, ["nft", "-f", "-"], input=NOTRACK).returncode == 0
         binds = ((str(keys.root_ssh), "/root/.ssh", True),)
         with full_boot(env={"FLY_MACHINE_ID": MACHINE_ID}, world=world, base=base,
-                       binds=binds) as fb:  # fmt: skip
+                       binds=binds) as fb:
             st = fb.wait_boot(120)
             assert st["state"] == "READY", (st["reasons"], fb.log()[-3000:])
             with open(base / "dropbear.log", "wb") as sshd_log:
@@ -121,10 +121,10 @@ def fly(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[World, FullB
                     fb.nsenter_argv("dropbear", "-F", "-E", "-s", "-p", "22", "-r",
                                     f"/scratch-out/{keys.host_key.name}"),
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sshd_log,
-                )  # fmt: skip
+                )
             try:
                 wait_for(lambda: world.run_in(world.inner, ["ss", "-Hltn", "sport = :22"]).stdout,
-                         10, "dropbear listening on port 22")  # fmt: skip
+                         10, "dropbear listening on port 22")
                 yield world, fb, keys
             finally:
                 sshd.kill()  # nsenter; dropbear itself dies with the machine's PID namespace
@@ -138,11 +138,11 @@ def test_status_says_fly_because_auto_found_a_fly_machine(fly: tuple[World, Full
     assert net["ipv6_reason"] == f"auto: FLY_MACHINE_ID set, {FLY_MACHINE} on ct0"
     codetainer = str(Path(sys.executable).parent / "codetainer")
     human = subprocess.run([codetainer, "--socket", fb.socket, "status"], capture_output=True,
-                           text=True, timeout=30)  # fmt: skip
+                           text=True, timeout=30)
     assert f"IPv6 fly (auto: FLY_MACHINE_ID set, {FLY_MACHINE} on ct0)" in human.stdout, human.stdout
     as_json: dict[str, Any] = json.loads(subprocess.run(
         [codetainer, "--socket", fb.socket, "status", "--json"], capture_output=True, text=True,
-        timeout=30).stdout)  # fmt: skip
+        timeout=30).stdout)
     assert as_json["network"]["ipv6"] == "fly"
     assert any(e.get("event") == "network_ipv6_policy" and e.get("policy") == "fly"
                for e in fb.events())

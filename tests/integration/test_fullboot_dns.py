@@ -56,7 +56,7 @@ def machine(request: pytest.FixtureRequest) -> Iterator[tuple[FullBoot, str, dic
 def dig(fb: FullBoot, user: tuple[str, ...], server: str, name: str, *opts: str) -> str:
     """``status TEXT ADDR...`` of one query from inside the machine, or ``no answer``."""
     out = fb.inside(*user, "dig", "+time=1", "+tries=1", "+noall", "+comments", "+answer",
-                    f"@{server}", *opts, name, "A").stdout  # fmt: skip
+                    f"@{server}", *opts, name, "A").stdout
     m = re.search(r"status: ([A-Z]+)", out)
     if not m:
         return "no answer"
@@ -98,7 +98,7 @@ def test_the_agent_resolves_and_connects_to_allowlisted_names_only(
     from codetainer.sandbox.daemonproc import wait_for
 
     wait_for(lambda: {"not-allowlisted.example", f"deeper.{name}"} <= refused(), 10,
-             "the refused names in status")  # fmt: skip
+             "the refused names in status")
 
 
 def test_the_agent_may_ask_the_local_server_and_nothing_else_dns_shaped(

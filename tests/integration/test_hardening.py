@@ -219,7 +219,7 @@ def test_the_daemon_and_its_init_are_not_dumpable(machine: FullBoot) -> None:
     fb = machine
     started = [e for e in fb.events() if e.get("event") == "daemon_started"]
     assert len(started) == 1 and started[0]["dumpable"] is False, started
-    probe = "from codetainer.init.pid1 import dumpable; print(dumpable())"
+    probe = "from codetainer.init import dumpable; print(dumpable())"
     r = fb.inside(sys.executable, "-I", "-c", probe)
     assert r.stdout.strip() == "True", r
     # its processes, as the agent sees them: nothing of their environment

@@ -138,7 +138,7 @@ class AgentServer:
     def __init__(
         self, world: World, ports: Sequence[tuple[str, int] | tuple[str, int, str]], *,
         uid: int | None = AGENT, ns: str = "",
-    ) -> None:  # fmt: skip
+    ) -> None:
         argv = [PYTHON, "-I", "-c", _AGENT_SERVER, json.dumps(ports)]
         self.proc = world.spawn_in(ns or world.inner, argv, uid=uid)
         assert self._line(10) == "ready"
@@ -172,7 +172,7 @@ def probe(world: World, probes: Sequence[tuple[str, str, str, int]], timeout: fl
 def attack(port_tcp: int, port_udp: int) -> list[tuple[str, str, str, int]]:
     """Every attacker to both of the container's addresses, TCP and UDP."""
     return [(proto, src, dst, port) for dst, srcs in ATTACKERS.items() for src in srcs
-            for proto, port in (("tcp", port_tcp), ("udp", port_udp))]  # fmt: skip
+            for proto, port in (("tcp", port_tcp), ("udp", port_udp))]
 
 
 def policy(**kw: object) -> FirewallPolicy:
@@ -307,7 +307,7 @@ async def test_ipv6_neighbour_discovery_passes(world: World, backend_name: str) 
     AgentServer(world, [("tcp", 443, peer)], uid=None, ns=world.world)
     groups = {(80, 443): [A, peer]}
     pol = FirewallPolicy.build(groups, dns_uid=DNS_UID, upstreams=[UPSTREAM], ipv6="allowlist",
-                               inbound=["tcp/8080"])  # fmt: skip
+                               inbound=["tcp/8080"])
     await applied(world, backend_name, pol)
     # Outbound first (the container solicits the peer), then inbound (the peer solicits us).
     assert world.connect(peer, 443, uid=AGENT)[0] == "connected"
@@ -334,10 +334,10 @@ async def test_fly_ssh_comes_in_statelessly_and_nothing_else(world: World, backe
     # Be in Fly's position: no IPv6 connection tracking (every IPv6 packet untracked).
     notrack = ("table ip6 fly_no_conntrack {\n"
                " chain pre { type filter hook prerouting priority raw; notrack; }\n"
-               " chain out { type filter hook output priority raw; notrack; }\n}\n")  # fmt: skip
+               " chain out { type filter hook output priority raw; notrack; }\n}\n")
     assert world.run_in(world.inner, ["nft", "-f", "-"], input=notrack).returncode == 0
     pol = FirewallPolicy.build({(80, 443): [A]}, dns_uid=DNS_UID, upstreams=[UPSTREAM, FLY_RESOLVER],
-                               ipv6="fly", inbound=["tcp/2222"])  # fmt: skip
+                               ipv6="fly", inbound=["tcp/2222"])
     await applied(world, backend_name, pol)
     # Even published: without conntrack a reply cannot be told from a new flow, so no
     # published port answers in Fly's IPv6 (IPv4 is tracked and does).

@@ -100,7 +100,7 @@ def rotation_run(world: World, attempts: int, seconds: float) -> dict[str, objec
     mover.start()
     try:
         out = world.python_in(world.inner, RESOLVE_CONNECT, "127.0.0.53", "rot.test", str(attempts),
-                              str(seconds / attempts), uid=AGENT, timeout=seconds + 60)  # fmt: skip
+                              str(seconds / attempts), uid=AGENT, timeout=seconds + 60)
     finally:
         stop.set()
         mover.join()
@@ -123,7 +123,7 @@ def tmp() -> Iterator[Path]:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_rotation_zero_failures(engine: str, tmp: Path) -> None:
     env = {"CODETAINER_REFRESH_MIN_TTL": "30", "CODETAINER_REFRESH_MAX_TTL": "300",
-           "CODETAINER_REFRESH_GRACE": "600"}  # fmt: skip
+           "CODETAINER_REFRESH_GRACE": "600"}
     with World(ttl=1) as world:
         world.set_records("rot.test", [ROTATION[0]])
         d = start_daemon(world, tmp, "rot.test\n", env=env, engine=engine)
@@ -156,7 +156,7 @@ def test_500_set_swaps_are_atomic_under_a_prober(tmp: Path) -> None:
     names = [f"churn{i}.test" for i in range(5)]
     allowlist = f"{STATIC_ONLY}:443\n" + "".join(f"{n}\n" for n in names)
     env = {"CODETAINER_REFRESH_MIN_TTL": "0.02", "CODETAINER_REFRESH_MAX_TTL": "0.02",
-           "CODETAINER_REFRESH_GRACE": "0.2"}  # fmt: skip
+           "CODETAINER_REFRESH_GRACE": "0.2"}
     with World(ttl=0) as world:
         rng = random.Random(5)
         for n in names:

@@ -43,7 +43,7 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "exec", name, "nft", "-f", "-"], input=SETS, text=True, check=True)
         for fam, set_name in (("inet", "ct-d4_443"), ("inet6", "ct-d6_443")):
             subprocess.run(["ip", "netns", "exec", name, "ipset", "create", set_name, "hash:ip",
-                            "family", fam, "timeout", "660"], check=True)  # fmt: skip
+                            "family", fam, "timeout", "660"], check=True)
         yield name
     finally:
         # the ipsets live in the namespace and go with it
@@ -56,7 +56,7 @@ def runner(ns: str, timeout: float = 5.0) -> Runner:
 
 def nft_elements(ns: str, name: str) -> set[str]:
     out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "set", "inet", "codetainer", name],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+                         capture_output=True, text=True, check=True).stdout
     elems = json.loads(out)["nftables"][1]["set"].get("elem", [])
     return {e["elem"]["val"] if isinstance(e, dict) else e for e in elems}
 
@@ -64,7 +64,7 @@ def nft_elements(ns: str, name: str) -> set[str]:
 def ipset_elements(ns: str, name: str) -> dict[str, int]:
     """``{address: seconds left}``."""
     out = subprocess.run(["ip", "netns", "exec", ns, "ipset", "list", name],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+                         capture_output=True, text=True, check=True).stdout
     members = out.split("Members:\n", 1)[1].split("\n")
     return {p[0]: int(p[2]) for p in (m.split() for m in members) if len(p) == 3}
 
@@ -126,7 +126,7 @@ async def test_a_refused_transaction_raises_names_the_line_and_applies_nothing(
     assert "203.0.113.50" not in nft_elements(netns, "d4_443")
     # the helper goes on serving, and a set created after it started is found
     subprocess.run(["ip", "netns", "exec", netns, "nft", "add", "set", "inet", "codetainer", "d4_80",
-                    "{ type ipv4_addr; flags timeout; timeout 60s; }"], check=True)  # fmt: skip
+                    "{ type ipv4_addr; flags timeout; timeout 60s; }"], check=True)
     await nft_writer.add({"d4_443": ["203.0.113.50"], "d4_80": ["203.0.113.51"]})
     assert "203.0.113.51" in nft_elements(netns, "d4_80")
     assert helper_pid(nft_writer) == pid
@@ -243,7 +243,7 @@ async def test_ipset_writer_through_its_helper(netns: str) -> None:
         assert "fd00::1" in ipset_elements(netns, "ct-d6_443")
         # -exist refreshes the timeout: set it low by hand, re-add, it is back near 300
         subprocess.run(["ip", "netns", "exec", netns, "ipset", "add", "ct-d4_443", "203.0.113.1",
-                        "timeout", "5", "-exist"], check=True)  # fmt: skip
+                        "timeout", "5", "-exist"], check=True)
         assert ipset_elements(netns, "ct-d4_443")["203.0.113.1"] <= 5
         await writer.add({"d4_443": ["203.0.113.1"]})
         assert ipset_elements(netns, "ct-d4_443")["203.0.113.1"] > 290

@@ -27,7 +27,7 @@ TIMEOUT = 0.2
 ALLOWED = {
     ("BOOTING", "READY"), ("BOOTING", "DEGRADED"), ("BOOTING", "FAILED"), ("BOOTING", "STOPPING"),
     ("READY", "STOPPING"), ("DEGRADED", "STOPPING"), ("FAILED", "STOPPING"), ("STOPPING", "STOPPED"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("old", list(BootState))

@@ -127,7 +127,7 @@ def test_dnsmasq_ignores_cidr_and_github_entries() -> None:
 
 def bogus(text: str) -> list[str]:
     return [ln.removeprefix("bogus-nxdomain=") for ln in directives(text)
-            if ln.startswith("bogus-nxdomain=")]  # fmt: skip
+            if ln.startswith("bogus-nxdomain=")]
 
 
 @pytest.mark.parametrize("backend", list(SetBackend))
@@ -161,7 +161,7 @@ def test_dnsmasq_screen_leaves_out_what_a_cidr_entry_opens() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(8, 32)), max_size=4),
-       st.integers(0, 2**32 - 1))  # fmt: skip
+       st.integers(0, 2**32 - 1))
 def test_screen_is_internal_minus_cidr_entries_exactly(
     cidrs: list[tuple[int, int]], probe: int
 ) -> None:
@@ -173,7 +173,7 @@ def test_screen_is_internal_minus_cidr_entries_exactly(
                *(n.broadcast_address for n in internal),
                *(ipaddress.IPv4Address(a) for n in nets
                  for a in (int(n.network_address) - 1, int(n.broadcast_address) + 1)
-                 if 0 <= a < 2**32)}:  # fmt: skip
+                 if 0 <= a < 2**32)}:
         want = any(ip in n for n in internal) and not any(ip in n for n in nets)
         got = any(ip.version == n.version and ip in n for n in screened)
         assert got is want, (str(ip), [str(n) for n in nets])
@@ -228,7 +228,7 @@ def test_corefile_structure() -> None:
             cache = [c for c in b.children if c.header == "cache 60"]
             # dnsmasq's cache size, upstream TTLs under 5 s kept, a failure not cached
             assert cache and cache[0].lines == ["success 10000 60 0", "denial 10000 60 0",
-                                                "servfail 0s"]  # fmt: skip
+                                                "servfail 0s"]
             log = [c for c in b.children if c.header.startswith("log ")]
             assert log and log[0].lines == ["class denial error"]  # template NXDOMAIN: error
     # exact: subdomains NXDOMAIN, the name itself falls through to forward
@@ -266,7 +266,7 @@ def test_dev_builds_coredns_with_every_plugin_the_corefile_uses() -> None:
     assert m, "COREDNS_PLUGINS not found in dev"
     built = set(m[1].split())
     text = generate_corefile(al("x.com:443\n*.w.com\nboth.com\n*.both.com\n"),
-                             opts(hook="127.0.0.1:5354")).text  # fmt: skip
+                             opts(hook="127.0.0.1:5354")).text
     used: set[str] = set()
 
     def walk(blocks: list[Block], depth: int) -> None:

@@ -67,7 +67,7 @@ async def hooked() -> AsyncIterator[tuple[DnsHook, Upstream, Writer, list[str]]]
         SetRoutes({"githubusercontent.com": ("d4_80_443",), "api.github.com": ("d4_80_443",)}),
         writer, allowed=lambda n: allow.match(n) is not None, sock_uid=None,
         on_refused=lambda n, c: refused.append(n), timeout=1.0,
-    )  # fmt: skip
+    )
     try:
         yield hook, up, writer, refused
     finally:
@@ -104,7 +104,7 @@ async def test_a_label_with_a_dot_is_refused_not_forwarded(
 
 @pytest.mark.parametrize("odd", [
     b"a\x00", b"\x00", b"a b", b"a\\", b"*", b"caf\xc3\xa9", b"a/b", b"a\n",
-])  # fmt: skip
+])
 async def test_a_label_with_a_byte_no_entry_can_hold_is_refused(
     hooked: tuple[DnsHook, Upstream, Writer, list[str]], odd: bytes
 ) -> None:
@@ -132,7 +132,7 @@ async def test_real_subdomains_forward_case_insensitively(
     assert writer.calls == [{"d4_80_443": ["203.0.113.7"]}] * 5
     # the apex of a wildcard, and a name merely ending in the same text, stay refused
     for name in (labels(b"githubusercontent", b"com"), labels(b"xgithubusercontent", b"com"),
-                 labels(b"sub", b"api", b"github", b"com")):  # fmt: skip
+                 labels(b"sub", b"api", b"github", b"com")):
         assert (await ask(hook, name)).rcode() == dns.rcode.NXDOMAIN
     assert len(up.seen) == 5
 
@@ -181,7 +181,7 @@ async def test_concurrent_insertions_share_transactions_and_each_waits_for_its_o
 
     failing = BatchedWriter(SlowWriter(fail=True))
     results = await asyncio.gather(*(failing.add({"d4_443": [f"203.0.113.{i}"]}) for i in range(5)),
-                                   return_exceptions=True)  # fmt: skip
+                                   return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results), results  # none was told "done"
 
 
@@ -207,7 +207,7 @@ async def test_a_dead_first_upstream_costs_one_short_wait_then_the_live_one_goes
     ports = [t.get_extra_info("sockname")[1] for t in (t_dead, t_live)]
     hook = DnsHook("127.0.0.1:0", parse_upstreams([f"127.0.0.1:{p}" for p in ports]),
                    SetRoutes({"api.github.com": ("d4_80_443",)}), Writer(),
-                   allowed=lambda n: n == "api.github.com", sock_uid=None)  # fmt: skip
+                   allowed=lambda n: n == "api.github.com", sock_uid=None)
     try:
         t0 = loop.time()
         assert (await ask(hook, labels(b"api", b"github", b"com"))).rcode() == dns.rcode.NOERROR

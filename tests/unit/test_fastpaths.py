@@ -112,6 +112,9 @@ def test_both_ways_run_the_same_command(monkeypatch: pytest.MonkeyPatch, argv: l
 
 def test_the_session_reply_carries_the_filter_only_when_the_session_is_up() -> None:
     class Up(FakeManager):
+        def _server_gone(self) -> str | None:
+            return None  # its (fake) server runs
+
         async def _tmux(self, *args: str) -> str:
             return "$0\tclaude\n" if args[0] == "display-message" else await super()._tmux(*args)
 
@@ -122,6 +125,17 @@ def test_the_session_reply_carries_the_filter_only_when_the_session_is_up() -> N
     up = asyncio.run(m.session_handler(None))
     assert up["exists"] is True and up["seccomp_filter"] == seccomp.filter_hex()
     assert "seccomp_filter" not in m.describe()  # not in status or session.ready
+
+
+def test_the_session_reply_reads_the_servers_process_not_tmux() -> None:
+    """A server that exited is not reported up, told from the kernel: no tmux client."""
+    m = FakeManager()
+    asyncio.run(m.start())
+    assert m.server_pid == 41  # the fake's: no process of the agent's has it here
+    reply = asyncio.run(m.session_handler(None))
+    assert reply["exists"] is False and "pid 41) exited" in reply["reason"], reply
+    assert "seccomp_filter" not in reply
+    assert not any(c[0] == "display-message" for c in m.calls)
 
 
 def test_attach_loads_the_filter_the_daemon_handed() -> None:

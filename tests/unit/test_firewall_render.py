@@ -288,7 +288,7 @@ def test_nft_parse_denied_and_table() -> None:
                   "counter": {"packets": 2, "bytes": 58}}},
         {"elem": {"val": {"concat": ["192.0.2.9", "tcp", 443]}, "expires": 3599, "counter": {"packets": 7}}},
         {"elem": {"val": {"concat": ["not an ip", "tcp", 443]}, "expires": 1}},
-    ]}}, {"chain": {"name": "output"}}]}  # fmt: skip
+    ]}}, {"chain": {"name": "output"}}]}
     table = nft.parse_table(json.dumps(listing))
     assert table["chains"] == ["output"]
     denied = nft.parse_denied(table["sets"]["denied4"], 3600)
@@ -692,7 +692,7 @@ def test_nft_dns_limit_rules() -> None:
     rules = [f"{to} udp dport 53 meta length > 169 counter drop",
              f"{to} tcp dport 53 meta length > 366 counter drop",
              f"{to} meta l4proto {{ tcp, udp }} th dport 53 limit rate over 50/second burst 5000 packets "
-             "counter drop"]  # fmt: skip
+             "counter drop"]
     at = [output.index(r) for r in rules]
     # after the hook's rule, before the loopback accept (the server is on loopback)
     hook = output.index("meta l4proto { tcp, udp } ip daddr 127.0.0.1 th dport 5354 "
@@ -707,7 +707,7 @@ def test_ipt_dns_limit_chain() -> None:
     assert lines[:5] == ["*filter", ":CODETAINER-OUT - [0:0]", ":CODETAINER-IN - [0:0]",
                          ":CODETAINER-DENY - [0:0]", ":CODETAINER-DNS - [0:0]"]
     jumps = [index(lines, f"-A CODETAINER-OUT -d 127.0.0.53 -p {p} --dport 53 -m owner --uid-owner 1000 "
-                          "-j CODETAINER-DNS") for p in ("udp", "tcp")]  # fmt: skip
+                          "-j CODETAINER-DNS") for p in ("udp", "tcp")]
     assert max(jumps) < index(lines, "-o lo -j ACCEPT")
     assert ipt_chain("\n".join(lines), "CODETAINER-DNS") == [
         "-p udp -m length --length 170:65535 -j DROP",
@@ -742,7 +742,7 @@ def test_the_proxys_uid_shares_the_agents_dns_budget() -> None:
 def test_selftest_redirect_verdicts() -> None:
     def result(redirected: str | None) -> SelfTestResult:
         return SelfTestResult("connected", 1.0, "ECONNREFUSED", 0.2, {}, allowed_target="203.0.113.10:443",
-                              redirected=redirected)  # fmt: skip
+                              redirected=redirected)
 
     assert result("203.0.113.10:443").ok
     assert result("in use").ok  # the proxy holds the port already: nothing to check
@@ -760,11 +760,11 @@ def test_compose_builds_the_agents_rules(tmp_path: Path) -> None:
 
     def build(**kw: str) -> FirewallPolicy:
         s = Settings(run_dir=str(tmp_path), dns_user="nobody", upstreams="192.0.2.53", agent_user="1000",
-                     **kw)  # fmt: skip
+                     **kw)
         opts = parse_options(s, Engine.DNSMASQ)
         long_name = "a" * 60 + "." + "b" * 60 + ".test"
         plan = make_plan(Allowlist(tuple(parse_text(f"api.test\n{long_name}\n", "domains.conf"))), opts,
-                         "nftables")  # fmt: skip
+                         "nftables")
         return build_policy(plan, {}, opts)
 
     on = build(proxy="on")

@@ -60,7 +60,7 @@ def test_auto_is_fly_only_with_both_the_variable_and_a_6pn_address() -> None:
 def test_only_fdaa_addresses_count_and_fly_private_ip_comes_first() -> None:
     pairs = [("lo", "::1"), ("eth0", "fe80::1"), ("eth0", "2605:4c40:197:7fd0:0:fa4a:e57b:1"),
              ("eth0", "fd00:ce::2"), ("eth1", "fdaa:0:1::9"), ("eth0", "fdaa:0:1:a7b:2::2"),
-             ("eth0", "not-an-address"), ("eth0", "172.19.0.2")]  # fmt: skip
+             ("eth0", "not-an-address"), ("eth0", "172.19.0.2")]
     assert fly_addresses(pairs, "fdaa:0:1:a7b:2::2") == (
         ("eth0", "fdaa:0:1:a7b:2::2"), ("eth1", "fdaa:0:1::9"))
     assert fly_addresses(pairs) == (("eth0", "fdaa:0:1:a7b:2::2"), ("eth1", "fdaa:0:1::9"))

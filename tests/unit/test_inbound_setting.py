@@ -25,7 +25,7 @@ def test_default_lets_nothing_in(tmp_path: Path) -> None:
 
 def test_published_ports_reach_the_policy(tmp_path: Path) -> None:
     env = {"CODETAINER_INBOUND": "tcp/8080, udp/5353", "CODETAINER_DNS_USER": "nobody",
-           "CODETAINER_RUN_DIR": str(tmp_path), "CODETAINER_UPSTREAMS": "192.0.2.53"}  # fmt: skip
+           "CODETAINER_RUN_DIR": str(tmp_path), "CODETAINER_UPSTREAMS": "192.0.2.53"}
     opts = parse_options(Settings.from_env(env), Engine.DNSMASQ)
     assert opts.inbound == (InboundPort("tcp", 8080), InboundPort("udp", 5353))
     allow = Allowlist(tuple(parse_text("api.test\n", "domains.conf")))
@@ -39,7 +39,7 @@ def test_published_ports_reach_the_policy(tmp_path: Path) -> None:
     ("8080/tcp", "the protocol comes first"),
     ("tcp/99999", "not in 1-65535"),
     ("tcp/8080;udp/53", "is not tcp/PORT"),
-])  # fmt: skip
+])
 def test_a_bad_value_names_the_variable_and_the_form(tmp_path: Path, value: str, why: str) -> None:
     with pytest.raises(ValueError) as err:
         parse_options(settings(tmp_path, inbound=value), Engine.DNSMASQ)
@@ -50,7 +50,7 @@ def test_a_bad_value_names_the_variable_and_the_form(tmp_path: Path, value: str,
 
 def test_status_shows_inbound() -> None:
     st = {"engine": "coredns", "listen": "127.0.0.53", "hook": None, "backend": "nftables",
-          "ipv6": "deny", "names": 1, "addresses": 2}  # fmt: skip
+          "ipv6": "deny", "names": 1, "addresses": 2}
     assert status_text({**st, "inbound": ""}).splitlines()[0].endswith("IPv6 deny, inbound none")
     first = status_text({**st, "inbound": "tcp/8080,udp/5353"}).splitlines()[0]
     assert first.endswith("IPv6 deny, inbound tcp/8080,udp/5353")

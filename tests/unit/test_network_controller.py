@@ -17,12 +17,13 @@ import pytest
 from codetainer.boot.engine import BootContext, StepError
 from codetainer.control.server import Peer, Request, RequestError
 from codetainer.events import EventBus
+from codetainer.network.active import AddressNames, RefusedTable
 from codetainer.network.allowlist import Allowlist, parse_text
 from codetainer.network.compose import agent_identity, build_policy, make_plan, parse_options
 from codetainer.network.controller import NetworkController
 from codetainer.network.dnsconfig import Engine, parse_upstreams
 from codetainer.network.dnshook import DnsHook, NftSetWriter, SetRoutes, SetWriter, domain_sets
-from codetainer.network.why import AddressNames, RefusedTable, WhyAddress, WhyReport, parse_duration
+from codetainer.network.why import WhyAddress, WhyReport, parse_duration
 from codetainer.settings import Settings
 
 ALLOW = """\
@@ -35,7 +36,7 @@ x.cdn.test            # exact under a wildcard: routed to its own line
 
 def settings(tmp: Path, **kw: str) -> Settings:
     base = {"run_dir": str(tmp / "run"), "dns_user": "nobody", "upstreams": "192.0.2.53",
-            "allowlist": str(tmp / "domains.conf")}  # fmt: skip
+            "allowlist": str(tmp / "domains.conf")}
     base.update(kw)
     return Settings(**base)
 
@@ -102,7 +103,7 @@ def test_hook_mode_forwards_to_the_hook_and_fills_nothing(tmp_path: Path) -> Non
     ("dns_user", "no-such-user-ct", "does not exist"),
     ("dns_user", "root", "must not be root"),
     ("upstreams", "dns.google", "not an IP"),
-])  # fmt: skip
+])
 def test_bad_settings_name_the_variable(tmp_path: Path, field: str, value: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         parse_options(settings(tmp_path, **{field: value}), Engine.DNSMASQ)
@@ -194,7 +195,7 @@ async def test_hook_inserts_before_replying_refuses_and_fails_closed(free_port: 
     hook = DnsHook("127.0.0.1:0", parse_upstreams(f"127.0.0.1:{free_port}"),
                    SetRoutes({"api.test": ("d4_80_443",)}), writer,
                    allowed=lambda n: n == "api.test", sock_uid=None,
-                   on_refused=lambda n, c: refused.append(n))  # fmt: skip
+                   on_refused=lambda n, c: refused.append(n))
     try:
         r = await ask(hook, "api.test")
         assert r.rcode() == dns.rcode.NOERROR
@@ -289,7 +290,7 @@ async def test_ops_before_setup_and_bad_requests(tmp_path: Path) -> None:
         await nc.ops.op_allow(request("allow", target="ok.test", duration="1h"))
     assert exc.value.code == "failed"
     for args in ({"target": "bad}.test"}, {"target": "ok.test", "duration": "soon"}, {"target": "@github"},
-                 {}):  # fmt: skip
+                 {}):
         with pytest.raises(RequestError) as exc:
             await nc.ops.op_allow(request("allow", **args))
         assert exc.value.code == "bad_request", args

@@ -68,20 +68,20 @@ class FakeFirewall:
 
 
 def make(answers: dict[str, tuple[list[str], int] | str], names: dict[str, tuple[int, ...]] | None = None,
-         **kw: float) -> tuple[Refresher, FakeDns, FakeFirewall, Clock]:  # fmt: skip
+         **kw: float) -> tuple[Refresher, FakeDns, FakeFirewall, Clock]:
     clock = Clock()
     dns = FakeDns(clock, answers)
     fw = FakeFirewall()
     opts: dict[str, float] = {"min_ttl": 30, "max_ttl": 300, "grace": 600, **kw}
     r = Refresher(names if names is not None else {n: P for n in answers}, dns, fw,
                   fixed={Q: ["198.51.100.0/24"]}, clock=clock, wall=clock.wall, sleep=clock.sleep,
-                  **opts)  # fmt: skip
+                  **opts)
     return r, dns, fw, clock
 
 
 async def test_first_tick_resolves_everything_in_one_call_and_applies_groups() -> None:
     r, dns, fw, _ = make({"a.test": (["203.0.113.1"], 60), "b.test": (["203.0.113.2", "203.0.113.3"], 60)},
-                         names={"a.test": P, "b.test": Q})  # fmt: skip
+                         names={"a.test": P, "b.test": Q})
     report = await r.tick()
     assert len(dns.calls) == 1 and sorted(dns.calls[0][1]) == ["a.test", "b.test"]
     assert fw.last == {P: ("203.0.113.1",), Q: ("198.51.100.0/24", "203.0.113.2", "203.0.113.3")}
@@ -196,7 +196,7 @@ async def test_names_due_close_together_share_one_tick() -> None:
 
 async def test_update_adds_names_due_now_and_drops_removed_ones() -> None:
     r, _dns, fw, _ = make({"a.test": (["203.0.113.1"], 60), "b.test": (["203.0.113.2"], 60)},
-                         names={"a.test": P})  # fmt: skip
+                         names={"a.test": P})
     await r.tick()
     added = r.update({"b.test": P}, {})
     assert added == ["b.test"]

@@ -20,7 +20,7 @@ def test_pairs_become_the_environment_the_last_one_winning() -> None:
     assert parse_env(["CODETAINER_DNS_ENGINE=dnsmasq", "FLY_MACHINE_ID=148e272c1d2e89",
                       "EMPTY=", "A_B=x=y", "CODETAINER_DNS_ENGINE=coredns"]) == {
         "CODETAINER_DNS_ENGINE": "coredns", "FLY_MACHINE_ID": "148e272c1d2e89", "EMPTY": "",
-        "A_B": "x=y"}  # fmt: skip
+        "A_B": "x=y"}
 
 
 @pytest.mark.parametrize("pair", ["NOEQUALS", "=value", "1ABC=x", "A-B=x", "A B=x", "Ä=x",
@@ -54,7 +54,7 @@ def test_the_pairs_reach_the_daemon_and_the_usual_lines_are_printed(
     monkeypatch.setattr(sandbox.signal, "signal", lambda *a: None)  # pytest keeps its SIGTERM
     code = sandbox.main(["--dir", str(tmp_path / "sb"), "--agent-command", "bash -l",
                          "-e", "FLY_MACHINE_ID=148e272c1d2e89", "-e", "CODETAINER_DNS_ENGINE=dnsmasq",
-                         "-e", "GH_PAT=ghp_notprinted"])  # fmt: skip
+                         "-e", "GH_PAT=ghp_notprinted"])
     assert code == 0
     env = seen["env"]
     assert env["FLY_MACHINE_ID"] == "148e272c1d2e89" and env["GH_PAT"] == "ghp_notprinted"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from codetainer.control import protocol
-from codetainer.daemon import Daemon, network_degraded
+from codetainer.daemon import Daemon
 from codetainer.session.usage import SAMPLE_MAX_AGE, UsageCache
 from codetainer.settings import Settings
 
@@ -113,7 +113,7 @@ async def test_brief_status_is_state_and_reasons_only_without_building_sections(
 
 async def test_brief_status_agrees_with_status_when_the_network_is_degraded(
         daemon: Daemon) -> None:
-    """``network_degraded`` (the probe) and the network section must say the same."""
+    """The network's ``degraded()`` (the probe) and its status section must say the same."""
     del daemon.extra_status["limits"]  # reads this machine's cgroups: not the point here
     nc = daemon.network
 
@@ -121,7 +121,7 @@ async def test_brief_status_agrees_with_status_when_the_network_is_degraded(
         brief, full = await call(daemon, "status", brief=True), await call(daemon, "status")
         assert "error" not in full["network"], full["network"]
         assert brief == {"state": full["state"], "reasons": full["reasons"]}
-        assert network_degraded(nc) == full["network"].get("degraded")
+        assert nc.degraded() == full["network"].get("degraded")
         return brief
 
     assert (await agree())["reasons"] == [], "an inactive network is not degraded"

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -35,9 +34,10 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential,
 )
 
+from codetainer import runner
+from codetainer.backoff import exponential
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.boot.filesystem import write_file
 from codetainer.boot.privileges import AgentUser
@@ -48,7 +48,6 @@ from codetainer.settings import Settings
 log = structlog.get_logger("codetainer.boot")
 
 GITHUB_URL = "https://github.com"
-GITHUB_API_URL = "https://api.github.com"
 #: matched with fullmatch (``$`` would accept a trailing newline)
 UPSTREAM_RE = re.compile(
     r"https://github\.com/[A-Za-z0-9][A-Za-z0-9-]{0,38}/"
@@ -62,6 +61,9 @@ PERMANENT = re.compile(
     r"returned error: 40[134]",
     re.IGNORECASE,
 )
+#: seconds for a local git command (config, remote add) and for the hand-over's chown -R
+GIT_TIMEOUT = 30.0
+HAND_OVER_TIMEOUT = 120.0
 HELPER = ('!f() {{ test "$1" = get || exit 0; '
           'printf "%s\\n" "username=${{CT_GIT_USER_{i}}}" "password=${{CT_GIT_PASS_{i}}}"; }}; f')
 
@@ -134,27 +136,19 @@ async def clone_once(url: str, dest: Path, env: Mapping[str, str], *, timeout: f
     if branch:
         argv += ["--branch", branch]
     argv += ["--", url, str(dest)]
-    proc = await asyncio.create_subprocess_exec(
-        *argv, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        # git forks helpers (remote-https, credential helper): kill the whole group
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        await proc.wait()
-        raise CloneError(f"git clone timed out after {timeout:g}s", retryable=True) from None
-    if proc.returncode != 0:
-        text = err.decode(errors="replace")
+        # git forks helpers (remote-https, credential helper): the runner kills the group
+        done = await runner.run(argv, timeout=timeout, env=env)
+    except runner.SpawnError as exc:
+        raise CloneError(str(exc), retryable=False) from None
+    if done.timed_out:
+        raise CloneError(f"git clone timed out after {timeout:g}s", retryable=True)
+    if done.code != 0:
+        text = done.stderr
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         # git's first "fatal:" line says what went wrong; the rest is advice
         first = next((ln for ln in lines if ln.startswith(("fatal:", "error:"))),
-                     lines[-1] if lines else f"exit status {proc.returncode}")
+                     lines[-1] if lines else f"exit status {done.code}")
         detail = redact(first, secrets)
         detail = re.sub(r"[a-z][a-z0-9+.-]*://[^\s'\"]+",
                         lambda m: strip_credentials(m.group(0)), detail)
@@ -174,7 +168,7 @@ async def clone(url: str, dest: Path, env: Mapping[str, str], *, timeout: float,
 
     retrying = AsyncRetrying(
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential(multiplier=backoff, max=30),
+        wait=exponential(backoff, 30.0),
         retry=retry_if_exception(lambda e: isinstance(e, CloneError) and e.retryable),
         before_sleep=before_sleep,
         reraise=True,
@@ -228,16 +222,18 @@ async def find_upstream(api_base: str, owner: str, repo: str, token: str,
 
 
 async def git(*args: str, cwd: Path | None = None) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        "git", *args, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GIT_CONFIG_NOSYSTEM": "1",
-             "GIT_CONFIG_GLOBAL": "/dev/null"},
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise CloneError(f"git {args[0]}: {err.decode(errors='replace').strip()}", False)
-    return out.decode()
+    """A local git command (config, remote): its stdout; CloneError when it fails."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GIT_CONFIG_NOSYSTEM": "1",
+           "GIT_CONFIG_GLOBAL": "/dev/null"}
+    try:
+        done = await runner.run(["git", *args], timeout=GIT_TIMEOUT, env=env,
+                                cwd=str(cwd) if cwd is not None else None)
+    except runner.SpawnError as exc:
+        raise CloneError(f"git {args[0]}: {exc}", False) from None
+    if not done.ok:
+        why = done.stderr.strip() if not done.timed_out else done.outcome
+        raise CloneError(f"git {args[0]}: {why}", False)
+    return done.stdout
 
 
 # --- snapshot ---------------------------------------------------------------------------
@@ -309,10 +305,14 @@ async def hand_over(dest: Path, user: AgentUser) -> None:
     (a symlink to /etc/shadow committed in it): ``-R`` with ``--no-dereference`` changes
     each link itself and never walks or changes what it points at. Runs before any agent
     code does (docs/security.md)."""
-    proc = await asyncio.create_subprocess_exec(
-        "chown", "-R", "--no-dereference", f"{user.uid}:{user.gid}", str(dest))
-    if await proc.wait() != 0:
-        raise StepError(f"cannot hand {dest} to {user.name} (chown failed)")
+    argv = ["chown", "-R", "--no-dereference", f"{user.uid}:{user.gid}", str(dest)]
+    try:
+        done = await runner.run(argv, timeout=HAND_OVER_TIMEOUT)
+    except runner.SpawnError as exc:
+        raise StepError(f"cannot hand {dest} to {user.name} ({exc})") from None
+    if not done.ok:
+        why = done.stderr.strip()[:500] if not done.timed_out else done.outcome
+        raise StepError(f"cannot hand {dest} to {user.name} (chown failed: {why or done.exit})")
 
 
 async def _run(ctx: BootContext) -> str:

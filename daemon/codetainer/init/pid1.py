@@ -23,7 +23,6 @@ from typing import NoReturn
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
-PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
@@ -36,14 +35,6 @@ def _prctl(option: int, arg: int) -> bool:
 
     libc = ctypes.CDLL(None, use_errno=True)
     return int(libc.prctl(option, arg, 0, 0, 0)) == 0
-
-
-def dumpable() -> bool:
-    """Whether this process may be dumped or ptraced by its own uid (PR_GET_DUMPABLE)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)) != 0
 
 
 def _noop(signum: int, frame: object) -> None:

@@ -152,7 +152,7 @@ def parse_options(settings: Settings, engine: Engine, fly: FlyEvidence | None = 
         agent_uid=agent_identity(settings.agent_user)[0],
         proxy_port=TRANSPARENT_PORT if settings.proxy else None, dns_rate=dns_rate,
         proxy_uid=_proxy_uid(settings) if settings.proxy else None,
-    )  # fmt: skip
+    )
 
 
 def check_settings(settings: Settings) -> None:
@@ -213,7 +213,7 @@ def _strip_set_lines(cfg: GeneratedConfig) -> GeneratedConfig:
     text = "".join(
         line for line in cfg.text.splitlines(keepends=True)
         if not line.startswith(("nftset=", "ipset="))
-    )  # fmt: skip
+    )
     return dataclasses.replace(cfg, text=text)
 
 
@@ -226,7 +226,7 @@ def make_plan(
     dns_opts = DnsOptions(
         listen=opts.listen, port=53, upstreams=opts.upstreams, ipv6=opts.ipv6 == "allowlist",
         max_ttl=opts.max_cache_ttl, user=opts.dns_user, group=opts.dns_group,
-    )  # fmt: skip
+    )
     sets_kind = SetBackend.NFTSET if backend == "nftables" else SetBackend.IPSET
     mapping = generate_dnsmasq(allowlist, dns_opts, SetBackend.NFTSET)
     if opts.engine is Engine.COREDNS:
@@ -259,7 +259,7 @@ def make_plan(
         allowlist=allowlist, config=config, domain_sets=dsets, names=names,
         fixed={p: tuple(dict.fromkeys(a)) for p, a in fixed.items()},
         groups=tuple(sorted(groups)),
-    )  # fmt: skip
+    )
 
 
 def build_policy(
@@ -282,7 +282,7 @@ def build_policy(
         ipv6=opts.ipv6, dynamic_timeout=plan.config.set_timeout, inbound=opts.inbound,
         dns_hook=(hook.ip, hook.port) if hook else None, agent_uid=opts.agent_uid,
         proxy_port=opts.proxy_port if opts.agent_uid is not None else None, dns_limit=limit,
-    )  # fmt: skip
+    )
 
 
 def dns_exec_script(opts: NetOptions) -> str:

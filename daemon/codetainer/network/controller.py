@@ -24,17 +24,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
 
+from codetainer import backoff
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.boot.readiness import Check
-from codetainer.network import dnscheck
+from codetainer.network import dnscheck, selftest
+from codetainer.network.active import AddressNames, Grant, RefusedTable
 from codetainer.network.allowlist import (
     Allowlist,
     AllowlistError,
@@ -43,7 +45,6 @@ from codetainer.network.allowlist import (
 from codetainer.network.compose import (
     NetOptions,
     NetworkPlan,
-    agent_identity,
     build_policy,
     check_settings,
     dns_exec_script,
@@ -68,18 +69,13 @@ from codetainer.network.firewall import (
     SelfTestResult,
     make_backend,
     probe_backend,
-    self_test,
 )
 from codetainer.network.flyenv import fly_environ, gather
 from codetainer.network.github_meta import GithubRanges, MetaSource, load_github_ranges
 from codetainer.network.ops import NetworkOps
 from codetainer.network.refresh import Contents, Refresher
 from codetainer.network.setwriter import IpsetWriter, NftSetWriter, SetWriter
-from codetainer.network.why import (
-    AddressNames,
-    RefusedTable,
-    network_status,
-)
+from codetainer.network.why import network_status
 from codetainer.services.manager import UnknownService
 from codetainer.services.states import ProcessState
 
@@ -96,9 +92,14 @@ log = structlog.get_logger("codetainer.network")
 
 DENIED_POLL_S = 10.0
 DNS_START_TIMEOUT = 20.0
+#: between two "does it answer" probes of a STARTING DNS server
+DNS_PROBE_INTERVAL = 0.02
 
 
 class NetworkController:
+    """Sets the network up and keeps it; implements :class:`.active.ActiveNetwork`, all
+    that ``why``, ``allow`` and status read of it."""
+
     def __init__(self, settings: Settings, events: EventBus, services: ServiceManager) -> None:
         self.settings = settings
         self.events = events
@@ -145,7 +146,7 @@ class NetworkController:
                  requires=("dns",), description="resolve the allowlist, fill the allowed sets"),
             Step("network-selftest", self._step_selftest, timeout=60.0, policy=Policy.FATAL,
                  requires=("firewall",), description="prove the firewall from the agent's uid"),
-        ]  # fmt: skip
+        ]
 
     def _ready(self) -> tuple[NetOptions, NetworkPlan, FirewallBackend]:
         if self.opts is None or self.plan is None or self.backend is None:
@@ -198,7 +199,7 @@ class NetworkController:
         nets = sum(len(v) for v in plan.fixed.values())
         return (f"{len(plan.names)} names, {len(allow.wildcards)} wildcards, {nets} networks; "
                 f"DNS {opts.engine.value}, firewall {backend.name} (default deny), "
-                f"IPv6 {opts.ipv6}")  # fmt: skip
+                f"IPv6 {opts.ipv6}")
 
     def _make_plan(self, allow: Allowlist) -> NetworkPlan:
         assert self.opts is not None and self.backend is not None
@@ -216,7 +217,7 @@ class NetworkController:
                 self.set_writer = NftSetWriter(Runner(timeout=5.0), persistent=keep)
             else:
                 self.set_writer = IpsetWriter(Runner(timeout=5.0), plan.config.set_timeout,
-                                              persistent=keep)  # fmt: skip
+                                              persistent=keep)
         return self.set_writer
 
     def _write_dns(self, plan: NetworkPlan) -> bool:
@@ -233,7 +234,7 @@ class NetworkController:
             hook = DnsHook(opts.hook, opts.upstreams, SetRoutes(plan.domain_sets), writer,
                            allowed=self._allowed_name, sock_uid=opts.dns_uid,
                            on_refused=self.refused.record, on_answer=self._on_hook_answer,
-                           screened=plan.config.screened)  # fmt: skip
+                           screened=plan.config.screened)
             try:
                 await hook.start()
             except OSError as exc:
@@ -285,12 +286,15 @@ class NetworkController:
         goes on then (the supervisor still moves it to RUNNING at ``startsecs`` and
         restarts it if it dies later). Until it answers, a process that exits is the
         supervisor's to retry (BACKOFF); the step fails only at FATAL or the deadline.
+        The supervisor's verdicts are waited on (``Service.wait_state`` is signalled by
+        the state change); only the "does it answer" probe is repeated, while STARTING.
         """
         opts, plan, _ = self._ready()
         svc = self.services.start("dns")
         probe = plan.allowlist.names[0] if plan.allowlist.names else dnscheck.DENIED_PROBE
         deadline = time.monotonic() + svc.config.startsecs + DNS_START_TIMEOUT
-        while time.monotonic() < deadline:
+        settled = {ProcessState.RUNNING, ProcessState.FATAL}
+        while (left := deadline - time.monotonic()) > 0:
             state = svc.state
             if state is ProcessState.RUNNING:
                 return
@@ -300,7 +304,12 @@ class NetworkController:
                 answer = await dnscheck.query(probe, "A", opts.listen, 53, timeout=0.1)
                 if answer.rcode not in ("TIMEOUT", "ERROR"):  # it answered: it serves
                     return
-            await asyncio.sleep(0.02)
+                # the next probe, or at once when the supervisor settles it
+                await svc.wait_state(settled, min(DNS_PROBE_INTERVAL, left))
+            else:  # BACKOFF between tries: nothing answers until it is STARTING again
+                await svc.wait_state(settled | {ProcessState.STARTING}, left)
+        if svc.state is ProcessState.RUNNING:  # settled as the deadline came
+            return
         tail = " | ".join(list(svc.tail)[-3:])
         err = f" ({svc.fsm.spawnerr})" if svc.fsm.spawnerr else ""
         raise StepError(f"the DNS server did not start: {svc.state.name}{err}"
@@ -319,16 +328,19 @@ class NetworkController:
     async def _health(self, attempts: int = 1, timeout: float = 2.0) -> dnscheck.HealthResult:
         opts, plan, _ = self._ready()
         probe = plan.allowlist.names[0] if plan.allowlist.names else None
-        result: dnscheck.HealthResult | None = None
-        for i in range(attempts):
+
+        async def check() -> dnscheck.HealthResult:
             result = await dnscheck.check_dns(opts.listen, 53, probe or dnscheck.DENIED_PROBE,
                                               timeout=timeout)
             if probe is None:  # only wildcards and networks: the filter is what we can prove
                 result = dataclasses.replace(result, answered=True, allowed_rcode="(no exact name)")
-            if result.ok:
-                break
-            await asyncio.sleep(min(0.2 * 2**i, 2.0))
-        assert result is not None
+            return result
+
+        retrying = AsyncRetrying(stop=stop_after_attempt(attempts),
+                                 wait=backoff.exponential(0.2, 2.0),
+                                 retry=retry_if_result(lambda r: not r.ok),
+                                 retry_error_callback=backoff.last_result)
+        result: dnscheck.HealthResult = await retrying(check)
         self.health = result
         if self.guard is not None:
             self.guard.observe(result)
@@ -339,7 +351,7 @@ class NetworkController:
         self.refresher = Refresher(
             plan.names, self._resolve, self._apply_contents, fixed=plan.fixed,
             min_ttl=opts.min_ttl, max_ttl=opts.max_ttl, grace=opts.grace,
-        )  # fmt: skip
+        )
         report = await self.refresher.tick(force=True)
         if report.error and not report.all_failed:
             raise StepError(report.error, "the kernel refused the rules: see the daemon log")
@@ -349,7 +361,7 @@ class NetworkController:
         nxt = self.refresher.figures()["next_refresh_in_s"]
         note = "; ALL LOOKUPS FAILED, only networks allowed" if report.all_failed else ""
         return (f"{report.ok}/{report.names} names resolved, {report.addresses} addresses allowed "
-                f"({backend.name}); next refresh in {nxt}s{note}")  # fmt: skip
+                f"({backend.name}); next refresh in {nxt}s{note}")
 
     async def _resolve(self, names: Sequence[str]) -> Mapping[str, Resolution]:
         assert self.opts is not None
@@ -362,54 +374,15 @@ class NetworkController:
 
     async def _step_selftest(self, ctx: BootContext) -> str:
         opts, plan, _ = self._ready()
-        uid, gid, who = agent_identity(self.settings.agent_user)
-        if uid == opts.dns_uid:
-            raise StepError(f"the agent ({who}) has the DNS server's uid: it could reach the upstreams",
-                            "set CODETAINER_DNS_USER to a dedicated user")
-        allowed = await self._probe_target(plan)
-        denied = _hostport(self.settings.probe_denied, "CODETAINER_PROBE_DENIED")
-        try:
-            result = await self_test(uid, gid, allowed, denied, [str(u.ip) for u in opts.upstreams],
-                                     timeout=5.0, runner=Runner(timeout=40.0),
-                                     redirect_port=opts.proxy_port)  # fmt: skip
-        except (FirewallError, ValueError) as exc:
-            raise StepError(f"the self-test could not run: {exc}") from None
-        self.selftest = result
-        problems = result.problems()
-        if problems:
-            raise StepError("; ".join(problems), "the network is not isolated as configured; "
-                            "the agent stays stopped (see `codetainer why ADDRESS`)")
-        via = f" via the proxy's port {opts.proxy_port}" if result.redirected else ""
-        return (f"{who}: {allowed[0]}:{allowed[1]} connected{via} ({result.allowed_ms:.0f} ms), "
-                f"{denied[0]}:{denied[1]} refused ({result.denied_ms:.1f} ms), "
-                f"direct DNS to {len(result.dns)} upstream(s) blocked")
-
-    async def _probe_target(self, plan: NetworkPlan) -> tuple[str, int]:
-        raw = self.settings.probe_allowed.strip()
-        if raw:
-            host, port = _hostport(raw, "CODETAINER_PROBE_ALLOWED")
-        elif plan.allowlist.names:
-            host = plan.allowlist.names[0]
-            ports = plan.names[host]
-            port = 443 if 443 in ports else ports[0]
-        else:
-            raise StepError("no exact name in the allowlist to probe",
-                            "set CODETAINER_PROBE_ALLOWED=host:port (an allowlisted target)")
-        with contextlib.suppress(ValueError):
-            return str(ipaddress.ip_address(host)), port
-        answer = await dnscheck.query(host, "A", plan_listen(self.opts), 53, timeout=2.0)
-        if not answer.addresses:
-            raise StepError(f"self-test target {host} does not resolve through the local DNS "
-                            f"server ({answer.error or answer.rcode})",
-                            "set CODETAINER_PROBE_ALLOWED to an allowlisted, reachable host:port")
-        return answer.addresses[0], port
+        self.selftest, text = await selftest.run(self.settings, opts, plan)
+        return text
 
     # -- readiness -------------------------------------------------------------------
 
     def readiness_checks(self) -> list[Any]:
         """readiness.Check objects: DNS answers, firewall rules present + self-test passed."""
         return [Check("dns", Policy.FATAL, self._check_dns, timeout=6.0),
-                Check("firewall", Policy.FATAL, self._check_firewall, timeout=10.0)]  # fmt: skip
+                Check("firewall", Policy.FATAL, self._check_firewall, timeout=10.0)]
 
     @staticmethod
     def _selected(ctx: BootContext) -> bool:
@@ -478,6 +451,18 @@ class NetworkController:
             return self.plan.allowlist
         return self.base or Allowlist()
 
+    @property
+    def grants(self) -> Mapping[str, Grant]:
+        return self.ops.grants
+
+    def degraded(self) -> str | None:
+        """Status ``degraded`` and the daemon's probe for it, one reading: the DNS guard's
+        trouble, else the refresh's, else missing ``@github`` ranges."""
+        if self.opts is None or self.backend is None:
+            return None
+        return ((self.guard.degraded if self.guard else None)
+                or (self.refresher.degraded if self.refresher else None) or self.notes.get("github"))
+
     def _allowed_name(self, name: str) -> bool:
         return self.effective().match(name) is not None
 
@@ -543,7 +528,7 @@ class NetworkController:
         return {"ok": report.error is None or report.all_failed, "reason": reason,
                 "dns_restarted": dns_changed, "names": len(plan.names), "added": added,
                 "removed": removed, "addresses": report.addresses,
-                "error": restart_error or report.error}  # fmt: skip
+                "error": restart_error or report.error}
 
     async def _revoke(self, old: NetworkPlan, new: NetworkPlan, seen: dict[str, set[str]],
                       contents: Contents) -> None:
@@ -596,16 +581,3 @@ class NetworkController:
         if self.set_writer is not None:
             await self.set_writer.close()
 
-
-def plan_listen(opts: NetOptions | None) -> str:
-    if opts is None:
-        raise StepError("the network-config step has not run")
-    return opts.listen
-
-
-def _hostport(raw: str, var: str) -> tuple[str, int]:
-    host, sep, port = raw.strip().rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise StepError(f"{var}={raw[:60]!r} is not host:port", f"set {var}=host:443")
-    return host, int(port)

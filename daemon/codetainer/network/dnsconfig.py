@@ -58,11 +58,11 @@ import ipaddress
 import re
 import shlex
 import shutil
-import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from codetainer import runner
 from codetainer.network.allowlist import Allowlist, Entry, EntryKind, IPAddress, IPNetwork
 from codetainer.network.model import FAMILY, INTERNAL, TABLE, dynamic_set, ipset_name
 
@@ -372,7 +372,7 @@ def generate_corefile(allowlist: Allowlist, options: DnsOptions) -> GeneratedCon
         out.append(f"    forward . {forward}")
         ttl = options.max_ttl
         out += [f"    cache {ttl} {{", f"        success 10000 {ttl} 0", f"        denial 10000 {ttl} 0",
-                "        servfail 0s", "    }"]  # fmt: skip
+                "        servfail 0s", "    }"]
         out += [
             f'    log . "CT_DENIAL {kind} {d.name} {{remote}} {{type}} {{name}} {{rcode}}" {{',
             "        class denial error",
@@ -428,11 +428,12 @@ def exec_script(engine: Engine, config_path: str, binary: str | None = None) -> 
     return f"#!/bin/sh\nexec {shlex.quote(exe)} {args}\n"
 
 
-def dnsmasq_version(binary: str = DNSMASQ_BIN) -> tuple[int, int]:
+async def dnsmasq_version(binary: str = DNSMASQ_BIN) -> tuple[int, int]:
     """``(2, 90)`` from ``dnsmasq --version``; ``filter-AAAA`` needs 2.90 or later."""
-    out = subprocess.run(
-        [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
-    ).stdout
+    try:
+        out = (await runner.run([binary, "--version"], timeout=10)).stdout
+    except runner.SpawnError:
+        out = ""
     m = re.search(r"Dnsmasq version (\d+)\.(\d+)", out)
     if not m:
         raise RuntimeError(f"cannot tell the version of {binary}: is dnsmasq-base installed?")

@@ -28,8 +28,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_result, wait_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result
 
+from codetainer.backoff import exponential
 from codetainer.boot.engine import StepError
 from codetainer.services.manager import UnknownService
 from codetainer.services.states import ProcessState
@@ -97,7 +98,7 @@ class DnsGuard:
         left = None if self.next_attempt is None else max(0.0, self.next_attempt - time.monotonic())
         return {"up": self.reason is None, "reason": self.reason, "down_since": self.down_since,
                 "revivals": self.revivals, "attempt": self.streak, "recoveries": self.recoveries,
-                "next_attempt_in_s": None if left is None else round(left, 1)}  # fmt: skip
+                "next_attempt_in_s": None if left is None else round(left, 1)}
 
     def _down(self, reason: str) -> None:
         if self.reason is None:
@@ -202,10 +203,10 @@ class DnsGuard:
     async def _revive(self) -> None:
         """Start it again until it answers; capped exponential backoff between attempts."""
         retrying = AsyncRetrying(
-            wait=wait_exponential(multiplier=self.revive_first, max=self.revive_max),
+            wait=exponential(self.revive_first, self.revive_max),
             retry=retry_if_result(lambda done: not done),
             sleep=self._pause, before_sleep=self._before_sleep,
-        )  # fmt: skip
+        )
         try:
             await retrying(self._attempt)
         finally:

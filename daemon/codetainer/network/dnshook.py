@@ -221,7 +221,7 @@ class DnsHook:
         self.udp = transport
         self.tcp = await asyncio.start_server(self._tcp_client, self.host, self.port)
         log.info("dns_hook_started", listen=f"{self.host}:{self.port}",
-                 upstreams=[u.hostport for u in self.upstreams])  # fmt: skip
+                 upstreams=[u.hostport for u in self.upstreams])
 
     async def close(self) -> None:
         if self.udp is not None:
@@ -334,7 +334,7 @@ class DnsHook:
                         raw = await self._tcp_query(wire, up)
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 log.warning("dns_hook_upstream_failed", upstream=up.hostport,
-                            error=f"{type(exc).__name__}: {exc}"[:200])  # fmt: skip
+                            error=f"{type(exc).__name__}: {exc}"[:200])
                 continue
             if up != self.upstreams[0]:  # it answered where the first did not: first now
                 self.upstreams = (up, *(u for u in self.upstreams if u != up))

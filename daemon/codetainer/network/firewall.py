@@ -19,7 +19,7 @@ explicit exceptions the policy carries (:class:`InboundPort`, Fly's stateless SS
 from __future__ import annotations
 
 import abc
-import asyncio
+import errno
 import json
 import shutil
 from collections.abc import Iterable, Sequence
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from codetainer import runner as process_runner
 from codetainer.boot.seccomp import loader_argv
 from codetainer.network.firewall_policy import (
     FLY_NETWORK,
@@ -133,30 +134,21 @@ class Runner:
     ) -> tuple[int, str, str]:
         cmd = [*self.wrap, *argv]
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-        except FileNotFoundError:
-            raise FirewallError(
-                f"{cmd[0]} is not installed: install it, or choose the other backend with "
-                "CODETAINER_FIREWALL=nftables|iptables"
-            ) from None
-        try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(stdin.encode() if stdin is not None else None), self.timeout
-            )
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+            done = await process_runner.run(cmd, timeout=self.timeout,
+                                            input=stdin.encode() if stdin is not None else None)
+        except process_runner.SpawnError as exc:
+            if exc.errno == errno.ENOENT:
+                raise FirewallError(
+                    f"{cmd[0]} is not installed: install it, or choose the other backend with "
+                    "CODETAINER_FIREWALL=nftables|iptables"
+                ) from None
+            raise FirewallError(f"{exc} ({what or argv[0]}): check the tool's permissions") from None
+        if done.timed_out:
             raise FirewallError(
                 f"{argv[0]} did not finish within {self.timeout:.0f}s ({what or argv[0]}): "
                 "the kernel or the tool is stuck; check `dmesg` and retry"
-            ) from None
-        rc = proc.returncode if proc.returncode is not None else -1
-        stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+            )
+        rc, stdout, stderr = done.code, done.stdout, done.stderr
         if check and rc != 0:
             raise FirewallError(
                 f"{' '.join(argv[:3])} failed ({what or 'firewall command'}), exit {rc}: "
@@ -465,7 +457,7 @@ async def self_test(
         "setpriv", f"--reuid={int(uid)}", f"--regid={int(gid)}", "--clear-groups",
         *loader_argv(),  # the agent's seccomp filter: no uid-1000 process goes without it
         "/usr/bin/python3", "-I", "-c", _SELFTEST_CHILD, json.dumps(args),
-    ]  # fmt: skip
+    ]
     _rc, out, _err = await runner.run(argv, what="firewall self-test")
     try:
         data = json.loads(out)

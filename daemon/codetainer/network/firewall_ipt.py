@@ -67,7 +67,7 @@ def iptables_tools() -> tuple[str, str, str, str]:
     """(iptables, iptables-restore, ip6tables, ip6tables-restore), legacy when installed."""
     if shutil.which("iptables-legacy-restore") and shutil.which("ip6tables-legacy-restore"):
         return ("iptables-legacy", "iptables-legacy-restore",
-                "ip6tables-legacy", "ip6tables-legacy-restore")  # fmt: skip
+                "ip6tables-legacy", "ip6tables-legacy-restore")
     return ("iptables", "iptables-restore", "ip6tables", "ip6tables-restore")
 
 
@@ -98,7 +98,7 @@ def ipset_definitions(policy: FirewallPolicy) -> dict[str, tuple[str, str]]:
         add(d6, f"hash:ip family inet6 timeout {policy.dynamic_timeout}")
     for v in (4, 6):
         add(f"denied{v}", f"hash:ip,port family {_fam(v)} timeout {policy.denied_timeout} "
-            f"counters maxelem {policy.denied_size}")  # fmt: skip
+            f"counters maxelem {policy.denied_size}")
     return out
 
 
@@ -156,7 +156,7 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jumps: Iterable[st
         addr, port = policy.dns_hook
         for proto in ("udp", "tcp"):
             rule(f"-d {rendered(addr)} -p {proto} --dport {port} "
-                 f"-m owner ! --uid-owner {uid} -j {DENY}")  # fmt: skip
+                 f"-m owner ! --uid-owner {uid} -j {DENY}")
     if limit is not None:
         _render_dns_limit(limit, policy.agent_uid, rule)
     rule("-o lo -j ACCEPT")
@@ -176,7 +176,7 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jumps: Iterable[st
         rule(f"-d {rendered(policy.fly_network)} -p tcp --sport 22 -j ACCEPT")
         for proto in ("udp", "tcp"):
             rule(f"-d {rendered(policy.fly_resolver)} -p {proto} --dport 53 "
-                 f"-m owner --uid-owner {uid} -j ACCEPT")  # fmt: skip
+                 f"-m owner --uid-owner {uid} -j ACCEPT")
     if not fly:
         # Answers on the published ports, in connections opened from outside only (see
         # firewall_nft); none in Fly's IPv6, which has no conntrack to tell direction.
@@ -199,7 +199,7 @@ def render_rules(policy: FirewallPolicy, version: int, *, add_jumps: Iterable[st
         up = model.ipset_name(f"upstream{v}")
         for proto in ("udp", "tcp"):
             rule(f"-p {proto} --dport 53 -m owner --uid-owner {uid} "
-                 f"-m set --match-set {up} dst -j ACCEPT")  # fmt: skip
+                 f"-m set --match-set {up} dst -j ACCEPT")
     rule(f"-p tcp --dport 22 -j {DENY}")
     if v == 4 or policy.ipv6 == "allowlist":
         # Static sets, then the internal screen, then the DNS-filled sets (see firewall_nft).
@@ -275,7 +275,7 @@ def render_nat(policy: FirewallPolicy, version: int, *, add_jump: bool = False) 
             name = (d4 if dynamic else s4) if v == 4 else (d6 if dynamic else s6)
             for ports in _multiport(policy.proxied(g)):
                 out.append(f"-A {NAT_CHAIN} -p tcp {ports} -m owner --uid-owner {policy.agent_uid} "
-                           f"-m set --match-set {model.ipset_name(name)} dst {to}")  # fmt: skip
+                           f"-m set --match-set {model.ipset_name(name)} dst {to}")
     out.append("COMMIT")
     return "\n".join(out) + "\n"
 
@@ -301,7 +301,7 @@ def _render_input(policy: FirewallPolicy, v: int, rule: Callable[[str, str], Non
         for proto in ("tcp", "udp"):
             for ports in _multiport(policy.inbound_ports(proto)):
                 rule(f"-p {proto} {ports} -m conntrack --ctstate NEW,ESTABLISHED --ctdir ORIGINAL "
-                     "-j ACCEPT", IN_CHAIN)  # fmt: skip
+                     "-j ACCEPT", IN_CHAIN)
     rule("-j DROP", IN_CHAIN)
 
 

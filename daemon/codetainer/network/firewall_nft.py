@@ -122,7 +122,7 @@ def render_rules(policy: FirewallPolicy) -> list[str]:
         addr, port = policy.dns_hook
         daddr = "ip daddr" if addr.version == 4 else "ip6 daddr"
         rule("output", f"meta l4proto {{ tcp, udp }} {daddr} {rendered(addr)} th dport {port} "
-             f"meta skuid != {uid} goto deny")  # fmt: skip
+             f"meta skuid != {uid} goto deny")
     if policy.dns_limit is not None and policy.agent_uid is not None:
         _render_dns_limit(policy.dns_limit, policy.agent_uid, rule)
     rule("output", 'oif "lo" accept')
@@ -201,9 +201,9 @@ def render_rules(policy: FirewallPolicy) -> list[str]:
     if policy.log_denied:
         for v, daddr in ((4, "ip daddr"), (6, "ip6 daddr")):
             rule("deny", f"meta l4proto {{ tcp, udp }} update @{DENIED_SETS[v]} "
-                 f"{{ {daddr} . meta l4proto . th dport }}")  # fmt: skip
+                 f"{{ {daddr} . meta l4proto . th dport }}")
             rule("deny", f"meta l4proto != {{ tcp, udp }} update @{DENIED_SETS[v]} "
-                 f"{{ {daddr} . meta l4proto . 0 }}")  # fmt: skip
+                 f"{{ {daddr} . meta l4proto . 0 }}")
     rule("deny", "meta l4proto tcp reject with tcp reset")
     rule("deny", "reject with icmpx type admin-prohibited")
     return out
@@ -218,9 +218,9 @@ def _render_dns_limit(limit: DnsLimit, uid: int, rule: Callable[[str, str], None
     to = f"meta skuid {who} {daddr} {rendered(limit.server)}"
     for proto in ("udp", "tcp"):
         rule("output", f"{to} {proto} dport {limit.port} meta length > {limit.max_length(proto)} "
-             "counter drop")  # fmt: skip
+             "counter drop")
     rule("output", f"{to} meta l4proto {{ tcp, udp }} th dport {limit.port} "
-         f"limit rate over {limit.rate}/second burst {limit.burst} packets counter drop")  # fmt: skip
+         f"limit rate over {limit.rate}/second burst {limit.burst} packets counter drop")
 
 
 def render_redirect(policy: FirewallPolicy) -> list[str]:
@@ -316,7 +316,7 @@ def render_apply(
     if policy.redirects:
         # Before the filter (priority -100): the filter sees the redirected destination.
         lines += [f"add chain {T} {PROXY_CHAIN} {{ type nat hook output priority -100; policy accept; }}",
-                  f"flush chain {T} {PROXY_CHAIN}"]  # fmt: skip
+                  f"flush chain {T} {PROXY_CHAIN}"]
     defs = set_definitions(policy)
     for name, decl in defs.items():
         lines.append(f"add set {T} {name} {decl}")

@@ -78,7 +78,7 @@ def interface_addresses() -> list[tuple[str, str]]:
     with IPRoute() as ipr:
         names = {link["index"]: str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
         return [(names.get(msg["index"], f"if{msg['index']}"), str(msg.get_attr("IFA_ADDRESS")))
-                for msg in ipr.get_addr(family=socket.AF_INET6)]  # fmt: skip
+                for msg in ipr.get_addr(family=socket.AF_INET6)]
 
 
 def read_evidence(env: Mapping[str, str]) -> FlyEvidence:

@@ -24,12 +24,12 @@ import structlog
 from codetainer.control import protocol
 from codetainer.control.server import Request, RequestError
 from codetainer.network import dnscheck
+from codetainer.network.active import ActiveNetwork, Grant
 from codetainer.network.allowlist import Entry, EntryKind, parse_entry, validate_hostname
-from codetainer.network.why import Grant, WhyAddress, WhyReport, denied_rows, parse_duration, span
+from codetainer.network.why import WhyAddress, WhyReport, denied_rows, parse_duration, span
 from codetainer.proxy.model import METHOD
 
 if TYPE_CHECKING:
-    from codetainer.network.controller import NetworkController
     from codetainer.proxy.model import ProxyPolicy
 
 log = structlog.get_logger("codetainer.network")
@@ -38,7 +38,7 @@ GRANT_SOURCE = "codetainer allow"
 
 
 class NetworkOps:
-    def __init__(self, net: NetworkController) -> None:
+    def __init__(self, net: ActiveNetwork) -> None:
         self.net = net
         #: set by the proxy when it runs: the policy it enforces now, and its refusals
         self.proxy_policy: Callable[[], ProxyPolicy | None] | None = None
@@ -90,13 +90,13 @@ class NetworkOps:
         grant = Grant(entry, time.time() + seconds, time.monotonic() + seconds, req.peer.uid)
         self.grants[key] = grant
         log.info("network_allow_granted", target=key, kind=entry.kind.value, duration_s=seconds,
-                 expires_at=grant.expires_at, by_uid=req.peer.uid, by_pid=req.peer.pid)  # fmt: skip
+                 expires_at=grant.expires_at, by_uid=req.peer.uid, by_pid=req.peer.pid)
         self.changed.set()
         result = await self.net.rebuild("grant")
         until = time.strftime("%H:%M:%S", time.localtime(grant.expires_at))
         return {**result, "grant": grant.as_dict(),
                 "text": f"allowed {key} for {span(seconds)} (until {until}); "
-                        f"it expires on its own"}  # fmt: skip
+                        f"it expires on its own"}
 
     async def op_why(self, req: Request) -> dict[str, Any]:
         target = req.args.get("target")

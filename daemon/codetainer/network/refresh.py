@@ -216,7 +216,7 @@ class Refresher:
         report = TickReport(
             at=self.wall(), duration_s=0.0, names=len(due), ok=len(due) - len(failed),
             failed=len(failed), addresses=0, changed=False, applied=False,
-        )  # fmt: skip
+        )
         self.ticks += 1
         if due and len(failed) == len(due):
             # Upstream (or our server) is down: keep everything exactly as it is.
@@ -278,7 +278,7 @@ class Refresher:
         self.degraded = None
         if report.changed or expired:
             log.info("refresh_applied", names=report.names, ok=report.ok, failed=report.failed,
-                     addresses=report.addresses, expired=expired)  # fmt: skip
+                     addresses=report.addresses, expired=expired)
         return self._finish(report, t0)
 
     def _failed(self, s: NameState, r: Resolution | None, now: float) -> None:
@@ -288,7 +288,7 @@ class Refresher:
             s.failing_since = self.wall()
         if s.failures == 1:
             log.warning("refresh_name_failed", name=s.name, error=s.error,
-                        kept=len(s.last_good))  # fmt: skip
+                        kept=len(s.last_good))
 
     def _schedule(self, s: NameState, interval: float, now: float) -> None:
         # From the deadline, not from when the work ended (no drift); an early refresh
@@ -298,7 +298,7 @@ class Refresher:
         if nxt <= now:
             self.overruns += 1
             log.warning("refresh_overrun", name=s.name, late_s=round(now - nxt, 3),
-                        interval_s=interval)  # fmt: skip
+                        interval_s=interval)
             nxt = now + interval
         s.due = nxt
 

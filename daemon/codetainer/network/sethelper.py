@@ -125,7 +125,7 @@ def ipset_request(seq: int, cmd: str, set_name: str, addr: str, timeout: int | N
     body = (struct.pack("=BBH", family, 0, 0)  # nfgenmsg
             + _attr(_ATTR_PROTOCOL, bytes([_IPSET_PROTOCOL]))
             + _attr(_ATTR_SETNAME, set_name.encode() + b"\0")
-            + _attr(_ATTR_DATA | _NLA_F_NESTED, data))  # fmt: skip
+            + _attr(_ATTR_DATA | _NLA_F_NESTED, data))
     kind = _NFNL_SUBSYS_IPSET << 8 | _IPSET_CMD[cmd]
     return struct.pack("=IHHII", 16 + len(body), kind, _NLM_F_REQUEST | _NLM_F_ACK, seq, 0) + body
 
@@ -158,7 +158,7 @@ def ipset_engine() -> Apply:
             seq = seq % 0x7FFFFFFF + 1
             try:
                 req = ipset_request(seq, "add" if add else "del", m[1], m[2],
-                                    int(add[3]) if add else None)  # fmt: skip
+                                    int(add[3]) if add else None)
             except ValueError as exc:
                 return 1, f"line {no}: {line}: {exc}"
             batch.append((seq, no, line, req))
@@ -190,7 +190,7 @@ def _exchange(s: socket.socket, batch: list[tuple[int, int, str, bytes]]) -> str
                 (code,) = struct.unpack_from("=i", data, off + 16)
                 if code:
                     why = _IPSET_ERRORS.get(-code) or (os.strerror(-code) if -code < 4096
-                                                       else f"ipset error {-code}")  # fmt: skip
+                                                       else f"ipset error {-code}")
                     errors.append(f"line {no}: {line}: {why}")
             off += max(16, (size + 3) & ~3)
     return errors[0] if errors else None

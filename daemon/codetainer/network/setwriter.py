@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import structlog
 
+from codetainer import backoff
 from codetainer.network import model
 from codetainer.network.firewall import FirewallError, Runner, parse_address, rendered
 
@@ -245,7 +246,7 @@ class SetHelper:
             raise FirewallError(f"the set helper did not apply {what} within "
                                 f"{self.runner.timeout:.0f}s: the kernel or the helper is "
                                 "stuck; it was killed and the next transaction starts a new one "
-                                "(check `dmesg`)") from None  # fmt: skip
+                                "(check `dmesg`)") from None
         except BaseException:  # cancelled mid-frame: the stream is out of step, end it
             await self._lose("transaction cancelled")
             raise
@@ -271,10 +272,11 @@ class SetHelper:
         if proc is not None:
             await proc.wait()
         self.failures += 1
-        delay = 0.0 if self.failures == 1 else min(MAX_BACKOFF, 2.0 ** (self.failures - 2))
+        # the first loss is restarted at once: the next start is the first retry
+        delay = backoff.delay(self.failures - 1, 1.0, MAX_BACKOFF)
         self.down_until = time.monotonic() + delay
         log.warning("set_helper_lost", engine=self.engine, reason=reason[:500],
-                    failures=self.failures, retry_in_s=delay)  # fmt: skip
+                    failures=self.failures, retry_in_s=delay)
 
 
 class _ScriptWriter(SetWriter):
@@ -313,7 +315,7 @@ class NftSetWriter(_ScriptWriter):
             # inside one transaction no packet ever sees it missing.
             lines += [f"add element {t} {name} {{ {body} }}",
                       f"delete element {t} {name} {{ {body} }}",
-                      f"add element {t} {name} {{ {body} }}"]  # fmt: skip
+                      f"add element {t} {name} {{ {body} }}"]
         return "\n".join(lines) + "\n" if lines else ""
 
     @staticmethod
@@ -337,19 +339,19 @@ class IpsetWriter(_ScriptWriter):
     engine = "ipset"
 
     def __init__(self, runner: Runner | None = None, timeout: int = 660, *,
-                 persistent: bool = True) -> None:  # fmt: skip
+                 persistent: bool = True) -> None:
         super().__init__(runner, persistent=persistent)
         self.timeout = int(timeout)
 
     def render(self, elements: Mapping[str, Sequence[str]]) -> str:
         lines = [f"add {model.ipset_name(name)} {a} timeout {self.timeout} -exist"
-                 for name, addrs in checked(elements).items() for a in addrs]  # fmt: skip
+                 for name, addrs in checked(elements).items() for a in addrs]
         return "\n".join(lines) + "\n" if lines else ""
 
     @staticmethod
     def render_remove(elements: Mapping[str, Sequence[str]]) -> str:
         lines = [f"del {model.ipset_name(name)} {a} -exist"
-                 for name, addrs in checked(elements).items() for a in addrs]  # fmt: skip
+                 for name, addrs in checked(elements).items() for a in addrs]
         return "\n".join(lines) + "\n" if lines else ""
 
     async def add(self, elements: Mapping[str, Sequence[str]]) -> None:

@@ -1,29 +1,23 @@
-"""Visibility: refused DNS names, which name an address came from, temporary grants,
-and ``codetainer why HOST|IP|URL`` rendered as one screen.
-
-All tables are bounded (least recently touched entries go first), so a client that
-asks for a million random names cannot grow the daemon.
+"""Visibility: ``codetainer why HOST|IP|URL`` rendered as one screen, and the network
+section of status. Both read the network through :class:`.active.ActiveNetwork`, never
+the controller; the tables they show (refused names, address names, grants) live in
+:mod:`.active`.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from codetainer.network.allowlist import Entry
+from codetainer.network.active import ActiveNetwork
 from codetainer.network.model import is_internal
-
-if TYPE_CHECKING:
-    from codetainer.network.controller import NetworkController
 
 _DURATION = re.compile(r"([0-9]{1,6})([smhd]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_GRANT_S = 7 * 86400
-_REPLY = re.compile(r"\breply (?P<name>[a-zA-Z0-9.-]{1,253}) is (?P<addr>[0-9a-fA-F.:]{2,45})\s*$")
 
 
 def parse_duration(text: str) -> float:
@@ -48,77 +42,6 @@ def span(seconds: float) -> str:
     if s < 7200:
         return f"{s // 60}m"
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
-class RefusedTable:
-    """Names the DNS server refused: name -> count, last time, last client and type."""
-
-    def __init__(self, size: int = 1024) -> None:
-        self.size = size
-        self.rows: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.total = 0
-
-    def record(self, name: str, client: str = "", qtype: str = "", when: float | None = None) -> None:
-        self.total += 1
-        row = self.rows.pop(name, None) or {"name": name, "count": 0, "first": when or time.time()}
-        row["count"] += 1
-        row["last"] = when or time.time()
-        row["client"] = client
-        if qtype:
-            row["qtype"] = qtype
-        self.rows[name] = row
-        while len(self.rows) > self.size:
-            self.rows.popitem(last=False)
-
-    def get(self, name: str) -> dict[str, Any] | None:
-        row = self.rows.get(name)
-        return dict(row) if row else None
-
-    def top(self, n: int = 10) -> list[dict[str, Any]]:
-        return [dict(r) for r in sorted(self.rows.values(), key=lambda r: (-r["count"], -r["last"]))[:n]]
-
-
-class AddressNames:
-    """The name an address was last handed out for (from the DNS server's replies)."""
-
-    def __init__(self, size: int = 8192) -> None:
-        self.size = size
-        self.rows: OrderedDict[str, tuple[str, float]] = OrderedDict()
-
-    def record(self, addr: str, name: str, when: float | None = None) -> None:
-        self.rows.pop(addr, None)
-        self.rows[addr] = (name, when or time.time())
-        while len(self.rows) > self.size:
-            self.rows.popitem(last=False)
-
-    def get(self, addr: str) -> tuple[str, float] | None:
-        return self.rows.get(addr)
-
-    def feed_dnsmasq(self, line: str) -> None:
-        """``… reply NAME is ADDR`` lines of dnsmasq's ``log-queries=extra``."""
-        m = _REPLY.search(line)
-        if m and ("." in m["addr"] or ":" in m["addr"]) and any(c.isdigit() for c in m["addr"]):
-            self.record(m["addr"], m["name"].lower())
-
-
-@dataclass
-class Grant:
-    """A temporary allowlist entry (``codetainer allow NAME --for 2h``)."""
-
-    entry: Entry
-    expires_at: float  # wall clock
-    expires_mono: float
-    by_uid: int
-    granted_at: float = field(default_factory=time.time)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "target": str(self.entry),
-            "kind": self.entry.kind.value,
-            "expires_at": self.expires_at,
-            "expires_in_s": round(max(0.0, self.expires_at - time.time()), 1),
-            "by_uid": self.by_uid,
-        }
 
 
 @dataclass
@@ -237,7 +160,7 @@ def denied_rows(denied: Sequence[Any], addr: str) -> list[dict[str, Any]]:
         {"proto": d.proto, "port": d.port, "packets": d.packets, "seen_ago": round(d.seen_ago, 1),
          "seen": d.seen}
         for d in denied if d.addr == addr
-    ]  # fmt: skip
+    ]
 
 
 def status_text(st: dict[str, Any]) -> str:
@@ -245,7 +168,7 @@ def status_text(st: dict[str, Any]) -> str:
              + (f" (hook {st['hook']})" if st.get("hook") else "")
              + f", firewall {st['backend']}, IPv6 {st['ipv6']}"
              + (f" ({st['ipv6_reason']})" if st.get("ipv6_reason") else "")
-             + f", inbound {st.get('inbound') or 'none'}"]  # fmt: skip
+             + f", inbound {st.get('inbound') or 'none'}"]
     last = st.get("last_refresh")
     refresh = f"{st['names']} names, {st['addresses']} addresses"
     if last:
@@ -274,7 +197,7 @@ def status_text(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def name_of(nc: NetworkController, addr: str) -> str | None:
+def name_of(nc: ActiveNetwork, addr: str) -> str | None:
     """The name an address was last handed out for (DNS server log or hook), else one
     the refresh resolved it from."""
     last = nc.addr_names.get(addr)
@@ -284,22 +207,20 @@ def name_of(nc: NetworkController, addr: str) -> str | None:
     return names[0] if names else None
 
 
-def network_status(nc: NetworkController) -> dict[str, Any]:
+def network_status(nc: ActiveNetwork) -> dict[str, Any]:
     """The ``network`` section of status; includes ``text`` for the human renderer."""
     if nc.opts is None or nc.backend is None:
         return {"active": False, "text": "not set up (the network boot steps did not run)"}
     fig = nc.refresher.figures() if nc.refresher else {
         "names": len(nc.plan.names) if nc.plan else 0, "addresses": 0,
         "last_refresh": None, "next_refresh_in_s": None, "refreshes": 0, "overruns": 0,
-        "failing": []}  # fmt: skip
+        "failing": []}
     read_at = nc.denied_at or time.time()  # seen_ago counts from the kernel read
     denied = [
         {"addr": d.addr, "port": d.port, "proto": d.proto, "packets": d.packets,
          "last_seen": round(read_at - d.seen_ago, 1), "seen": d.seen, "name": name_of(nc, d.addr)}
         for d in nc.denied[:10]
-    ]  # fmt: skip
-    degraded = ((nc.guard.degraded if nc.guard else None)
-                or (nc.refresher.degraded if nc.refresher else None) or nc.notes.get("github"))
+    ]
     out: dict[str, Any] = {
         "active": True,
         "engine": nc.opts.engine.value,
@@ -312,14 +233,14 @@ def network_status(nc: NetworkController) -> dict[str, Any]:
         **fig,
         "denied": denied,
         "refused": nc.refused.top(10),
-        "grants": [g.as_dict() for g in nc.ops.grants.values()],
-        "degraded": degraded,
+        "grants": [g.as_dict() for g in nc.grants.values()],
+        "degraded": nc.degraded(),
         "selftest_ok": None if nc.selftest is None else nc.selftest.ok,
         "dns_health": None if nc.health is None else {
             "ok": nc.health.ok, "reason": nc.health.reason,
             "latency_ms": round(nc.health.latency * 1000, 1)},
         "dns_guard": None if nc.guard is None else nc.guard.status(),
-    }  # fmt: skip
+    }
     if nc.hook is not None:
         out["hook_counts"] = dict(nc.hook.counts)
     out["text"] = status_text(out)

@@ -43,7 +43,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from codetainer import backoff, runner
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.boot.filesystem import write_file
 from codetainer.proxy.model import (
@@ -81,8 +83,11 @@ CA_DAYS = 3650
 START_TIMEOUT = 30.0
 TOOL_TIMEOUT = 120.0
 REFUSED_SHOWN = 10
-#: seconds between the background retries of the repository lookup
-RETRY_DELAYS = (2.0, 5.0, 15.0, 30.0, 60.0, 120.0)
+#: the repository lookup: attempts in all (the step's and the background's), and the
+#: waits between them: 2, 5, 12.5, 31, 78, 120 seconds
+LOOKUP_ATTEMPTS = 7
+LOOKUP_WAIT = wait_exponential(multiplier=2.0, exp_base=2.5, max=120.0)
+LOOKUP_ERRORS = (OSError, TimeoutError, ValueError)
 _PEM = re.compile(r"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -170,17 +175,15 @@ def exec_script(base: Path, uid: int, gid: int, hosts: Sequence[str],
 
 
 async def _tool(argv: Sequence[str], timeout: float = TOOL_TIMEOUT) -> tuple[int, str]:
-    """Run a tool; (exit code, stderr+stdout tail). FileNotFoundError if it is missing."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+    """Run a tool (the one runner); (exit code, stderr+stdout tail), -1 and why when it
+    could not start or did not finish (its whole process group is killed then)."""
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
+        done = await runner.run(argv, timeout=timeout, merge_stderr=True)
+    except runner.SpawnError as exc:
+        return -1, str(exc)
+    if done.timed_out:
         return -1, f"{argv[0]} did not finish within {timeout:.0f}s"
-    return proc.returncode or 0, out.decode(errors="replace").strip()[-500:]
+    return done.code, done.stdout.strip()[-500:]
 
 
 def listening(host: str, port: int, proc_net: Path = Path("/proc/net")) -> bool:
@@ -392,23 +395,29 @@ class ProxyController:
 
         try:
             return await self._lookup_repos(slug, token)
-        except (OSError, TimeoutError, ValueError) as exc:
+        except LOOKUP_ERRORS as exc:
+            failed: Exception = exc
             why = redact(str(exc) or type(exc).__name__, {"t": token})
         log.warning("proxy_repo_lookup_failed", repo=slug, reason=why)
-        self._retry = asyncio.create_task(self._retry_lookup(slug, token), name="proxy:repos")
+        self._retry = asyncio.create_task(self._retry_lookup(slug, token, failed),
+                                          name="proxy:repos")
         return f"GitHub writes to {slug}; its node ID unknown yet ({why}): retrying"
 
-    async def _retry_lookup(self, slug: str, token: str) -> None:
-        for delay in RETRY_DELAYS:
-            await asyncio.sleep(delay)
-            try:
-                note = await self._lookup_repos(slug, token)
-            except (OSError, TimeoutError, ValueError):
-                continue
-            log.info("proxy_repo_lookup_done", repo=slug, note=note)
+    async def _retry_lookup(self, slug: str, token: str, failed: Exception) -> None:
+        """The one backoff (tenacity); the step's failed lookup is attempt 1."""
+        retrying = AsyncRetrying(stop=stop_after_attempt(LOOKUP_ATTEMPTS), wait=LOOKUP_WAIT,
+                                 retry=retry_if_exception_type(LOOKUP_ERRORS), reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if attempt.retry_state.attempt_number == 1:
+                        raise failed  # made already, by _repos: only its wait is left
+                    note = await self._lookup_repos(slug, token)
+        except LOOKUP_ERRORS:
+            log.error("proxy_repo_lookup_gave_up", repo=slug,
+                      effect="GraphQL mutations (gh pr create) are refused")
             return
-        log.error("proxy_repo_lookup_gave_up", repo=slug,
-                  effect="GraphQL mutations (gh pr create) are refused")
+        log.info("proxy_repo_lookup_done", repo=slug, note=note)
 
     async def close(self) -> None:
         if self._retry is not None:
@@ -467,20 +476,21 @@ class ProxyController:
         """Start the service; return once every port listens and it is RUNNING (the
         supervisor retries a process that exits; the step fails at FATAL or the deadline)."""
         self.services.start(SERVICE)
-        deadline = time.monotonic() + svc.config.startsecs + START_TIMEOUT
         pending = [(h, p) for h in self.hosts for p in (PROXY_PORT, TRANSPARENT_PORT)]
-        delay = 0.02
-        while True:
+        up = False
+
+        async def serving() -> bool:  # or FATAL: nothing to wait for then
+            nonlocal pending, up
             state = svc.state
-            if state is ProcessState.FATAL or time.monotonic() > deadline:
-                break
             if state in (ProcessState.STARTING, ProcessState.RUNNING):
                 pending = [(h, p) for h, p in pending if not (
                     await _accepts(h, p) if p == PROXY_PORT else listening(h, p))]
-                if not pending:  # serving; RUNNING follows at startsecs (the supervisor's)
-                    return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
+                up = not pending  # serving; RUNNING follows at startsecs (the supervisor's)
+            return up or state is ProcessState.FATAL
+
+        await backoff.until(serving, timeout=svc.config.startsecs + START_TIMEOUT)
+        if up:
+            return
         tail = " | ".join(list(svc.tail)[-3:])
         err = f" ({svc.fsm.spawnerr})" if svc.fsm.spawnerr else ""
         waiting = ", ".join(f"{h}:{p}" for h, p in pending)

@@ -220,9 +220,9 @@ class World:
                 ["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
                  "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"],
                 check=True, capture_output=True, timeout=10,
-            )  # fmt: skip
+            )
         _ip("-n", self.inner, "link", "add", "ct0", "type", "veth", "peer", "name", "ct1",
-            "netns", self.world)  # fmt: skip
+            "netns", self.world)
         inner = [
             "link set lo up",
             f"addr add {INNER_V4}/24 dev ct0",
@@ -265,7 +265,7 @@ class World:
     @staticmethod
     def _mac(ns: str, dev: str) -> str:
         out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", dev],
-                             capture_output=True, text=True, check=True, timeout=10)  # fmt: skip
+                             capture_output=True, text=True, check=True, timeout=10)
         return str(json.loads(out.stdout)[0]["address"])
 
     def close(self) -> None:
@@ -309,18 +309,18 @@ class World:
     def run_in(
         self, ns: str, argv: Sequence[str], *, uid: int | None = None, timeout: float = 30,
         check: bool = False, input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             self.argv_in(ns, argv, uid=uid), capture_output=True, text=True, timeout=timeout,
             check=check, input=input,
-        )  # fmt: skip
+        )
 
     def spawn_in(self, ns: str, argv: Sequence[str], *, uid: int | None = None) -> subprocess.Popen[str]:
         """Start a tracked process (pipes on stdin/stdout/stderr); killed on close."""
         proc = subprocess.Popen(
             self.argv_in(ns, argv, uid=uid),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        )
         self.procs.append(proc)
         return proc
 
@@ -368,7 +368,7 @@ class World:
     def prober(
         self, targets: Sequence[tuple[str, int]], *, interval: float = 0.0005,
         timeout: float = 1.0, uid: int | None = None,
-    ) -> Prober:  # fmt: skip
+    ) -> Prober:
         """Start a continuous connect loop in the inner netns; returns after its first round.
 
         Throttled by default: an unthrottled loop (~10k connections/s) overflows the world
@@ -377,7 +377,7 @@ class World:
         firewall (measured with no firewall at all: 6 in 22k).
         """
         cfg = json.dumps({"targets": [list(t) for t in targets], "interval": interval,
-                          "timeout": timeout})  # fmt: skip
+                          "timeout": timeout})
         proc = self.spawn_in(self.inner, [PYTHON, "-I", "-c", _PROBER, cfg], uid=uid)
         if _read_line(proc, time.monotonic() + 10, "prober") != "ready":
             raise RuntimeError("prober did not report ready")
@@ -388,7 +388,7 @@ class World:
     def _start_servers(self) -> None:
         fly = [FLY_OPERATOR, FLY_PEER] if self.fly else []
         cfg = json.dumps({"hosts": [*ALLOWED_HOSTS, *NEVER_HOSTS, *V6_HOSTS, WORLD_V6, *fly],
-                          "ports": list(TCP_PORTS), "udp": [list(UDP_ECHO)]})  # fmt: skip
+                          "ports": list(TCP_PORTS), "udp": [list(UDP_ECHO)]})
         proc = self.spawn_in(self.world, [PYTHON, "-I", "-c", _SERVERS, cfg])
         if _read_line(proc, time.monotonic() + 15, "world servers") != "ready":
             raise RuntimeError("world servers did not report ready")
@@ -400,7 +400,7 @@ class World:
             "--bind-interfaces", "--port=53", "--local=/#/", f"--local-ttl={self.ttl}",
             "--user=root", "--group=root", "--pid-file=", "--log-facility=-",
             "--cache-size=0",
-        ]  # fmt: skip
+        ]
         if self.fly:
             argv.append(f"--listen-address={FLY_RESOLVER}")
         self.dns = self.spawn_in(self.world, argv)

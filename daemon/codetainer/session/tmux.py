@@ -37,23 +37,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import os
 import shutil
-import stat
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import structlog
 
+from codetainer import backoff
 from codetainer.boot.privileges import AgentProxy, AgentUser, ExecLimits, agent_env, setpriv_argv
 from codetainer.boot.seccomp import SeccompUnavailable, filter_hex
 from codetainer.lifecycle import InvalidTransition, transition
 from codetainer.limits.plan import settings_exec_limits
 from codetainer.procinfo import PROCESS_GONE
 from codetainer.session import prompt as prompt_mod
+from codetainer.session.states import TRANSITIONS, SessionState
 from codetainer.session.tmuxctl import (
     CLIENT_FMT,
     GONE,
@@ -66,6 +67,7 @@ from codetainer.session.tmuxctl import (
     agent_process,
     int_or_none,
     parse_snapshot,
+    prepare_socket_dir,
     run,
     wait_gone,
 )
@@ -82,34 +84,6 @@ CONFIG_FILE = Path(__file__).with_name("tmux.conf")
 SESSION_NAME = "claude"
 
 __all__ = ["InvalidTransition", "SessionError", "SessionManager", "SessionState", "TmuxGone"]
-
-
-class SessionState(enum.Enum):
-    STOPPED = "STOPPED"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    RECOVERING = "RECOVERING"
-    FAILED = "FAILED"
-    STOPPING = "STOPPING"
-
-
-S = SessionState
-TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
-    S.STOPPED: frozenset({S.STARTING, S.STOPPING}),
-    S.STARTING: frozenset({S.RUNNING, S.FAILED, S.STOPPING}),
-    S.RUNNING: frozenset({S.RECOVERING, S.STOPPING}),
-    S.RECOVERING: frozenset({S.RUNNING, S.FAILED, S.STOPPING}),
-    S.FAILED: frozenset({S.STARTING, S.STOPPING}),
-    S.STOPPING: frozenset({S.STOPPED}),
-}
-
-
-def _traversable(st: os.stat_result, user: AgentUser) -> bool:
-    if st.st_uid == user.uid:
-        return bool(st.st_mode & stat.S_IXUSR)
-    if st.st_gid == user.gid:
-        return bool(st.st_mode & stat.S_IXGRP)
-    return bool(st.st_mode & stat.S_IXOTH)
 
 
 class SessionManager:
@@ -268,24 +242,7 @@ class SessionManager:
         return str(repo) if repo.is_dir() else self.settings.workspace
 
     def _prepare_socket_dir(self, user: AgentUser) -> None:
-        d = Path(self.socket).parent
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            st = d.lstat()
-            if not stat.S_ISDIR(st.st_mode):
-                raise SessionError(f"tmux socket directory {d} is not a directory",
-                                   f"remove {d} or set CODETAINER_TMUX_SOCKET")
-            os.chown(d, user.uid, user.gid)
-            os.chmod(d, 0o700)
-            for parent in d.resolve().parents:
-                pst = parent.stat()
-                if not _traversable(pst, user):
-                    raise SessionError(
-                        f"{user.name} (uid {user.uid}) cannot reach {d}: {parent} is mode "
-                        f"{stat.S_IMODE(pst.st_mode):o}", f"chmod o+x {parent}")
-        except OSError as exc:
-            raise SessionError(f"cannot prepare tmux socket directory {d}: {exc.strerror}",
-                               "check that the run directory is writable by the daemon") from None
+        prepare_socket_dir(Path(self.socket).parent, user)
 
     def _agent_argv(self) -> list[str]:
         return ["/bin/sh", "-c",
@@ -443,7 +400,7 @@ class SessionManager:
             elif self._rapid > self.max_rapid_restarts:
                 action, self._gave_up = "gave_up", True
             else:
-                delay = min(self.backoff_base * 2 ** (self._rapid - 1), self.backoff_max)
+                delay = backoff.delay(self._rapid, self.backoff_base, self.backoff_max)
                 self._respawn_at = now + delay
                 action = f"respawn in {delay:g}s"
             fields = {"pane": pane.id, "pid": pane.pid, "status": pane.dead_status,
@@ -502,7 +459,7 @@ class SessionManager:
             await self._create()
         except SessionError as exc:
             self._recover_failures += 1
-            delay = min(self.backoff_base * 2 ** (self._recover_failures - 1), self.backoff_max)
+            delay = backoff.delay(self._recover_failures, self.backoff_base, self.backoff_max)
             self._recover_at = time.monotonic() + delay
             log.warning("session_recreate_failed", reason=exc.reason,
                         attempt=self._recover_failures, retry_in_s=delay)
@@ -579,18 +536,35 @@ class SessionManager:
         return {"user": u.name, "uid": u.uid, "gid": u.gid, "home": u.home,
                 "limits": self.limits().as_dict()} if u else {}
 
+    def _server_gone(self) -> str | None:
+        """Why the session's tmux server is gone (None: its process runs, as the agent,
+        and its socket is there; or its pid is unknown yet). Read from the kernel: no
+        tmux client (an agent exec chain costs ~25 ms)."""
+        if self.server_pid is None or self.user is None:
+            return None
+        proc = agent_process(self.server_pid, self.user.uid)
+        with contextlib.suppress(*PROCESS_GONE):
+            if proc is not None and proc.status() != psutil.STATUS_ZOMBIE:
+                return None if os.path.exists(self.socket) else "its socket is gone"
+        return f"its server (pid {self.server_pid}) exited"
+
     async def session_handler(self, req: Request | None = None) -> dict[str, Any]:
-        """Control op ``session``: a live check, so a just-killed server is not reported up."""
+        """Control op ``session``: a live check, so a just-killed server is not reported up
+        (a server whose process is gone is told from the kernel, at once; a live one is
+        asked for the session's current name)."""
         info = self.describe()
-        if info["exists"]:
+        gone = self._server_gone() if info["exists"] else None
+        if info["exists"] and gone is None:
             try:
                 out = await self._tmux("display-message", "-p", "-t", str(self.session_id),
                                        "#{session_id}\t#{session_name}")
                 _sid, name = out.strip().split("\t", 1)
                 info["name"] = self.name = name
             except (TmuxGone, SessionError, ValueError) as exc:
-                info["exists"] = False
-                info["reason"] = f"the tmux session is being recreated ({exc})"
+                gone = str(exc)
+        if gone is not None:
+            info["exists"] = False
+            info["reason"] = f"the tmux session is being recreated ({gone})"
         if info["exists"]:
             # root's client loads the agent's seccomp filter too; compiled here already (the
             # session's own chains), so ``attach`` never imports libseccomp (boot/chain.py)

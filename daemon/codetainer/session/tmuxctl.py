@@ -8,14 +8,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from codetainer import runner
 from codetainer.procinfo import PROCESS_GONE
+
+if TYPE_CHECKING:
+    from codetainer.boot.privileges import AgentUser
 
 ROLE_OPTION = "@codetainer_role"
 TMUX_TIMEOUT = 5.0
@@ -150,3 +155,33 @@ async def wait_gone(pids: list[int], timeout: float) -> list[psutil.Process]:
     finally:
         for _p, w in watches:
             w.close()
+
+
+def _traversable(st: os.stat_result, user: AgentUser) -> bool:
+    if st.st_uid == user.uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == user.gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def prepare_socket_dir(d: Path, user: AgentUser) -> None:
+    """The tmux socket's directory: a real directory, the agent's, 0700, every parent
+    traversable by the agent (``SessionError`` says which is not, and what to do)."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        st = d.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise SessionError(f"tmux socket directory {d} is not a directory",
+                               f"remove {d} or set CODETAINER_TMUX_SOCKET")
+        os.chown(d, user.uid, user.gid)
+        os.chmod(d, 0o700)
+        for parent in d.resolve().parents:
+            pst = parent.stat()
+            if not _traversable(pst, user):
+                raise SessionError(
+                    f"{user.name} (uid {user.uid}) cannot reach {d}: {parent} is mode "
+                    f"{stat.S_IMODE(pst.st_mode):o}", f"chmod o+x {parent}")
+    except OSError as exc:
+        raise SessionError(f"cannot prepare tmux socket directory {d}: {exc.strerror}",
+                           "check that the run directory is writable by the daemon") from None
