@@ -25,40 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from codetainer.sandbox.standins import (
-        API_ADDR,
-        ATTACKER_TOKEN,
-        GITHUB_NAMES,
-        NODE_ID,
-        NPM_ATTACKER_TOKEN,
-        OWNER_REPO,
-        PACKAGE,
-        PACKAGE_VERSION,
-        PYPI_NAMES,
-        README,
-        REPOS,
-        SENTRY_NAMES,
-        WHEEL,
-        WHEEL_PATH,
-    )
+    from codetainer.sandbox import standins as shared
 else:  # run with -I (no package, no script dir on the path): the module beside it
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from standins import (
-        API_ADDR,
-        ATTACKER_TOKEN,
-        GITHUB_NAMES,
-        NODE_ID,
-        NPM_ATTACKER_TOKEN,
-        OWNER_REPO,
-        PACKAGE,
-        PACKAGE_VERSION,
-        PYPI_NAMES,
-        README,
-        REPOS,
-        SENTRY_NAMES,
-        WHEEL,
-        WHEEL_PATH,
-    )
+    import standins as shared
 
 
 _LOCK = threading.Lock()
@@ -119,7 +89,7 @@ class Site(BaseHTTPRequestHandler):
             return "real"
         if secret in c["placeholders"]:
             return "placeholder"
-        if secret in (ATTACKER_TOKEN, NPM_ATTACKER_TOKEN):
+        if secret in (shared.ATTACKER_TOKEN, shared.NPM_ATTACKER_TOKEN):
             return "attacker"
         return "other"
 
@@ -170,13 +140,13 @@ class Site(BaseHTTPRequestHandler):
             host = (self.headers.get("Host") or "").split(":")[0].lower()
             if host == "api.github.com":
                 self.github_api(body)
-            elif host in GITHUB_NAMES:
+            elif host in shared.GITHUB_NAMES:
                 self.github_web(body)
             elif host == "registry.npmjs.org":
                 self.npm(body)
-            elif host in PYPI_NAMES:
+            elif host in shared.PYPI_NAMES:
                 self.pypi()
-            elif host in SENTRY_NAMES:
+            elif host in shared.SENTRY_NAMES:
                 self.reply(200, {"id": uuid.uuid4().hex})
             else:
                 self.reply(200, f"other site: {host}\n", "text/plain")
@@ -198,16 +168,16 @@ class Site(BaseHTTPRequestHandler):
             self.reply(200 if path == "/" else 404, "github stand-in\n", "text/html")
             return
         slug = f"{m.group(1)}/{m.group(2)}".lower()
-        if slug not in REPOS:
+        if slug not in shared.REPOS:
             self.reply(404, "Repository not found.\n", "text/plain")
             return
         push = "git-receive-pack" in path or "service=git-receive-pack" in query
         kind, token = self._secret()
         self._note = {"repo": slug, "push": push}
-        if REPOS[slug] or push:
+        if shared.REPOS[slug] or push:
             # the real token opens the configured repository; the attacker's own token
             # pushes to the attacker's repository; anything else is told to authenticate
-            want = "real" if slug == OWNER_REPO else "attacker"
+            want = "real" if slug == shared.OWNER_REPO else "attacker"
             if kind is None:
                 self.reply(401, "authentication required\n", "text/plain",
                            {"WWW-Authenticate": 'Basic realm="GitHub"'})
@@ -267,7 +237,7 @@ class Site(BaseHTTPRequestHandler):
             self._note = {"repo": slug}
         # the real token sees the configured (private) repository; anyone sees the
         # attacker's (public) one
-        visible = slug in REPOS and (not REPOS[slug] or token == "real")
+        visible = slug in shared.REPOS and (not shared.REPOS[slug] or token == "real")
         if path == "/user" and self.command == "GET":
             if token in ("real", "attacker"):
                 ok(200, {"login": "owner" if token == "real" else "attacker", "id": 1,
@@ -296,10 +266,10 @@ class Site(BaseHTTPRequestHandler):
                 no(404, "Not Found")
                 return
             ok(200, {"name": "README.md", "path": "README.md", "encoding": "base64",
-                     "content": base64.b64encode(README.encode()).decode(),
+                     "content": base64.b64encode(shared.README.encode()).decode(),
                      "html_url": f"https://github.com/{slug}/blob/main/README.md"})
         elif slug and re.fullmatch(r"/issues/\d+/comments", rest) and self.command == "POST":
-            allowed = ("real",) if slug == OWNER_REPO else ("attacker", "real")
+            allowed = ("real",) if slug == shared.OWNER_REPO else ("attacker", "real")
             if token not in allowed:
                 no(404 if token else 401, "Not Found" if token else "Requires authentication")
                 return
@@ -316,8 +286,8 @@ class Site(BaseHTTPRequestHandler):
 
     @staticmethod
     def repo_json(owner: str, name: str) -> dict[str, Any]:
-        private = REPOS.get(f"{owner}/{name}", False)
-        return {"id": 4242, "node_id": NODE_ID if owner == "owner" else "R_kgDOattacker",
+        private = shared.REPOS.get(f"{owner}/{name}", False)
+        return {"id": 4242, "node_id": shared.NODE_ID if owner == "owner" else "R_kgDOattacker",
                 "name": name, "full_name": f"{owner}/{name}", "private": private,
                 "owner": {"login": owner, "id": 1, "type": "User"},
                 "html_url": f"https://github.com/{owner}/{name}",
@@ -342,29 +312,29 @@ class Site(BaseHTTPRequestHandler):
             owner = str(variables.get("owner") or "")
             name = str(variables.get("name") or variables.get("repo") or "")
             slug = f"{owner}/{name}".lower()
-            if slug not in REPOS or (REPOS[slug] and token != "real"):
+            if slug not in shared.REPOS or (shared.REPOS[slug] and token != "real"):
                 return {"data": {"repository": None}, "errors": [{
                     "type": "NOT_FOUND", "path": ["repository"],
                     "message": f"Could not resolve to a Repository with the name '{slug}'."}]}
             data["repository"] = {
-                "id": NODE_ID, "name": name, "nameWithOwner": slug,
+                "id": shared.NODE_ID, "name": name, "nameWithOwner": slug,
                 "owner": {"id": "U_1", "login": owner}, "description": "a repository of the test world",
-                "url": f"https://github.com/{slug}", "isPrivate": REPOS[slug], "isFork": False,
+                "url": f"https://github.com/{slug}", "isPrivate": shared.REPOS[slug], "isFork": False,
                 "isArchived": False, "isEmpty": False, "hasIssuesEnabled": True,
                 "hasWikiEnabled": False, "viewerPermission": "ADMIN",
                 "defaultBranchRef": {"name": "main"}, "parent": None,
-                "visibility": "PRIVATE" if REPOS[slug] else "PUBLIC"}
+                "visibility": "PRIVATE" if shared.REPOS[slug] else "PUBLIC"}
         return {"data": data}
 
     # -- npm, PyPI --------------------------------------------------------------------------------
 
     def npm(self, body: bytes) -> None:
         path = self.path.split("?")[0]
-        tgz = f"/{PACKAGE}/-/{PACKAGE}-{PACKAGE_VERSION}.tgz"
+        tgz = f"/{shared.PACKAGE}/-/{shared.PACKAGE}-{shared.PACKAGE_VERSION}.tgz"
         if self.command == "PUT":
             self._note = {"publish": True}
             self.reply(201, {"ok": True, "id": path.strip("/")})
-        elif path == f"/{PACKAGE}" and self.command in ("GET", "HEAD"):
+        elif path == f"/{shared.PACKAGE}" and self.command in ("GET", "HEAD"):
             self.reply(200, Path(self.cfg["npm_dir"], "packument.json").read_bytes())
         elif path == tgz and self.command in ("GET", "HEAD"):
             self.reply(200, Path(self.cfg["npm_dir"], tgz.rsplit("/", 1)[1]).read_bytes(),
@@ -375,15 +345,15 @@ class Site(BaseHTTPRequestHandler):
     def pypi(self) -> None:
         path = self.path.split("?")[0]
         host = (self.headers.get("Host") or "").split(":")[0].lower()
-        if host == "pypi.org" and path.rstrip("/") == f"/simple/{PACKAGE}":
-            url = f"https://files.pythonhosted.org{WHEEL_PATH}#sha256={self.cfg['wheel_sha256']}"
-            html = (f"<!DOCTYPE html>\n<html><head><title>Links for {PACKAGE}</title></head>"
-                    f"<body><h1>Links for {PACKAGE}</h1>\n"
-                    f'<a href="{url}" data-requires-python="&gt;=3.7">{WHEEL}</a><br/>\n'
+        if host == "pypi.org" and path.rstrip("/") == f"/simple/{shared.PACKAGE}":
+            url = f"https://files.pythonhosted.org{shared.WHEEL_PATH}#sha256={self.cfg['wheel_sha256']}"
+            html = (f"<!DOCTYPE html>\n<html><head><title>Links for {shared.PACKAGE}</title></head>"
+                    f"<body><h1>Links for {shared.PACKAGE}</h1>\n"
+                    f'<a href="{url}" data-requires-python="&gt;=3.7">{shared.WHEEL}</a><br/>\n'
                     "</body></html>\n")
             self.reply(200, html, "text/html; charset=utf-8")
-        elif host == "files.pythonhosted.org" and path == WHEEL_PATH:
-            self.reply(200, Path(self.cfg["pypi_dir"], WHEEL).read_bytes(), "binary/octet-stream")
+        elif host == "files.pythonhosted.org" and path == shared.WHEEL_PATH:
+            self.reply(200, Path(self.cfg["pypi_dir"], shared.WHEEL).read_bytes(), "binary/octet-stream")
         else:
             self.reply(404, "Not Found\n", "text/plain")
 
@@ -460,9 +430,9 @@ def serve(cfg: dict[str, Any]) -> None:
     Api.log_path = Path(cfg["api_dir"]) / "requests.jsonl"
     # HTTPS everywhere; plain HTTP on port 80 of our own addresses too, so that a request
     # the firewall failed to send to the proxy would be seen here
-    servers = [TLSServer(addr, Api if addr == API_ADDR else Site, c, site)
+    servers = [TLSServer(addr, Api if addr == shared.API_ADDR else Site, c, site)
                for addr, site in cfg["listen"] for c in (ctx, None)
-               if c is not None or addr != API_ADDR]
+               if c is not None or addr != shared.API_ADDR]
     for srv in servers:
         threading.Thread(target=srv.serve_forever, daemon=True).start()
     print("listening", flush=True)
