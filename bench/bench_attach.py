@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
 import os
 import shlex
@@ -33,9 +34,12 @@ import tempfile
 import termios
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from _common import pct
 from codetainer.boot.privileges import AgentUser
 from codetainer.control.server import ControlServer
 from codetainer.events import EventBus
@@ -109,10 +113,53 @@ def serve_in_thread(server: ControlServer, sm: SessionManager) -> tuple[asyncio.
     return loop, t
 
 
+@dataclass(frozen=True)
+class Session:
+    """What :func:`session_up` gives: the scratch dir, the control socket answering
+    ``session``, tmux's socket and the session's id (``$0`` until tmux says)."""
+
+    base: Path
+    ctl: str
+    tmux_socket: str
+    session_id: str
+
+    def bare_argv(self) -> list[str]:
+        """The reference: a bare ``tmux attach`` to the session."""
+        return ["tmux", "-S", self.tmux_socket, "attach-session", "-t", self.session_id]
+
+
+@contextlib.contextmanager
+def session_up(prefix: str) -> Iterator[Session]:
+    """What the daemon would have up: the agent's tmux session (SessionManager, run as
+    uid 1000 through setpriv) and a control socket answering ``session`` (the real
+    ControlServer), served from a thread; all stopped and the scratch dir removed after."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        ws = base / "ws"
+        ws.mkdir()
+        os.chown(ws, UID, UID)
+        ctl = str(base / "control.sock")
+        settings = Settings(tmux_socket=str(base / "tmux" / "agent.sock"),
+                            agent_command="exec sleep 3600", workspace=str(ws), home=str(ws))
+        sm = SessionManager(settings, EventBus(), {}, AgentUser("claude", UID, UID, str(ws)))
+        server = ControlServer(ctl)
+        loop, thread = serve_in_thread(server, sm)
+        try:
+            yield Session(base, ctl, settings.tmux_socket, sm.session_id or "$0")
+        finally:
+            asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+            asyncio.run_coroutine_threadsafe(sm.stop(), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def report(name: str, samples: list[float]) -> float:
     ms = sorted(s * 1000 for s in samples)
     med = statistics.median(ms)
-    p90 = ms[max(0, int(len(ms) * 0.9) - 1)]
+    p90 = pct(ms, 90)
     print(f"{name:<32} median {med:7.1f} ms   min {ms[0]:7.1f}   p90 {p90:7.1f}   "
           f"max {ms[-1]:7.1f}   (n={len(ms)})")
     return med
@@ -128,30 +175,19 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_attach: run as root (the session runs as uid 1000 via setpriv)")
         return 2
-    base = Path(tempfile.mkdtemp(prefix="ct-bench-attach-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    ws = base / "ws"
-    ws.mkdir()
-    os.chown(ws, UID, UID)
-    ctl = str(base / "control.sock")
-    settings = Settings(tmux_socket=str(base / "tmux" / "agent.sock"),
-                        agent_command="exec sleep 3600", workspace=str(ws), home=str(ws))
-    sm = SessionManager(settings, EventBus(), {}, AgentUser("claude", UID, UID, str(ws)))
-    server = ControlServer(ctl)
-    loop, thread = serve_in_thread(server, sm)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "xterm-256color",
-           "HOME": str(base), "LANG": "C.UTF-8"}
-    if args.cmd:
-        ours = [*shlex.split(args.cmd), "--socket", ctl]
-    else:
-        venv_cli = Path(sys.executable).with_name("codetainer")
-        ours = ([str(venv_cli), "--socket", ctl, "attach"] if venv_cli.exists()
-                else [sys.executable, "-m", "codetainer.cli.attach", "--socket", ctl])
-    bare = ["tmux", "-S", settings.tmux_socket, "attach-session", "-t", sm.session_id or "$0"]
-    try:
-        time_attach(ours, env, settings.tmux_socket)  # warm the page cache
-        ours_s = [time_attach(ours, env, settings.tmux_socket) for _ in range(args.n)]
-        bare_s = [time_attach(bare, env, settings.tmux_socket) for _ in range(args.n)]
+    with session_up("ct-bench-attach-") as s:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "xterm-256color",
+               "HOME": str(s.base), "LANG": "C.UTF-8"}
+        if args.cmd:
+            ours = [*shlex.split(args.cmd), "--socket", s.ctl]
+        else:
+            venv_cli = Path(sys.executable).with_name("codetainer")
+            ours = ([str(venv_cli), "--socket", s.ctl, "attach"] if venv_cli.exists()
+                    else [sys.executable, "-m", "codetainer.cli.attach", "--socket", s.ctl])
+        bare = s.bare_argv()
+        time_attach(ours, env, s.tmux_socket)  # warm the page cache
+        ours_s = [time_attach(ours, env, s.tmux_socket) for _ in range(args.n)]
+        bare_s = [time_attach(bare, env, s.tmux_socket) for _ in range(args.n)]
         print(f"attach latency, session up ({' '.join(ours[:3])} ...):")
         m_ours = report("codetainer attach", ours_s)
         m_bare = report("bare tmux attach (floor)", bare_s)
@@ -161,12 +197,6 @@ def main() -> int:
               f"{'PASS' if ok else 'FAIL'} (side by side with a baseline: "
               "bench/bench_fastpaths.py)")
         return 0 if ok else 1
-    finally:
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-        asyncio.run_coroutine_threadsafe(sm.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

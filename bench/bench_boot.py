@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from codetainer.sandbox.fullboot import FullBoot, default_names, publish_names  # noqa: E402
-from codetainer.sandbox.world import World  # noqa: E402
+from codetainer.sandbox.fullboot import FullBoot, default_names, publish_names
+from codetainer.sandbox.world import World
 
 
 def main() -> None:

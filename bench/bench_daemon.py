@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,17 +30,11 @@ import time
 from pathlib import Path
 
 import psutil
+from _common import pct
+from codetainer.control import protocol
+from codetainer.sandbox.daemonproc import DaemonProc
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from codetainer.control import protocol  # noqa: E402
-from codetainer.sandbox.daemonproc import DaemonProc  # noqa: E402
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 async def one(sock: str) -> float:
@@ -128,59 +123,62 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6, help="alternating rounds with --baseline")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ct-bench-"))
-    d = boot(tmp)
     try:
-        init = psutil.Process(d.init_pid)
-        daemon = init.children()[0]
-        procs = [init, daemon]
-        cpu0 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
-        time.sleep(args.idle)
-        cpu1 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
-        rss = [p.memory_info().rss for p in procs]
-        print(f"idle {args.idle:.0f}s: RSS init {rss[0] / 2**20:.1f} MiB + daemon "
-              f"{rss[1] / 2**20:.1f} MiB = {sum(rss) / 2**20:.1f} MiB; "
-              f"CPU {cpu1 - cpu0:.3f} s ({100 * (cpu1 - cpu0) / args.idle:.3f} %)")
+        d = boot(tmp)
+        try:
+            init = psutil.Process(d.init_pid)
+            daemon = init.children()[0]
+            procs = [init, daemon]
+            cpu0 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+            time.sleep(args.idle)
+            cpu1 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+            rss = [p.memory_info().rss for p in procs]
+            print(f"idle {args.idle:.0f}s: RSS init {rss[0] / 2**20:.1f} MiB + daemon "
+                  f"{rss[1] / 2**20:.1f} MiB = {sum(rss) / 2**20:.1f} MiB; "
+                  f"CPU {cpu1 - cpu0:.3f} s ({100 * (cpu1 - cpu0) / args.idle:.3f} %)")
 
-        cli = str(Path(sys.executable).parent / "codetainer")
-        walls = []
-        for _ in range(30):
+            cli = str(Path(sys.executable).parent / "codetainer")
+            walls = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                subprocess.run([cli, "--socket", d.socket, "status"], capture_output=True, check=False)
+                walls.append(time.perf_counter() - t0)
+            print(f"`codetainer status` wall time: median {statistics.median(walls) * 1000:.1f} ms, "
+                  f"p90 {pct(walls, 90) * 1000:.1f} ms (n=30; target median <= 35 ms, issue 10; "
+                  "beside a baseline: bench/bench_fastpaths.py)")
+
+            print(crowd(d)[0])
+
+            from codetainer.control.client import Client
+
+            n = 3000
+            c0 = sum(daemon.cpu_times()[:2])
             t0 = time.perf_counter()
-            subprocess.run([cli, "--socket", d.socket, "status"], capture_output=True, check=False)
-            walls.append(time.perf_counter() - t0)
-        print(f"`codetainer status` wall time: median {statistics.median(walls) * 1000:.1f} ms, "
-              f"p90 {pct(walls, 90) * 1000:.1f} ms (n=30; target median <= 35 ms, issue 10; "
-              "beside a baseline: bench/bench_fastpaths.py)")
-
-        print(crowd(d)[0])
-
-        from codetainer.control.client import Client
-
-        n = 3000
-        c0 = sum(daemon.cpu_times()[:2])
-        t0 = time.perf_counter()
-        for _ in range(n):
-            with Client(d.socket, timeout=5) as c:
-                c.call("status")
-        wall, cpu = time.perf_counter() - t0, sum(daemon.cpu_times()[:2]) - c0
-        print(f"one status request, {n} in sequence: daemon CPU {cpu / n * 1000:.3f} ms, "
-              f"round trip {wall / n * 1000:.3f} ms")
+            for _ in range(n):
+                with Client(d.socket, timeout=5) as c:
+                    c.call("status")
+            wall, cpu = time.perf_counter() - t0, sum(daemon.cpu_times()[:2]) - c0
+            print(f"one status request, {n} in sequence: daemon CPU {cpu / n * 1000:.3f} ms, "
+                  f"round trip {wall / n * 1000:.3f} ms")
+        finally:
+            d.close()
+        if args.baseline:
+            p99s: dict[str, list[float]] = {"this checkout": [], "baseline": []}
+            for r in range(args.rounds):
+                for name, src in (("baseline", args.baseline), ("this checkout", None)):
+                    d = boot(tmp, src)
+                    try:
+                        line, p99 = crowd(d)
+                    finally:
+                        d.close()
+                    p99s[name].append(p99)
+                    print(f"-- round {r + 1}, {name}\n{line}")
+            for name, values in p99s.items():
+                ms = ", ".join(f"{v * 1000:.2f}" for v in values)
+                print(f"side by side, {name}: p99 {ms} ms; median "
+                      f"{statistics.median(values) * 1000:.2f} ms")
     finally:
-        d.close()
-    if args.baseline:
-        p99s: dict[str, list[float]] = {"this checkout": [], "baseline": []}
-        for r in range(args.rounds):
-            for name, src in (("baseline", args.baseline), ("this checkout", None)):
-                d = boot(tmp, src)
-                try:
-                    line, p99 = crowd(d)
-                finally:
-                    d.close()
-                p99s[name].append(p99)
-                print(f"-- round {r + 1}, {name}\n{line}")
-        for name, values in p99s.items():
-            ms = ", ".join(f"{v * 1000:.2f}" for v in values)
-            print(f"side by side, {name}: p99 {ms} ms; median "
-                  f"{statistics.median(values) * 1000:.2f} ms")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

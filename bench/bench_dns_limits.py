@@ -35,10 +35,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from codetainer.sandbox.world import UPSTREAM, World  # noqa: E402
+from _common import pct
+from codetainer.sandbox.world import UPSTREAM, World
 
 AGENT = 1000
 LISTEN = "127.0.0.53"
@@ -201,10 +199,6 @@ async def setup(world: World, tmp: Path, backend_name: str) -> Bench:
     return Bench(world, backend, with_limit, without, tmp)
 
 
-def pct(values: list[float], p: float) -> float:
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))] if values else 0.0
-
-
 async def run(args: argparse.Namespace) -> None:
     secs = 6.0 if args.quick else 10.0
     rounds = 1 if args.quick else 3
@@ -263,7 +257,7 @@ async def measure(args: argparse.Namespace, tmp: Path, secs: float, rounds: int)
             lat = sorted(v for x in rs for v in x["lat"])
             print(f"{'limited' if limited else 'no limit':<12} {statistics.median(walls):>16.3f} "
                   f"{' / '.join(f'{w:.3f}' for w in walls):>22} {sum(x['failed'] for x in rs):>7} "
-                  f"{pct(lat, 50):>8.2f} {pct(lat, 99):>8.2f}")
+                  f"{pct(lat, 50) if lat else 0.0:>8.2f} {pct(lat, 99) if lat else 0.0:>8.2f}")
         await bench.backend.teardown()
 
 

@@ -23,24 +23,15 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from codetainer.network.dnsguard import REVIVE_MAX_S  # noqa: E402
-from codetainer.sandbox.daemonproc import DaemonProc  # noqa: E402
-from codetainer.sandbox.world import PYTHON, World  # noqa: E402
-
-from tests.integration.test_network_daemon import (  # noqa: E402
-    RECORDS,
-    start_daemon,
-    wait_boot,
-)
+from codetainer.network.dnsguard import REVIVE_MAX_S
+from codetainer.sandbox.daemonproc import DaemonProc
+from codetainer.sandbox.netdaemon import RECORDS, start_daemon, wait_boot
+from codetainer.sandbox.world import PYTHON, World
 
 # Runs in the container's netns as root: "kill N" kills the server and waits for an answer,
 # N times in a row, each kill as soon as the previous wait answered; prints the waits (s).

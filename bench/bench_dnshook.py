@@ -34,6 +34,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from _common import pct
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: the set each writer fills (its own, so what it holds can be counted)
@@ -248,11 +250,6 @@ def inner(n_seq: int, n_par: int, inflight: int) -> dict[str, Any]:
     for kind in addr:
         results[kind].update(held=in_set(kind), asked=20 + n_seq + n_par + 2 * -(-n_seq // 50))
     return results
-
-
-def pct(values: list[float], p: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, round(p / 100 * (len(v) - 1)))]
 
 
 def report(res: dict[str, Any], inflight: int) -> None:

@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import pct
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 KINDS = ("attach", "status", "boot")
@@ -58,58 +60,29 @@ def tree_env(tree: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(tree / "daemon")}
 
 
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
-
-
 # -- workers ------------------------------------------------------------------------------
 
 
 def work_attach(tree: Path, n: int) -> dict[str, Any]:
-    import asyncio
-
     sys.path.insert(0, str(ROOT / "bench"))
-    from bench_attach import UID, serve_in_thread, time_attach  # the tree's harness imports
-    from codetainer.boot.privileges import AgentUser
+    from bench_attach import session_up, time_attach  # the tree's harness imports
     from codetainer.control.client import call
-    from codetainer.control.server import ControlServer
-    from codetainer.events import EventBus
-    from codetainer.session.tmux import SessionManager
-    from codetainer.settings import Settings
 
-    base = Path(tempfile.mkdtemp(prefix="ct-bench-fast-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    ws = base / "ws"
-    ws.mkdir()
-    os.chown(ws, UID, UID)
-    ctl = str(base / "control.sock")
-    settings = Settings(tmux_socket=str(base / "tmux" / "agent.sock"),
-                        agent_command="exec sleep 3600", workspace=str(ws), home=str(ws))
-    sm = SessionManager(settings, EventBus(), {}, AgentUser("claude", UID, UID, str(ws)))
-    server = ControlServer(ctl)
-    loop, thread = serve_in_thread(server, sm)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "xterm-256color",
-           "HOME": str(base), "LANG": "C.UTF-8", **tree_env(tree)}
-    ours = [str(VENV_BIN / "codetainer"), "--socket", ctl, "attach"]
-    bare = ["tmux", "-S", settings.tmux_socket, "attach-session", "-t", sm.session_id or "$0"]
-    try:
-        time_attach(ours, env, settings.tmux_socket)  # warm the page cache
-        time_attach(bare, env, settings.tmux_socket)
+    with session_up("ct-bench-fast-") as s:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "xterm-256color",
+               "HOME": str(s.base), "LANG": "C.UTF-8", **tree_env(tree)}
+        ours = [str(VENV_BIN / "codetainer"), "--socket", s.ctl, "attach"]
+        bare = s.bare_argv()
+        time_attach(ours, env, s.tmux_socket)  # warm the page cache
+        time_attach(bare, env, s.tmux_socket)
         out: dict[str, list[float]] = {"ours": [], "bare": [], "session_op": []}
         for _ in range(n):  # interleaved: both see the same moment's load
-            out["ours"].append(time_attach(ours, env, settings.tmux_socket))
-            out["bare"].append(time_attach(bare, env, settings.tmux_socket))
+            out["ours"].append(time_attach(ours, env, s.tmux_socket))
+            out["bare"].append(time_attach(bare, env, s.tmux_socket))
             t0 = time.perf_counter()  # the part of an attach spent in the daemon's reply
-            call("session", ctl, timeout=10)
+            call("session", s.ctl, timeout=10)
             out["session_op"].append(time.perf_counter() - t0)
         return out
-    finally:
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-        asyncio.run_coroutine_threadsafe(sm.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def importtime_top(argv: list[str], env: dict[str, str], k: int = 10) -> list[tuple[str, float]]:
@@ -241,20 +214,25 @@ def floor() -> None:
 
 
 #: what the daemon imports, roughly in its order (``codetainer.daemon`` last: the rest)
-DAEMON_IMPORTS = ("asyncio", "structlog", "psutil", "codetainer.settings",
-                  "codetainer.services.manager", "codetainer.control.server",
-                  "codetainer.boot.privileges", "codetainer.limits.controller",
-                  "codetainer.session.tmux", "tenacity", "urllib.request", "dns.asyncquery",
-                  "dns.resolver", "codetainer.network.controller", "codetainer.daemon",
-                  "supervisor.options", "pyseccomp")
+DAEMON_IMPORTS = ("structlog", "codetainer.settings", "codetainer.services.manager",
+                  "codetainer.control.server", "codetainer.boot.privileges",
+                  "codetainer.limits.controller", "codetainer.session.tmux",
+                  "codetainer.network.controller", "codetainer.daemon",
+                  # at first use: the agent's first process, the CoreDNS hook, the
+                  # session's first sample
+                  "pyseccomp", "codetainer.network.dnshook", "psutil")
 
 
 def import_rss() -> None:
     """What the daemon keeps: the RSS each import adds, one after the other, in one fresh
-    interpreter of this checkout (``supervisor.options``: the services file's parser,
-    imported at load; ``pyseccomp``: at the first agent process)."""
+    interpreter of this checkout, in the daemon's order: first the init's lean imports
+    (asyncio without ``ssl``, tenacity without tornado, hashlib without OpenSSL's), then the
+    daemon's modules, then what is imported at first use. supervisor's parser runs in a
+    forked child and is never kept."""
     code = ("def r():\n    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
-            "prev = r()\nprint(f'  (interpreter) {prev:.1f} MiB')\n")
+            "prev = r()\nprint(f'  (interpreter) {prev:.1f} MiB')\n"
+            "from codetainer.init.pid1 import _lean_imports\n_lean_imports()\nnow = r()\n"
+            "print(f'  {\"lean asyncio, tenacity, hashlib\":<36} +{now - prev:4.1f} MiB'); prev = now\n")
     for mod in DAEMON_IMPORTS:
         code += (f"import {mod}\nnow = r()\n"
                  f"print(f'  {mod:<36} +{{now - prev:4.1f}} MiB'); prev = now\n")

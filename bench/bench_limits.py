@@ -2,7 +2,7 @@
 
 Run as root: ``/opt/ctvenv/bin/python bench/bench_limits.py [-n 200]``. For each way the
 agent's CPU can be held back, boots the whole codetainer as PID 1 in a scratch root
-joined to the test world (inside cgroups the benchmark makes, tests/cgroups.py), then
+joined to the test world (inside cgroups the benchmark makes, sandbox/cgroups.py), then
 times ``n`` ``status`` requests in a row (a fresh connection each, as the CLI makes), first
 idle and then while the agent runs two busy processes per core, started in its own shell
 pane, ``--rounds`` times (a p99 of 200 is the third-worst request: one round is noise);
@@ -32,20 +32,17 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from codetainer.control import protocol  # noqa: E402
-from codetainer.sandbox.daemonproc import wait_for  # noqa: E402
-from codetainer.sandbox.fullboot import FullBoot, default_names, publish_names  # noqa: E402
-from codetainer.sandbox.world import World  # noqa: E402
-
-from tests.cgroups import SandboxCgroups  # noqa: E402
+from _common import pct
+from codetainer.cli.render import limits_mode
+from codetainer.control import protocol
+from codetainer.sandbox.cgroups import SandboxCgroups
+from codetainer.sandbox.daemonproc import wait_for
+from codetainer.sandbox.fullboot import FullBoot, default_names, publish_names
+from codetainer.sandbox.world import World
 
 SPIN = r"""import os, sys, time
 kids = []
@@ -70,11 +67,6 @@ MODES = {  # name: (controllers the sandbox has, shown inside, extra settings)
     "rlimit only, root cpu cgroup": (("memory", "pids"), False, {}),
     "no limits (nice 0)": (("memory", "pids", "cpu"), False, {"CODETAINER_AGENT_NICE": "0"}),
 }
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def status_latencies(sock: str, n: int) -> list[float]:
@@ -116,7 +108,7 @@ def one_mode(name: str, n: int, spinners: int,
                 raise SystemExit(f"{name}: boot ended {st['state']}: {st['reasons']}")
             fb.wait_session()
             wait_for(lambda: len(fb.status()["session"]["panes"]) == 2, 30, "panes")
-            mode = fb.status()["limits"]["text"]
+            mode = limits_mode(fb.status()["limits"])
             (fb.root.out / "spin.py").write_text(SPIN)
             status_latencies(fb.socket, 50)  # warm up
             idle, busy = [], []

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,13 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from codetainer.sandbox.world import ALLOWED_HOSTS, NEVER_HOSTS, UPSTREAM, World  # noqa: E402
-
-from tests.integration.test_network_daemon import AGENT, ENGINES, start_daemon, wait_boot  # noqa: E402
-from tests.integration.test_rotation import ROTATION, rotation_run  # noqa: E402
+from _common import pct
+from codetainer.sandbox.netdaemon import AGENT, ENGINES, ROTATION, rotation_run, start_daemon, wait_boot
+from codetainer.sandbox.world import ALLOWED_HOSTS, NEVER_HOSTS, UPSTREAM, World
 
 TARGET = ALLOWED_HOSTS[0]
 IPT = "iptables-legacy" if subprocess.run(["which", "iptables-legacy"], capture_output=True).returncode == 0 \
@@ -56,7 +53,8 @@ def names_for(n: int) -> list[str]:
 # -- 1. refresh wall time (runs inside the inner netns) -------------------------------------------
 
 
-async def inner_refresh(names: list[str], ours_rounds: int, ref_rounds: int) -> dict[str, Any]:
+async def inner_refresh(names: list[str], ours_rounds: int, ref_rounds: int,
+                        run_dir: str) -> dict[str, Any]:
     from codetainer.network.allowlist import Allowlist, parse_text
     from codetainer.network.compose import build_policy, make_plan, parse_options
     from codetainer.network.dnscheck import resolve_all
@@ -67,7 +65,7 @@ async def inner_refresh(names: list[str], ours_rounds: int, ref_rounds: int) -> 
     from codetainer.settings import Settings
 
     settings = Settings(dns_user="nobody", upstreams=UPSTREAM, refresh_min_ttl="300",
-                        refresh_max_ttl="300", run_dir=tempfile.mkdtemp())
+                        refresh_max_ttl="300", run_dir=run_dir)
     opts = parse_options(settings, Engine.DNSMASQ)
     plan = make_plan(Allowlist(tuple(parse_text("\n".join(names), "bench"))), opts, "nftables")
     backend = NftablesBackend(Runner())
@@ -128,6 +126,7 @@ def refresh_run(names: list[str], engine: str, ref_rounds: int) -> dict[str, Any
             return res
         finally:
             d.close()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def refresh_bench(sizes: list[int], quick: bool) -> list[tuple[int, float, float, float]]:
@@ -161,6 +160,7 @@ def rotation_ours(engine: str, attempts: int, seconds: float) -> dict[str, Any]:
             return rotation_run(world, attempts, seconds)
         finally:
             d.close()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rotation_reference(attempts: int, seconds: float) -> dict[str, Any]:
@@ -239,11 +239,6 @@ def latency_bench(n_conn: int, rounds: int = 4) -> tuple[list[float], list[float
     return out["none"], out["ours"], out["ref"]
 
 
-def pct(values: list[float], p: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, round(p / 100 * (len(v) - 1)))]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="rotation 500 attempts / 15 s")
@@ -253,7 +248,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.inner_refresh:
         names, ours_rounds, ref_rounds = json.loads(args.inner_refresh)
-        print(json.dumps(asyncio.run(inner_refresh(names, ours_rounds, ref_rounds))))
+        with tempfile.TemporaryDirectory(prefix="ct-bench-net-run-") as run_dir:
+            print(json.dumps(asyncio.run(inner_refresh(names, ours_rounds, ref_rounds, run_dir))))
         return 0
     if os.geteuid() != 0:
         print("bench_network: run as root (it builds network namespaces)")

@@ -38,10 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from codetainer.sandbox.world import PYTHON, UPSTREAM, World  # noqa: E402
+from _common import pct
+from codetainer.sandbox.world import PYTHON, UPSTREAM, World
 
 HOST = "bench.test"
 ADDR = "203.0.113.70"
@@ -327,11 +325,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             return results
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def pct(values: list[float], p: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, round(p / 100 * (len(v) - 1)))]
 
 
 def report(results: dict[str, dict[str, Any]]) -> None:

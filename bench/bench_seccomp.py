@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import time
 
+from _common import pct
 from codetainer.boot import seccomp
 from codetainer.boot.privileges import AgentUser, setpriv_argv
 
@@ -46,7 +47,7 @@ def main() -> int:
     for name in ("without", "with"):
         v = sorted(times[name])
         print(f"agent exec chain {name:<7} the filter: median {statistics.median(v):6.1f} ms  "
-              f"p90 {v[int(len(v) * 0.9) - 1]:6.1f} ms  (n={len(v)})")
+              f"p90 {pct(v, 90):6.1f} ms  (n={len(v)})")
     added = statistics.median(times["with"]) - statistics.median(times["without"])
     print(f"the loader adds {added:+.1f} ms per agent process start; compiling the filter "
           f"(once per daemon) {compile_ms:.1f} ms")

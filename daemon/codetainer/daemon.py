@@ -20,9 +20,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import structlog
 
@@ -41,7 +41,22 @@ from codetainer.services.config import ServiceConfigError
 from codetainer.services.manager import ServiceManager, UnknownService
 from codetainer.settings import Settings
 
+if TYPE_CHECKING:
+    from codetainer.status import (
+        DaemonInfo,
+        DaemonSample,
+        HealthReply,
+        ServiceStatus,
+        StatusReply,
+    )
+
 log = structlog.get_logger("codetainer.daemon")
+
+
+def _rss_bytes(pid: str) -> int:
+    """Resident set size of ``/proc/<pid>`` (``statm``'s second field, in pages)."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class Daemon:
@@ -53,8 +68,8 @@ class Daemon:
         self.settings = settings
         self.events = EventBus()
         self.services = ServiceManager(settings.services_file, self.events)
-        self.ctx = BootContext(settings=settings, events=self.events, services=None, daemon=self)
-        self.ctx.services = self.services
+        self.ctx = BootContext(settings=settings, events=self.events, services=self.services,
+                               daemon=self)
         self.network = NetworkController(settings, self.events, self.services)
         self.limits = LimitsController(settings, self.events, self.services)
         self.proxy: Any = None  # ProxyController with CODETAINER_PROXY=on
@@ -83,7 +98,9 @@ class Daemon:
         #: name -> cheap "is this part degraded now" (status --check asks it instead of
         #: building the part's section); a part without one is asked through its section
         self.degraded_probes: dict[str, Callable[[], str | None]] = {}
-        self._info_cache: tuple[float, dict[str, Any]] | None = None
+        #: name -> reload of a part (SIGHUP and `codetainer reload`, after the services)
+        self.reloaders: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {}
+        self._info_cache: tuple[float, DaemonSample] | None = None
         self.settle_heap_after_boot = settle_heap_after_boot
 
     # -- startup -----------------------------------------------------------------------
@@ -122,7 +139,7 @@ class Daemon:
         if self.proxy is not None:
             self.extra_status["proxy"] = self.proxy.status
             self.degraded_probes["proxy"] = self.proxy.degraded
-        self.ctx.state.setdefault("reloaders", {})["network"] = self.network.reload
+        self.reloaders["network"] = self.network.reload
         from codetainer.init import dumpable
 
         log.info("daemon_started", version=__version__, pid=os.getpid(), ppid=os.getppid(),
@@ -242,7 +259,7 @@ class Daemon:
             await self.network.close()
         except Exception as exc:
             errors.append(f"network: {exc}")
-        for name, stop in list(self.ctx.state.get("teardown", {}).items())[::-1]:
+        for name, stop in list(self.ctx.teardowns.items())[::-1]:
             try:
                 await stop()
             except Exception as exc:
@@ -264,8 +281,7 @@ class Daemon:
         except ServiceConfigError as exc:
             log.error("reload_failed", error=str(exc))
             raise RequestError(protocol.FAILED, f"reload failed, nothing changed: {exc}") from None
-        reloaders = self.ctx.state.get("reloaders", {})
-        for name, fn in reloaders.items():
+        for name, fn in self.reloaders.items():
             try:
                 result[name] = await fn()
             except Exception as exc:
@@ -274,8 +290,8 @@ class Daemon:
         return result
 
     # -- status --------------------------------------------------------------------------
-    def status(self, tail: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def status(self, tail: bool = True) -> StatusReply:
+        out: StatusReply = {
             "state": self.engine.state.value,
             "version": __version__,
             "reasons": self.engine.reasons(),
@@ -285,19 +301,22 @@ class Daemon:
         }
         if self.session is not None:
             out["session"] = self.session.status()
+        # the parts' sections (network, limits, proxy: StatusReply names them; a test may
+        # register more), each under its part's name
+        sections = cast("dict[str, object]", out)
         for name, fn in self.extra_status.items():
             try:
-                out[name] = fn()
+                sections[name] = fn()
             except Exception as exc:
-                out[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            _merge_degraded(out, name, _degraded_of(out[name]))
+                sections[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            _merge_degraded(out, name, _degraded_of(sections[name]))
         return out
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> HealthReply:
         """``status`` with ``brief``: only the state and its reasons, as ``status`` gives
         them (``status --check``, the HEALTHCHECK). As cheap as ``ping``: no process tree,
         mount table or section is built; each part answers its degraded probe."""
-        out: dict[str, Any] = {"state": self.engine.state.value, "reasons": self.engine.reasons()}
+        out: HealthReply = {"state": self.engine.state.value, "reasons": self.engine.reasons()}
         for name, fn in self.extra_status.items():
             probe = self.degraded_probes.get(name)
             try:
@@ -307,43 +326,40 @@ class Daemon:
             _merge_degraded(out, name, degraded)
         return out
 
-    def _daemon_info(self) -> dict[str, Any]:
+    def _daemon_info(self) -> DaemonInfo:
         # psutil costs ~0.2 ms a call: sample memory at most once a second, so a crowd of
         # status clients costs the daemon almost nothing.
         now = time.monotonic()
         cached = self._info_cache
         if cached is None or now - cached[0] > 1.0:
             cached = self._info_cache = (now, self._sample_info())
-        info = dict(cached[1])
-        info["uptime_s"] = round(time.time() - self.started, 1)
-        info["heap"] = HEAP.status()  # settle_heap, after boot
-        info["boot_s"] = (None if self.engine.finished is None
-                          else round(self.engine.finished - self.engine.started, 3))
-        return info
+        return {**cached[1], "uptime_s": round(time.time() - self.started, 1),
+                "heap": HEAP.status(),  # settle_heap, after boot
+                "boot_s": (None if self.engine.finished is None
+                           else round(self.engine.finished - self.engine.started, 3))}
 
-    def _sample_info(self) -> dict[str, Any]:
-        import psutil
-
-        from codetainer.procinfo import PROCESS_GONE
-
-        me = psutil.Process()
-        info: dict[str, Any] = {
-            "pid": me.pid,
-            "rss_bytes": me.memory_info().rss,
+    def _sample_info(self) -> DaemonSample:
+        # /proc, as psutil reads it, without psutil: the idle daemon does not keep it
+        info: DaemonSample = {
+            "pid": os.getpid(),
+            "rss_bytes": _rss_bytes("self"),
             "socket": self.settings.socket,
         }
-        with contextlib.suppress(*PROCESS_GONE):
-            parent = me.parent()
-            if parent is not None and parent.name().startswith(("codetainerd", "python")):
-                info["init_pid"] = parent.pid
-                info["init_rss_bytes"] = parent.memory_info().rss
+        parent = os.getppid()
+        with contextlib.suppress(OSError, ValueError, IndexError):  # the parent is gone
+            with open(f"/proc/{parent}/comm") as f:
+                name = f.read().strip()
+            if parent > 0 and name.startswith(("codetainerd", "python")):
+                rss = _rss_bytes(str(parent))
+                info["init_pid"] = parent
+                info["init_rss_bytes"] = rss
         return info
 
     # -- control handlers ----------------------------------------------------------------
     async def op_ping(self, req: Request) -> dict[str, Any]:
         return {"pong": True, "state": self.engine.state.value}
 
-    async def op_status(self, req: Request) -> dict[str, Any]:
+    async def op_status(self, req: Request) -> StatusReply | HealthReply:
         if req.args.get("brief"):
             return self.health()
         return self.status(tail=bool(req.args.get("tail", True)))
@@ -410,20 +426,20 @@ class Daemon:
             raise RequestError(protocol.NOT_FOUND, exc.message) from None
         return name
 
-    async def op_start(self, req: Request) -> dict[str, Any]:
+    async def op_start(self, req: Request) -> ServiceStatus:
         name = self._service(req)
         svc = self.services.start(name)
         await svc.wait_state({svc.state.RUNNING, svc.state.FATAL, svc.state.BACKOFF},
                              svc.config.startsecs + 2)
         return svc.snapshot()
 
-    async def op_stop(self, req: Request) -> dict[str, Any]:
+    async def op_stop(self, req: Request) -> ServiceStatus:
         name = self._service(req)
         svc = self.services.get(name)
         await svc.stop_and_wait()
         return svc.snapshot()
 
-    async def op_restart(self, req: Request) -> dict[str, Any]:
+    async def op_restart(self, req: Request) -> ServiceStatus:
         await self.op_stop(req)
         return await self.op_start(req)
 
@@ -451,7 +467,7 @@ def _degraded_of(section: object) -> str | None:
     return str(degraded) if degraded else None
 
 
-def _merge_degraded(out: dict[str, Any], name: str, degraded: str | None) -> None:
+def _merge_degraded(out: HealthReply, name: str, degraded: str | None) -> None:
     """A part that is degraded now (the DNS server down, every lookup failing) makes the
     whole DEGRADED while it lasts, whatever the boot ended as."""
     if degraded:

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from codetainer.status import HeapStatus
 
 
 class HeapStats:
@@ -35,7 +38,7 @@ class HeapStats:
         self.count += 1
         self.longest_s = max(self.longest_s, time.perf_counter() - self._started)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> HeapStatus:
         return {"frozen_objects": self.frozen, "full_collections": self.count,
                 "longest_full_collection_ms": round(self.longest_s * 1000, 3)}
 

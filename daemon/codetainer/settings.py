@@ -10,11 +10,13 @@ is built (:meth:`Settings.from_env` at the daemon's start): a bad value raises
 codetainerd exits 64 with that one line. A text passed to the constructor (tests,
 ``dataclasses.replace``) is parsed the same way. Settings that name lists with a
 dedicated parser elsewhere (the allowlist, upstreams, inbound ports, the DNS limit and
-hook) stay text here and are checked by their owner when the daemon is built.
+hook) stay text here and are checked by their owner when the daemon is built; the
+command lines (``CODETAINER_AGENT_COMMAND``) are shell text, run by ``sh``.
 """
 
 # _opt() is called in the dataclass defaults on purpose: it returns the parsed, immutable
-# default (str, int, float, bool) and carries the documentation as field metadata.
+# default (str, int, float, bool, a tuple or a frozen dataclass) and carries the
+# documentation as field metadata.
 # ruff: noqa: RUF009
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ MIN_PIDS = 64
 MIN_MEMORY = 64 << 20
 _SIZE = re.compile(r"^([1-9][0-9]*)([kmgKMG]?)$")
 _PERCENT = re.compile(r"^([1-9][0-9]?|100)%$")
+#: what tmpfs's size= takes: bytes with an optional k/m/g, or a share of RAM below 100%
+_TMPFS_SIZE = re.compile(r"^[1-9][0-9]*[kmgKMG]?$|^[1-9][0-9]?%$")
+_PLUGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+#: owner/repo, a URL, a git address, or an absolute path (a marketplace directory in the
+#: image or on a volume); never anything that starts like an option
+_SOURCE = re.compile(r"^[A-Za-z0-9/][A-Za-z0-9._~:/@%+=-]*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -117,23 +125,84 @@ def integer(low: int, high: int | None = None, what: str = "an integer") -> Pars
     return parse
 
 
-def parse_memory(raw: str) -> tuple[int | None, int | None]:
-    """``CODETAINER_AGENT_MEMORY`` as (bytes, None) for a size or (None, percent)."""
+@dataclass(frozen=True)
+class MemoryLimit:
+    """``CODETAINER_AGENT_MEMORY``: an absolute size, or a share of the container's."""
+
+    size: int | None  # bytes
+    percent: int | None
+
+
+def parse_memory(raw: str) -> MemoryLimit:
+    """``CODETAINER_AGENT_MEMORY``: a size (``3g``) or a percentage (``75%``)."""
     text = raw.strip()
     size, percent = _SIZE.match(text), _PERCENT.match(text)
     if size:
         value = int(size.group(1)) * _UNITS[size.group(2).lower()]
         if value >= MIN_MEMORY:
-            return value, None
+            return MemoryLimit(value, None)
     elif percent:
-        return None, int(percent.group(1))
+        return MemoryLimit(None, int(percent.group(1)))
     raise ValueError("set it to a size of at least 64m (3g, 2048m) or a percentage "
                      "of the container's memory (75%)")
 
 
-def _memory(raw: str) -> str:
-    parse_memory(raw)
-    return raw.strip()
+def tmpfs_size(raw: str) -> str:
+    """A tmpfs ``size=``: checked here, so a bad one stops the daemon before any mount."""
+    value = raw.strip()
+    if not _TMPFS_SIZE.match(value):
+        raise ValueError("set it to a tmpfs size: a number with k, m or g (512m, 1g) or a "
+                         "share of the RAM below 100% (50%)")
+    return value
+
+
+@dataclass(frozen=True)
+class PluginPlan:
+    """``CODETAINER_PLUGINS``: marketplaces to add, then plugins to install (each once)."""
+
+    marketplaces: tuple[str, ...] = ()
+    plugins: tuple[str, ...] = ()
+
+    def commands(self) -> list[list[str]]:
+        """Arguments after ``claude``, marketplaces first."""
+        return [["plugin", "marketplace", "add", m] for m in self.marketplaces] + [
+            ["plugin", "install", p] for p in self.plugins
+        ]
+
+
+def plugin_plan(raw: str) -> PluginPlan:
+    """Comma-separated entries: a marketplace source has a ``/`` or ``:``, anything else
+    is a plugin (``name@marketplace`` or a bare ``name``)."""
+    markets: list[str] = []
+    plugins: list[str] = []
+    for part in raw.split(","):
+        entry = part.strip()
+        if not entry:
+            continue
+        if "/" in entry or ":" in entry:
+            if not _SOURCE.match(entry):
+                raise ValueError(f"{entry!r} is not a valid marketplace source: use owner/repo, "
+                                 "a URL, a git address or an /absolute/directory")
+            markets.append(entry)
+        elif _PLUGIN.match(entry):
+            plugins.append(entry)
+        else:
+            raise ValueError(f"{entry!r} is not a plugin (name@marketplace) or a marketplace "
+                             "source (owner/repo): use a comma-separated list of those")
+    return PluginPlan(tuple(dict.fromkeys(markets)), tuple(dict.fromkeys(plugins)))
+
+
+def npm_scope(raw: str) -> str:
+    """One npm scope, as ``.npmrc`` names it (``@my-org``)."""
+    name = raw.strip().lstrip("@")
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError(f"{raw.strip()!r} is not an npm scope: use comma-separated scope "
+                         "names (@my-org,@other)")
+    return "@" + name.lower()
+
+
+def scope_list(raw: str) -> tuple[str, ...]:
+    return tuple(npm_scope(part) for part in raw.split(",") if part.strip())
 
 
 def _opt(doc: str, default: str, parse: Parser | None = None) -> Any:
@@ -198,9 +267,9 @@ class Settings:
     agent_user: str = _opt("the agent's user name (uid 1000 in the image)", "claude")
     workspace: str = _opt("agent workspace (tmpfs)", "/workspace")
     home: str = _opt("agent home (tmpfs)", "/home/claude")
-    workspace_size: str = _opt("tmpfs size of the workspace", "512m")
-    tmp_size: str = _opt("tmpfs size of /tmp", "512m")
-    home_size: str = _opt("tmpfs size of the agent home", "1g")
+    workspace_size: str = _opt("tmpfs size of the workspace", "512m", tmpfs_size)
+    tmp_size: str = _opt("tmpfs size of /tmp", "512m", tmpfs_size)
+    home_size: str = _opt("tmpfs size of the agent home", "1g", tmpfs_size)
     readonly_root: bool = _opt("remount / read-only during boot (1/0)", "1", switch(_TRUE, _FALSE))
     clone_timeout: float = _opt("seconds one git clone attempt may take", "300", number(0))
     clone_attempts: int = _opt("git clone attempts (REPO_URL)", "3",
@@ -212,7 +281,8 @@ class Settings:
     github_api_timeout: float = _opt("seconds the fork lookup may take", "5", number(0))
     git_config: str = _opt("system git config written at boot (empty: $GIT_CONFIG_SYSTEM or "
                            "/etc/gitconfig)", "")
-    npm_scopes: str = _opt("npm scopes served from GitHub Packages, comma-separated (@org)", "")
+    npm_scopes: tuple[str, ...] = _opt("npm scopes served from GitHub Packages, "
+                                       "comma-separated (@org)", "", scope_list)
     bin_dir: str = _opt("where claude, bun and bunx live (linked into the agent's home)",
                         "/usr/local/bin")
     # session
@@ -221,10 +291,11 @@ class Settings:
     agent_command: str = _opt("command run in the agent pane", "claude --dangerously-skip-permissions")
     agent_restart: AgentRestart = _opt("agent exit policy: respawn or leave", "respawn",
                                        choice("respawn", "leave"))
-    plugins: str = _opt("Claude Code plugins to install, comma-separated", "")
+    plugins: PluginPlan = _opt("Claude Code plugins to install, comma-separated", "",
+                               plugin_plan)
     # limits (README: What the agent can consume)
-    agent_memory: str = _opt("memory limit of the agent's cgroup: a size (3g) or a share of the "
-                             "container's memory (75%)", "75%", _memory)
+    agent_memory: MemoryLimit = _opt("memory limit of the agent's cgroup: a size (3g) or a share "
+                                     "of the container's memory (75%)", "75%", parse_memory)
     agent_pids: int = _opt("most tasks (processes and threads) of the agent: its cgroup's "
                            "pids.max and each agent process's RLIMIT_NPROC", "4096",
                            integer(MIN_PIDS, 4_194_304, "a number of processes and threads"))

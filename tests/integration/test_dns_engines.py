@@ -44,19 +44,18 @@ from codetainer.network.allowlist import Allowlist, parse_text
 from codetainer.network.dnsconfig import (
     COREDNS_BIN,
     DnsOptions,
-    DynamicSet,
     Engine,
     GeneratedConfig,
     SetBackend,
     dnsmasq_version,
     exec_script,
-    generate,
-    generate_dnsmasq,
     parse_coredns_log_line,
     parse_dnsmasq_log_line,
     parse_upstreams,
+    render_corefile,
+    render_dnsmasq,
 )
-from codetainer.network.dnshook import domain_sets
+from codetainer.network.dnsplan import DnsPlan, DynamicSet
 
 pytestmark = pytest.mark.integration
 
@@ -329,15 +328,16 @@ def start_server(
         group="nogroup",
         hook=hook if engine is Engine.COREDNS else None,
     )
-    cfg = generate(engine, allow, options, backend)
+    plan = DnsPlan.build(allow, ipv6=options.ipv6)  # as compose.make_plan
+    cfg = (render_corefile(plan, options) if engine is Engine.COREDNS
+           else render_dnsmasq(plan, options, backend))
     make_sets(ns, cfg, backend)
     hook_refused = None
     if engine is Engine.COREDNS:
         hook_refused = tmp / f"hook-{listen}.refused"
         hook_refused.write_text("")
-        mapping = generate_dnsmasq(allow, options, SetBackend.NFTSET)  # as compose.make_plan
         spec = {"listen": hook, "upstreams": "127.0.0.2", "allowlist": allowlist,
-                "sets": domain_sets(mapping.text), "backend": backend.value,
+                "sets": plan.domain_sets, "backend": backend.value,
                 "timeout": cfg.set_timeout, "refused": str(hook_refused),
                 "screened": [str(n) for n in cfg.screened]}
         hook_log = tmp / f"hook-{listen}.log"

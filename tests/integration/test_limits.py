@@ -1,8 +1,8 @@
 """The agent cannot take the machine down: memory, processes and disk, in a full boot.
 
 codetainerd runs as PID 1 of a scratch root joined to the test world, inside cgroups this
-module makes (tests/cgroups.py: cgroup v1 ``memory`` 512 MiB and ``pids`` 400, under the
-test's own cgroups), so whatever the agent does stays inside limits the test chose:
+module makes (codetainer.sandbox.cgroups: cgroup v1 ``memory`` 512 MiB and ``pids`` 400,
+under the test's own cgroups), so whatever the agent does stays inside limits the test chose:
 
 * ``cgroup_machine`` sees those cgroups as its own at ``/sys/fs/cgroup/<controller>`` (as
   a container does), and the kernel log (``/dev/kmsg``, read-only): the daemon puts the
@@ -30,11 +30,11 @@ from typing import Any
 
 import pytest
 from codetainer.boot.privileges import AgentUser, ExecLimits, setpriv_argv
+from codetainer.cli.render import limits_mode
+from codetainer.sandbox.cgroups import SandboxCgroups
 from codetainer.sandbox.daemonproc import wait_for
 from codetainer.sandbox.fullboot import FullBoot, default_names, publish_names
 from codetainer.sandbox.world import World
-
-from tests.cgroups import SandboxCgroups
 
 pytestmark = pytest.mark.integration
 
@@ -219,8 +219,8 @@ def test_the_agents_tree_starts_in_its_cgroup_under_its_limits(cgroup_machine: F
     fb = cgroup_machine
     lim = fb.status()["limits"]
     assert lim["mode"] == "cgroup v1"
-    assert lim["text"] == ("cgroup v1 (memory /sys/fs/cgroup/memory/agent, pids "
-                           "/sys/fs/cgroup/pids/agent, cpu /sys/fs/cgroup/cpu/agent)")
+    assert limits_mode(lim) == ("cgroup v1 (memory /sys/fs/cgroup/memory/agent, pids "
+                                "/sys/fs/cgroup/pids/agent, cpu /sys/fs/cgroup/cpu/agent)")
     cg = lim["cgroup"]
     assert cg["memory"]["max"] == SANDBOX_MEMORY * 75 // 100  # 75 % of the container's
     assert cg["pids"]["max"] == AGENT_PIDS
@@ -355,7 +355,7 @@ def test_without_a_cgroup_the_rlimit_holds_and_the_daemons_clients_still_run(
     fb = rlimit_machine
     lim = fb.status()["limits"]
     assert lim["mode"] == "rlimit only" and lim["cgroup"] is None
-    assert lim["text"] == "rlimit only (no writable cgroup: no cgroup filesystem is mounted)"
+    assert limits_mode(lim) == "rlimit only (no writable cgroup: no cgroup filesystem is mounted)"
     assert lim["process"]["nproc"] == AGENT_PIDS and lim["process"]["cgroup_procs"] == []
     assert lim["oom_kills"]["scope"] == "machine"
     bomb_holds_while_the_daemon_works(fb, "rlimit", AGENT_PIDS)

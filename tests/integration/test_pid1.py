@@ -263,8 +263,12 @@ def test_every_forwarded_signal_is_handled_and_survived(tmp_path: Path) -> None:
      "codetainerd: CODETAINER_READONLY_ROOT='maybe' is not valid: use one of 1, true, yes, on, 0"),
     ([], {"CODETAINER_UPSTREAMS": "dns.google"},
      "codetainerd: CODETAINER_UPSTREAMS='dns.google' is not valid: upstream resolver 'dns.google'"),
+    ([], {"CODETAINER_HOME_SIZE": "1g,uid=0"},
+     "codetainerd: CODETAINER_HOME_SIZE='1g,uid=0' is not valid: set it to a tmpfs size"),
+    ([], {"CODETAINER_PLUGINS": "ok@m,--evil"},
+     "codetainerd: CODETAINER_PLUGINS='ok@m,--evil' is not valid: '--evil' is not a plugin"),
 ], ids=["unknown-option", "unknown-step", "bad-setting", "bad-ipv6", "bad-limit", "bad-clone",
-        "bad-switch", "bad-network-text"])
+        "bad-switch", "bad-network-text", "bad-tmpfs-size", "bad-plugins"])
 def test_bad_command_line_or_setting_exits_64(tmp_path: Path, extra_args: list[str],
                                               env: dict[str, str], message: str) -> None:
     d = DaemonProc(tmp_path, conf(prog("idle", "sleep 1000")), extra_args=extra_args, env=env)

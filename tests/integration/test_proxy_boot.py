@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from codetainer.cli.render import render_why
 from codetainer.control.client import RequestFailed
 from codetainer.proxy.model import ANTHROPIC_PLACEHOLDER, GITHUB_PLACEHOLDER, PROXY_PORT
 from codetainer.sandbox.daemonproc import wait_for
@@ -200,14 +201,14 @@ def test_a_grant_reaches_the_proxys_policy(m: Machine) -> None:
 def test_why_url_names_the_rule_that_decides_each_method(m: Machine) -> None:
     report = m.fb.call("why", target="https://api.github.com/gists")
     by_method = {q["method"]: q for q in report["requests"]}
-    assert by_method["GET"]["allowed"] is True, report["text"]
+    assert by_method["GET"]["allowed"] is True, render_why(report)
     post = by_method["POST"]
-    assert post["allowed"] is False and "domains.conf:" in post["where"], report["text"]
+    assert post["allowed"] is False and "domains.conf:" in post["where"], render_why(report)
     assert "preset=github" in post["rule"] and "/gists" in post["reason"], post
-    assert "proxy: POST https://api.github.com/gists: REFUSED" in report["text"]
+    assert "proxy: POST https://api.github.com/gists: REFUSED" in render_why(report)
     one = m.fb.call("why", target="https://registry.npmjs.org/ct-tiny", method="PUT")
     assert [q["method"] for q in one["requests"]] == ["PUT"]
-    assert one["requests"][0]["allowed"] is False, one["text"]
+    assert one["requests"][0]["allowed"] is False, render_why(one)
     # refusals the proxy recorded for the host are shown beside the verdicts
     assert m.curl("https://sentry.io/y", "-X", "POST", "--data", "{}")[0] == 403
 

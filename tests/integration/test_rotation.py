@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import tempfile
@@ -24,90 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from codetainer.sandbox.netdaemon import AGENT, ENGINES, ROTATION, rotation_run, start_daemon, wait_boot
 from codetainer.sandbox.world import ALLOWED_HOSTS, NEVER_HOSTS, World
-
-from tests.integration.test_network_daemon import AGENT, ENGINES, start_daemon, wait_boot
 
 pytestmark = pytest.mark.integration
 
-ROTATION = ALLOWED_HOSTS[10:30]  # 20 addresses
 STATIC_ONLY = ALLOWED_HOSTS[30]  # 203.0.113.40, allowlisted as an address
 CHURN = ALLOWED_HOSTS[11:26]
-
-# Resolve through the local server (stdlib only), connect to the first address at once.
-RESOLVE_CONNECT = r"""
-import errno, json, random, socket, struct, sys, time
-server, name, n, interval = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-LINGER0 = struct.pack("ii", 1, 0)
-def query(name):
-    qid = random.randrange(65536)
-    q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
-    try:
-        s.sendto(q, (server, 53)); data = s.recv(4096)
-    finally:
-        s.close()
-    rcode = data[3] & 15
-    an = struct.unpack("!H", data[6:8])[0]
-    i = 12
-    while data[i]: i += data[i] + 1
-    i += 5
-    out = []
-    for _ in range(an):
-        if data[i] & 0xC0 == 0xC0: i += 2
-        else:
-            while data[i]: i += data[i] + 1
-            i += 1
-        t, c, ttl, ln = struct.unpack("!HHIH", data[i:i + 10]); i += 10
-        if t == 1: out.append(socket.inet_ntoa(data[i:i + 4]))
-        i += ln
-    return rcode, out
-ok, fail, seen = 0, {}, set()
-start = time.monotonic()
-for k in range(n):
-    t0 = start + k * interval
-    time.sleep(max(0.0, t0 - time.monotonic()))
-    try:
-        rcode, addrs = query(name)
-    except OSError as e:
-        r = "dns " + type(e).__name__; fail[r] = fail.get(r, 0) + 1; continue
-    if not addrs:
-        r = f"dns rcode {rcode}"; fail[r] = fail.get(r, 0) + 1; continue
-    seen.add(addrs[0])
-    try:
-        s = socket.create_connection((addrs[0], 443), timeout=2)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0); s.close(); ok += 1
-    except TimeoutError:
-        fail["timeout"] = fail.get("timeout", 0) + 1
-    except OSError as e:
-        r = errno.errorcode.get(e.errno or 0, "error"); fail[r] = fail.get(r, 0) + 1
-print(json.dumps({"ok": ok, "fail": fail, "addresses": sorted(seen),
-                  "seconds": time.monotonic() - start}))
-"""
-
-
-def rotate(world: World, name: str, addrs: list[str], period: float, stop: threading.Event) -> None:
-    i = 0
-    while not stop.wait(period):
-        i += 1
-        world.set_records(name, [addrs[i % len(addrs)]], wait=False)
-
-
-def rotation_run(world: World, attempts: int, seconds: float) -> dict[str, object]:
-    stop = threading.Event()
-    mover = threading.Thread(target=rotate, args=(world, "rot.test", list(ROTATION), 2.0, stop))
-    mover.start()
-    try:
-        out = world.python_in(world.inner, RESOLVE_CONNECT, "127.0.0.53", "rot.test", str(attempts),
-                              str(seconds / attempts), uid=AGENT, timeout=seconds + 60)
-    finally:
-        stop.set()
-        mover.join()
-    assert out.returncode == 0, out.stderr
-    result: dict[str, object] = json.loads(out.stdout)
-    return result
-
 
 @pytest.fixture
 def tmp() -> Iterator[Path]:

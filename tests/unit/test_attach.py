@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
-from codetainer.cli import attach
+from codetainer.cli import attach, render
 from codetainer.control.server import ControlServer, Request, Send
 
 
@@ -49,8 +49,8 @@ def test_tmux_argv_attaches_by_id_and_selects_agent(monkeypatch: pytest.MonkeyPa
     ({"name": "p", "state": "DEGRADED", "duration_s": 2, "reason": "r"}, "[WARN] p 2.00s  r"),
     ({"name": "s", "state": "SKIPPED", "duration_s": 0, "reason": "skipped"}, "[SKIP] s  skipped"),
 ])
-def test_fmt_step(ev: dict[str, Any], expected: str) -> None:
-    assert attach._fmt_step(ev) == expected
+def test_progress_line(ev: dict[str, Any], expected: str) -> None:
+    assert render.progress_line(ev) == expected
 
 
 def test_plain_progress_prints_start_and_end_once() -> None:
@@ -77,13 +77,15 @@ def test_spinner_progress_redraws_one_line() -> None:
     assert text.rstrip("\r\x1b[K").endswith("[ OK ] clone 0.30s\n")
 
 
-def test_render_status() -> None:
-    text = attach.render_status(
+def test_render_brief() -> None:
+    """What attach prints without a terminal (the renderer of ``codetainer status``'s
+    module: attach has none of its own)."""
+    text = render.render_brief(
         {"state": "READY", "steps": [{"name": "net", "state": "OK", "duration_s": 0.1}],
          "session": {"exists": True, "id": "$0", "name": "claude", "socket": "/s"}}, None)
     assert text.splitlines()[0] == "boot: READY"
     assert "[ OK ] net 0.10s" in text and "session: $0 (claude) on /s" in text
-    assert attach.render_status(None, {"exists": False, "reason": "boot FAILED"}) == (
+    assert render.render_brief(None, {"exists": False, "reason": "boot FAILED"}) == (
         "session: not running (boot FAILED)")
 
 

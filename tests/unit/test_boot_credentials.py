@@ -97,7 +97,7 @@ async def test_step_writes_files_token_only_in_hosts(tmp_path: Path,
     monkeypatch.delenv("GIT_USER_EMAIL", raising=False)
     user = AgentUser("me", os.getuid(), os.getgid(), str(home))
     ctx = BootContext(settings(home, "off"), EventBus(), secrets={"GH_TOKEN": "ghp_secret1"},
-                      state={"agent_user": user})
+                      agent_user=user)
     await credentials.credentials_step().run(ctx)
     gitconfig = (tmp_path / "etc" / "gitconfig").read_text()
     assert "ghp_secret1" not in gitconfig
@@ -120,7 +120,7 @@ async def test_step_leaves_the_claude_token_for_hooks_in_a_private_file(
     user = AgentUser("me", os.getuid(), os.getgid(), str(home))
     ctx = BootContext(settings(home, "off"), EventBus(),
                       secrets={"GH_TOKEN": "ghp_x", "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-t"},
-                      state={"agent_user": user})
+                      agent_user=user)
     await credentials.credentials_step().run(ctx)
     token = home.joinpath(*credentials.CLAUDE_TOKEN_FILE)
     assert token.read_text() == "sk-ant-oat01-t"
@@ -141,7 +141,7 @@ async def test_with_the_proxy_on_every_file_the_agent_reads_holds_placeholders(
     real = {"GH_PAT": "ghp_REALgithub0123", "GH_TOKEN": "ghp_REALgithub0123",
             "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-REALclaude"}
     ctx = BootContext(settings(home, "on"), EventBus(), secrets=dict(real),
-                      state={"agent_user": user})
+                      agent_user=user)
     reason = await credentials.credentials_step().run(ctx)
     assert "placeholders" in str(reason)
     hosts = (home / ".config" / "gh" / "hosts.yml").read_text()

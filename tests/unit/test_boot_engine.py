@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,43 @@ async def test_step_within_its_timeout_is_not_cut_off() -> None:
     state, _ = await run_timed(eng)
     assert state is BootState.READY
     assert (eng.records["ok"].state, eng.records["ok"].reason) == (StepState.OK, "made it")
+
+
+async def test_what_steps_hand_over_reaches_later_steps_and_the_daemons_shutdown(
+        tmp_path: Path) -> None:
+    """Typed hand-over: a step's teardowns are awaited at shutdown, last registered first,
+    one that fails does not keep the others from running; what a step leaves in the
+    context (the agent's account, services it started) is what a later step reads."""
+    from codetainer.boot.privileges import AgentUser
+    from codetainer.daemon import Daemon
+
+    order: list[str] = []
+    seen: list[object] = []
+
+    def stop(name: str) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            order.append(name)
+            if name == "broken":
+                raise RuntimeError("cannot close")
+        return run
+
+    async def first(ctx: BootContext) -> str:
+        ctx.agent_user = AgentUser("me", 4242, 4242, str(tmp_path))
+        ctx.started_by_steps.append("dns")
+        for name in ("limits", "broken", "proxy"):
+            ctx.teardowns[name] = stop(name)
+        return "handed over"
+
+    async def second(ctx: BootContext) -> str:
+        seen.extend([ctx.agent().uid, list(ctx.started_by_steps)])
+        return "read"
+
+    settings = Settings(run_dir=str(tmp_path), socket=str(tmp_path / "control.sock"),
+                        services=str(tmp_path / "none.conf"))
+    daemon = Daemon(settings, steps=[Step("first", first, timeout=5),
+                                     Step("second", second, timeout=5)])
+    assert daemon.ctx.services is daemon.services and daemon.ctx.daemon is daemon
+    assert await daemon.engine.run() is BootState.READY
+    assert seen == [4242, ["dns"]]
+    await daemon._orderly()
+    assert order == ["proxy", "broken", "limits"]

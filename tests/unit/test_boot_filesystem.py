@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 from codetainer.boot import filesystem
-from codetainer.boot.engine import StepError
 from codetainer.boot.privileges import AgentUser
-from codetainer.settings import Settings
+from codetainer.settings import Settings, SettingsError
 
 USER = AgentUser("claude", 1000, 1000, "/home/claude")
 
@@ -34,9 +33,10 @@ def test_tmux_directory_outside_the_run_dir_gets_no_mount() -> None:
 
 @pytest.mark.parametrize("size", ["", "0", "12x", "1g,uid=0", "-1m", "100%%"])
 def test_bad_size_names_the_variable(size: str) -> None:
-    with pytest.raises(StepError) as err:
+    # checked when the settings are parsed (codetainerd exits 64), before any mount
+    with pytest.raises(SettingsError) as err:
         filesystem.tmpfs_plan(Settings(home_size=size or " "), USER)
-    assert "CODETAINER_HOME_SIZE" in err.value.reason
+    assert "CODETAINER_HOME_SIZE" in str(err.value)
 
 
 def test_home_skeleton_and_links(tmp_path: Path) -> None:

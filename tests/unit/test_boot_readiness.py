@@ -86,7 +86,7 @@ async def test_degraded_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 async def test_settings_check_catches_untrusted_dir(tmp_path: Path) -> None:
     ctx = ctx_for(tmp_path)
-    ctx.state["trusted_dirs"] = [str(tmp_path / "ws" / "repo")]
+    ctx.trusted_dirs = [str(tmp_path / "ws" / "repo")]
     with pytest.raises(StepError, match="not trusted"):
         await readiness.check_settings(ctx)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import os
@@ -175,7 +176,9 @@ def api() -> Iterator[tuple[str, list[str]]]:
             seen.append(self.headers.get("Authorization", ""))
             body = json.dumps({"fork": True, "parent": {"full_name": "up/r",
                                                         "clone_url": "https://github.com/up/r.git"}})
-            self.send_response(200 if self.path == "/repos/o/r" else 404)
+            if self.path == "/repos/o/garbled":
+                body = "<html>not json"
+            self.send_response(200 if self.path in ("/repos/o/r", "/repos/o/garbled") else 404)
             self.end_headers()
             self.wfile.write(body.encode())
 
@@ -191,8 +194,43 @@ async def test_find_upstream_against_fake_api(api: tuple[str, list[str]]) -> Non
     assert await repository.find_upstream(base, "o", "r", "ghp_t", 5) == (
         "https://github.com/up/r.git")
     assert seen == ["Bearer ghp_t"]
-    with pytest.raises(OSError):  # 404 -> HTTPError, which the step logs and skips
+    with pytest.raises(OSError, match="HTTP Error 404"):  # logged and skipped by the step
         await repository.find_upstream(base, "o", "missing", "ghp_t", 5)
+    with pytest.raises(ValueError):  # a reply that is not JSON
+        await repository.find_upstream(base, "o", "garbled", "ghp_t", 5)
+    assert seen == ["Bearer ghp_t"] * 3  # the token reached the API: on the child's stdin
+
+
+async def test_the_api_client_never_has_the_token_in_its_arguments() -> None:
+    """The API client (its own interpreter: urllib's HTTPS, ssl and libcrypto stay out of
+    the daemon) gets the token on stdin: while it waits for the reply, no process on the
+    machine has the token in its command line."""
+    token = "ghp_argvcheck" + os.urandom(4).hex()
+    seen: list[tuple[str, bool]] = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            in_argv = False
+            for d in Path("/proc").iterdir():
+                with contextlib.suppress(OSError):
+                    in_argv |= token.encode() in (d / "cmdline").read_bytes()
+            seen.append((self.headers.get("Authorization", ""), in_argv))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"fork": false}')
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert await repository.find_upstream(
+            f"http://127.0.0.1:{srv.server_address[1]}", "o", "r", token, 5) is None
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert seen == [(f"Bearer {token}", False)]
 
 
 async def test_find_upstream_times_out() -> None:

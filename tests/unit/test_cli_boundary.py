@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 from codetainer.cli import main as cli_main
-from codetainer.cli.attach import UnsafeAttach, dropped_attach, render_status
+from codetainer.cli.attach import UnsafeAttach, dropped_attach
 from codetainer.cli.inert import inert, inert_text
+from codetainer.cli.render import render_brief
 
 OSC52 = "\x1b]52;c;ZWNobyBwd25lZA==\x07"
 
@@ -24,7 +25,7 @@ def test_control_characters_become_visible_escapes() -> None:
 
 def test_attach_status_render_is_inert() -> None:
     session = {"exists": True, "id": "$0", "name": f"renamed{OSC52}", "socket": "/s"}
-    out = render_status(None, inert(session))
+    out = render_brief(None, inert(session))
     assert "\x1b" not in out and "\x07" not in out and "renamed\\x1b" in out
 
 
@@ -47,7 +48,8 @@ class FakeClient:
 @pytest.mark.parametrize("argv", [["status"], ["why", "x"]])
 def test_cli_prints_agent_text_inert(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
     FakeClient.reply = {"state": "READY", "steps": [], "reasons": [f"bad{OSC52}"],
-                        "text": f"refused {OSC52}",
+                        "target": f"x{OSC52}", "kind": "host", "verdict": f"refused {OSC52}",
+                        "notes": [f"refused {OSC52}"],
                         "session": {"exists": True, "name": f"x{OSC52}", "panes": []}}
     monkeypatch.setattr(cli_main, "Client", FakeClient)
     buf = io.StringIO()

@@ -27,8 +27,8 @@ from codetainer.network.dnsconfig import (
     parse_dnsmasq_log_line,
     parse_upstream,
     parse_upstreams,
-    screened_networks,
 )
+from codetainer.network.dnsplan import screened_networks
 from codetainer.network.model import INTERNAL
 from hypothesis import given, settings
 from hypothesis import strategies as st

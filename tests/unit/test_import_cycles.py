@@ -13,12 +13,7 @@ from tests.unit.test_layers import imports, modules
 #: cycles known today, (their modules) -> why; printed on every run. Remove an entry when
 #: its cycle is gone (the test fails on a stale one); never add one to make a new cycle
 #: pass: move what both sides need into a module below them instead.
-KNOWN_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"network.firewall", "network.firewall_ipt", "network.firewall_nft"}):
-        "the backends take FirewallBackend/FirewallError/Denied from firewall.py, which "
-        "picks them (make_backend, the iptables probe); the base moves below with the "
-        "one-runner change of firewall.py (FirewallBackend holds its Runner)",
-}
+KNOWN_CYCLES: dict[frozenset[str], str] = {}
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from codetainer.cli.render import render_network
 from codetainer.network.allowlist import Allowlist, parse_text
 from codetainer.network.compose import build_policy, make_plan, parse_options
 from codetainer.network.dnsconfig import Engine
 from codetainer.network.firewall import InboundPort
-from codetainer.network.why import status_text
 from codetainer.settings import Settings
 
 
@@ -49,8 +49,8 @@ def test_a_bad_value_names_the_variable_and_the_form(tmp_path: Path, value: str,
 
 
 def test_status_shows_inbound() -> None:
-    st = {"engine": "coredns", "listen": "127.0.0.53", "hook": None, "backend": "nftables",
-          "ipv6": "deny", "names": 1, "addresses": 2}
-    assert status_text({**st, "inbound": ""}).splitlines()[0].endswith("IPv6 deny, inbound none")
-    first = status_text({**st, "inbound": "tcp/8080,udp/5353"}).splitlines()[0]
+    st = {"active": True, "engine": "coredns", "listen": "127.0.0.53", "hook": None,
+          "backend": "nftables", "ipv6": "deny", "names": 1, "addresses": 2}
+    assert render_network({**st, "inbound": ""})[0].endswith("IPv6 deny, inbound none")
+    first = render_network({**st, "inbound": "tcp/8080,udp/5353"})[0]
     assert first.endswith("IPv6 deny, inbound tcp/8080,udp/5353")

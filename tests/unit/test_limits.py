@@ -351,9 +351,10 @@ def test_cap_sys_resource_is_read_from_capeff(tmp_path: Path) -> None:
 
 
 def test_render_limits_says_mode_figures_and_oom_kills() -> None:
-    lim = {"text": "cgroup v1 (memory /m/agent)", "process": {"nproc": 400, "nice": 10,
-                                                              "oom_score_adj": 1000},
-           "cgroup": {"memory": {"max": 384 << 20, "current": 12 << 20},
+    lim = {"mode": "cgroup v1", "no_cgroup": None,
+           "process": {"nproc": 400, "nice": 10, "oom_score_adj": 1000},
+           "cgroup": {"version": 1, "dirs": {"memory": "/m/agent"},
+                      "memory": {"max": 384 << 20, "current": 12 << 20},
                       "pids": {"max": 200, "current": 9, "refused": 3}, "cpu_weight": 20},
            "oom_score_adj": {"init": -1000, "daemon": -999, "dns": -900, "agent": 1000},
            "oom_note": None,

@@ -15,6 +15,7 @@ import dns.rcode
 import dns.rrset
 import pytest
 from codetainer.boot.engine import BootContext, StepError
+from codetainer.cli.render import render_network, render_why
 from codetainer.control.server import Peer, Request, RequestError
 from codetainer.events import EventBus
 from codetainer.network.active import AddressNames, RefusedTable
@@ -22,7 +23,8 @@ from codetainer.network.allowlist import Allowlist, parse_text
 from codetainer.network.compose import agent_identity, build_policy, make_plan, parse_options
 from codetainer.network.controller import NetworkController
 from codetainer.network.dnsconfig import Engine, parse_upstreams
-from codetainer.network.dnshook import DnsHook, NftSetWriter, SetRoutes, SetWriter, domain_sets
+from codetainer.network.dnshook import DnsHook, NftSetWriter, SetRoutes, SetWriter
+from codetainer.network.dnsplan import DnsPlan
 from codetainer.network.why import WhyAddress, WhyReport, parse_duration
 from codetainer.settings import Settings
 
@@ -119,13 +121,15 @@ def test_agent_identity_falls_back_to_uid_1000() -> None:
 
 
 def test_domain_sets_and_longest_match_routing() -> None:
-    text = ("nftset=/a.test/4#inet#codetainer#d4_80_443\n"
-            "nftset=/b.a.test/4#inet#codetainer#d4_443,6#inet#codetainer#d6_443\n")
-    routes = SetRoutes(domain_sets(text))
+    plan = DnsPlan.build(Allowlist(parse_text("a.test\n*.b.a.test:443\n", "t")), ipv6=False)
+    assert plan.domain_sets == {"a.test": ("d4_80_443",), "b.a.test": ("d4_443",)}
+    routes = SetRoutes(plan.domain_sets)
     assert routes.lookup("a.test") == ("d4_80_443",)
-    assert routes.lookup("x.b.a.test.") == ("d4_443", "d6_443")
+    assert routes.lookup("x.b.a.test.") == ("d4_443",)
     assert routes.lookup("c.a.test") == ("d4_80_443",)
     assert routes.lookup("other.test") == ()
+    v6 = DnsPlan.build(Allowlist(parse_text("a.test\n*.b.a.test:443\n", "t")), ipv6=True)
+    assert SetRoutes(v6.domain_sets).lookup("x.b.a.test.") == ("d4_443", "d6_443")
 
 
 def test_nft_writer_refreshes_timeouts_in_one_transaction_and_rejects_garbage() -> None:
@@ -246,11 +250,12 @@ def test_why_report_text_fits_one_screen() -> None:
     rep = WhyReport("api.test", "host", "api.test", "domains.conf:1", rcode="NOERROR")
     rep.addresses = [WhyAddress(f"203.0.113.{i}", ["s4_80_443"], [], []) for i in range(40)]
     assert rep.verdict().startswith("ALLOWED")
-    assert len(rep.text().splitlines()) <= 24
+    assert len(render_why(rep.as_dict()).splitlines()) <= 24
     rep = WhyReport("192.0.2.9", "ip", None, None)
     denied = [{"proto": "tcp", "port": 443, "packets": 3, "seen_ago": 5, "seen": "last"}]
     rep.addresses = [WhyAddress("192.0.2.9", [], denied, [])]
-    assert "NOT ALLOWED" in rep.text() and "denied 3x tcp/443" in rep.text()
+    text = render_why(rep.as_dict())  # the CLI renders the daemon's data
+    assert "NOT ALLOWED" in text and "denied 3x tcp/443" in text
 
 
 # -- the controller --------------------------------------------------------------------------
@@ -278,8 +283,9 @@ async def test_hostile_allowlist_fails_the_step_before_anything_is_touched(tmp_p
     for line in (2, 3, 4):
         assert f"domains.conf:{line}:" in exc.value.reason
     assert "3 problem(s)" in exc.value.reason and exc.value.hint
-    assert nc.backend is None and not (tmp_path / "run").exists()
-    assert nc.status() == {"active": False, "text": "not set up (the network boot steps did not run)"}
+    assert nc.net is None and not (tmp_path / "run").exists()
+    assert nc.status() == {"active": False}
+    assert render_network(nc.status()) == ["not set up (the network boot steps did not run)"]
     with pytest.raises(StepError, match="has not run"):
         await nc.steps()[1].run(BootContext(settings=nc.settings, events=nc.events))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from codetainer.cli.render import render_status
+from codetainer.cli.render import render_network, render_status
 
 STATUS = {
     "state": "DEGRADED", "version": "0.1.0", "reasons": ["repository: clone failed"],
@@ -15,7 +15,16 @@ STATUS = {
     ],
     "services": [{"name": "dns", "state": "RUNNING", "pid": 7, "uptime_s": 60, "restarts": 1,
                   "last_exit": "killed by SIGKILL", "tail": ["started"]}],
-    "network": {"text": "engine dnsmasq, backend nftables"},
+    "network": {"active": True, "engine": "dnsmasq", "listen": "127.0.0.53", "hook": None,
+                "backend": "nftables", "ipv6": "deny", "ipv6_reason": None, "inbound": "",
+                "names": 2, "addresses": 3, "last_refresh": None, "next_refresh_in_s": 30.0,
+                "refreshes": 1, "set_swaps": 1, "overruns": 0, "failing": [], "denied": [],
+                "refused": [], "grants": [], "degraded": None, "selftest_ok": True,
+                "dns_health": None, "dns_guard": None},
+    "limits": {"mode": "rlimit only", "no_cgroup": "no cgroup filesystem is mounted",
+               "process": {"nproc": 400, "nice": 10, "oom_score_adj": 1000, "cgroup_procs": []},
+               "cgroup": None, "oom_score_adj": {"daemon": -999, "agent": 1000},
+               "oom_note": None, "oom_kills": None},
     "session": {"id": "$0", "name": "fix-parser", "state": "RUNNING",
                 "restarts": {"agent": 2, "server": 0},
                 "panes": [{"index": 0, "role": "agent", "command": "claude", "pid": 40},
@@ -34,7 +43,9 @@ def test_plain_rendering_has_every_section_and_no_escapes() -> None:
                                     "boot 420ms)")
     assert "-> check REPO_URL" in text
     assert "RUNNING  dns" in text and "restarts 1" in text and "last: killed by SIGKILL" in text
-    assert "engine dnsmasq, backend nftables" in text
+    assert "network\n  DNS dnsmasq on 127.0.0.53, firewall nftables, IPv6 deny, inbound none\n" \
+        "  2 names, 3 addresses; next in 30s\n" in text  # rendered here: the daemon sends data
+    assert "limits\n  rlimit only (no writable cgroup: no cgroup filesystem is mounted)\n" in text
     assert "$0 fix-parser  restarts: agent 2, tmux 0" in text
     assert "pane 1 shell  bash pid 41 (dead)" in text
     assert "agent tree: 3 processes, cpu 1.5 %, rss 200M" in text
@@ -48,3 +59,10 @@ def test_colour_on_a_tty() -> None:
     text = render_status(STATUS, color=True)
     assert "\x1b[33mDEGRADED\x1b[0m" in text
     assert "\x1b[31m[####----] 50%  FULL SOON" in text  # a nearly full tmpfs stands out
+
+
+def test_a_section_that_failed_is_not_rendered_as_data() -> None:
+    text = render_status({**STATUS, "network": {"error": "KeyError: 'x'"},
+                          "limits": {"error": "OSError: gone"}}, color=False)
+    assert "network" not in text.splitlines() and "limits" not in text.splitlines()
+    assert render_network({"active": False}) == ["not set up (the network boot steps did not run)"]

@@ -7,7 +7,7 @@ import os
 import signal
 
 import pytest
-from codetainer.services.config import ServiceConfig
+from codetainer.services.config import ExponentialBackoff, ServiceConfig
 from codetainer.services.fsm import Kill, ServiceFSM, Spawn
 from codetainer.services.states import (
     TRANSITIONS,
@@ -184,3 +184,64 @@ def test_decode_wait_status() -> None:
     assert (code, msg) == (-11, "killed by SIGSEGV (core dumped)")
     # the encodings above are what the kernel produces
     assert os.WEXITSTATUS(exit_status(7)) == 7
+
+
+# -- the additions the agent's tmux pane uses (session/panepolicy.py) -----------------------
+
+
+def test_exponential_backoff_replaces_the_one_more_second() -> None:
+    fsm = ServiceFSM(cfg(autorestart="true", startsecs=30.0, startretries=4,
+                         backoff=ExponentialBackoff(1.0, 8.0)))
+    now = 0.0
+    fsm.request_start(now)
+    waits = []
+    for _ in range(4):
+        fsm.spawned(1)
+        now += 0.5
+        assert fsm.exited(now, exit_status(1)) == []
+        assert fsm.state is S.BACKOFF
+        waits.append(fsm.next_deadline() - now)  # type: ignore[operator]
+        now = fsm.delay
+        assert fsm.tick(now) == [Spawn()]
+    assert waits == [1.0, 2.0, 4.0, 8.0]
+    fsm.exited(now + 0.5, exit_status(1))
+    assert fsm.state is S.FATAL and fsm.backoff == 5
+
+
+def test_exponential_backoff_waits_after_a_run_too() -> None:
+    fsm = ServiceFSM(cfg(autorestart="true", backoff=ExponentialBackoff(2.0, 60.0)))
+    now = running(fsm)
+    assert fsm.exited(now + 100, exit_status(0)) == []  # not at once, unlike supervisord
+    assert fsm.state is S.EXITED and fsm.backoff == 1
+    assert fsm.next_deadline() == now + 102
+    assert fsm.tick(now + 101.9) == []
+    assert fsm.tick(now + 102) == [Spawn()]
+    fsm.exited(now + 102.5, exit_status(1))  # a short run after it: the series goes on
+    assert fsm.state is S.BACKOFF and fsm.delay == now + 102.5 + 4.0
+
+
+def test_supervisord_backoff_is_unchanged_by_default() -> None:
+    fsm = ServiceFSM(cfg(autorestart="true"))
+    assert fsm.config.backoff is None
+    now = running(fsm)
+    assert fsm.exited(now + 5, exit_status(0)) == [Spawn()]
+    assert fsm.backoff == 0
+
+
+def test_started_outside_keeps_the_failed_starts() -> None:
+    fsm = ServiceFSM(cfg(startretries=1))
+    fsm.request_start(0.0)
+    fsm.exited(0.1, exit_status(1))
+    assert fsm.tick(1.1) == [Spawn()]
+    fsm.exited(1.2, exit_status(1))
+    assert fsm.state is S.FATAL and not fsm.wants_running
+    fsm.started_outside(50.0, 77)  # FATAL -> STARTING, not through request_start
+    assert (fsm.state, fsm.pid, fsm.laststart, fsm.backoff) == (S.STARTING, 77, 50.0, 2)
+    assert fsm.wants_running
+    fsm.exited(50.1, exit_status(1))
+    assert fsm.state is S.FATAL, "the count was kept: no retry left"
+    fsm.started_outside(60.0, 78)
+    fsm.tick(61.0)
+    assert fsm.state is S.RUNNING and fsm.backoff == 0
+    fsm.started_outside(70.0)  # RUNNING -> EXITED -> STARTING: it ended unseen
+    assert (fsm.state, fsm.pid, fsm.laststart) == (S.STARTING, 0, 70.0)

@@ -13,7 +13,8 @@ from codetainer.session import prompt as pm
 from codetainer.session.plugins import parse_plugins, plugins_step
 from codetainer.session.tmux import CONFIG_FILE
 from codetainer.session.tmuxctl import parse_snapshot
-from codetainer.session.usage import TreeSampler, bar, human_bytes, mounts_usage
+from codetainer.session.usage import TreeSampler, bar, mounts_usage
+from codetainer.units import human_bytes
 
 # -- prompt -----------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from codetainer.settings import Settings, SettingsError, describe
+from codetainer.settings import MemoryLimit, PluginPlan, Settings, SettingsError, describe
 
 
 def test_defaults_have_their_types_and_read_as_the_operator_types_them() -> None:
@@ -39,6 +39,18 @@ def test_from_env_parses_each_variable_to_its_type() -> None:
     ("CODETAINER_CLONE_ATTEMPTS", "2.5", "set it to a number of attempts of at least 1"),
     ("CODETAINER_REFRESH_GRACE", "nan", "set it to a number of seconds of at least 0"),
     ("CODETAINER_REFRESH_MAX_TTL", "900", "set it to a number of seconds from 0.001 to 300"),
+    ("CODETAINER_HOME_SIZE", "1g,uid=0", "set it to a tmpfs size: a number with k, m or g "
+     "(512m, 1g) or a share of the RAM below 100% (50%)"),
+    ("CODETAINER_TMP_SIZE", "100%", "set it to a tmpfs size: a number with k, m or g "
+     "(512m, 1g) or a share of the RAM below 100% (50%)"),
+    ("CODETAINER_WORKSPACE_SIZE", "", "set it to a tmpfs size: a number with k, m or g "
+     "(512m, 1g) or a share of the RAM below 100% (50%)"),
+    ("CODETAINER_PLUGINS", "ok@m,--evil", "'--evil' is not a plugin (name@marketplace) or a "
+     "marketplace source (owner/repo): use a comma-separated list of those"),
+    ("CODETAINER_PLUGINS", "-o/x", "'-o/x' is not a valid marketplace source: use owner/repo, "
+     "a URL, a git address or an /absolute/directory"),
+    ("CODETAINER_NPM_SCOPES", "@org,@bad/scope", "'@bad/scope' is not an npm scope: use "
+     "comma-separated scope names (@my-org,@other)"),
 ])
 def test_a_bad_value_names_the_variable_the_value_and_what_is_accepted(
         var: str, raw: str, accepted: str) -> None:
@@ -46,6 +58,20 @@ def test_a_bad_value_names_the_variable_the_value_and_what_is_accepted(
         Settings.from_env({var: raw})
     assert str(err.value) == f"{var}={raw!r} is not valid: {accepted}"
     assert "\n" not in str(err.value)
+
+
+def test_lists_and_sizes_are_parsed_once_into_what_their_step_uses() -> None:
+    s = Settings.from_env({"CODETAINER_PLUGINS": " owner/mkt, tool@mkt,,tool@mkt",
+                           "CODETAINER_NPM_SCOPES": "@My-Org, other,",
+                           "CODETAINER_AGENT_MEMORY": "2g", "CODETAINER_HOME_SIZE": " 50% "})
+    assert s.plugins == PluginPlan(("owner/mkt",), ("tool@mkt",))
+    assert s.plugins.commands() == [["plugin", "marketplace", "add", "owner/mkt"],
+                                    ["plugin", "install", "tool@mkt"]]
+    assert s.npm_scopes == ("@my-org", "@other")
+    assert s.agent_memory == MemoryLimit(2 << 30, None)
+    assert Settings().agent_memory == MemoryLimit(None, 75)
+    assert s.home_size == "50%"
+    assert (Settings().plugins, Settings().npm_scopes) == (PluginPlan(), ())
 
 
 def test_the_refresh_floor_must_not_exceed_the_ceiling() -> None:

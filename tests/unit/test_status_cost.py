@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from codetainer.control import protocol
 from codetainer.daemon import Daemon
+from codetainer.network.allowlist import Allowlist
 from codetainer.session.usage import SAMPLE_MAX_AGE, UsageCache
 from codetainer.settings import Settings
 
@@ -125,10 +126,11 @@ async def test_brief_status_agrees_with_status_when_the_network_is_degraded(
         return brief
 
     assert (await agree())["reasons"] == [], "an inactive network is not degraded"
-    nc.opts = types.SimpleNamespace(  # type: ignore[assignment]
-        engine=types.SimpleNamespace(value="dnsmasq"), listen="127.0.0.1", ipv6=False,
-        ipv6_why="off", inbound=())
-    nc.backend = types.SimpleNamespace(name="nftables")  # type: ignore[assignment]
+    nc.net = types.SimpleNamespace(  # type: ignore[assignment]
+        opts=types.SimpleNamespace(engine=types.SimpleNamespace(value="dnsmasq"),
+                                   listen="127.0.0.1", ipv6=False, ipv6_why="off", inbound=()),
+        backend=types.SimpleNamespace(name="nftables"), base=Allowlist(), github=None,
+        plan=types.SimpleNamespace(names={}, allowlist=Allowlist()))
     assert (await agree())["reasons"] == []
     nc.notes["github"] = "@github ranges unavailable (timeout): denied"
     assert (await agree())["reasons"] == ["network: @github ranges unavailable (timeout): denied"]

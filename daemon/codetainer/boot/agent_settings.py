@@ -100,13 +100,13 @@ def install(template_path: Path, hooks_dir: Path, home: Path, user: AgentUser, *
 
 async def _run(ctx: BootContext) -> str:
     s = ctx.settings
-    user: AgentUser = ctx.state.get("agent_user") or AgentUser.lookup(s.agent_user, s.home)
+    user = ctx.agent()
     dirs = trusted_dirs(s.workspace, os.environ.get("REPO_URL"))
     settings_file, _ = install(
         s.path(*TEMPLATE), s.path("hooks"), Path(s.home), user, dirs=dirs,
         skip_permissions=SKIP_PERMISSIONS_FLAG in s.agent_command.split(),
     )
-    ctx.state["trusted_dirs"] = dirs
+    ctx.trusted_dirs = dirs
     log.info("agent_settings_installed", settings=str(settings_file), trusted=dirs)
     return f"{settings_file}; trusted {', '.join(dirs)}"
 

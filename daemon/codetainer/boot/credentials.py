@@ -34,7 +34,8 @@ import structlog
 
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.boot.filesystem import write_file
-from codetainer.boot.privileges import AgentProxy, AgentUser, agent_secret
+from codetainer.boot.privileges import AgentProxy, agent_secret
+from codetainer.settings import Settings, npm_scope
 
 log = structlog.get_logger("codetainer.boot")
 
@@ -93,20 +94,24 @@ def render_gh_hosts(token: str, host: str = "github.com") -> str:
 
 
 def render_npmrc(scopes: Iterable[str]) -> str:
+    """``scopes`` as the settings parsed them (CODETAINER_NPM_SCOPES); a scope from
+    elsewhere is checked the same way."""
     lines = ["# Written by codetainer at boot. The token comes from the environment."]
     for scope in scopes:
-        s = scope.strip().lstrip("@")
-        if s:
-            if not all(c.isalnum() or c in "-_." for c in s):
-                raise StepError(f"npm scope {scope!r} is not a valid scope name",
-                                "fix CODETAINER_NPM_SCOPES (comma-separated, e.g. @my-org)")
-            lines.append(f"@{s.lower()}:registry={NPM_REGISTRY}/")
+        if not scope.strip():
+            continue
+        try:
+            name = npm_scope(scope)
+        except ValueError:
+            raise StepError(f"npm scope {scope!r} is not a valid scope name",
+                            "fix CODETAINER_NPM_SCOPES (comma-separated, e.g. @my-org)") from None
+        lines.append(f"{name}:registry={NPM_REGISTRY}/")
     lines.append(f"//{NPM_REGISTRY.removeprefix('https://')}/:_authToken=${{GH_TOKEN}}")
     return "\n".join(lines) + "\n"
 
 
-def git_config_path(settings: object, environ: Mapping[str, str]) -> Path:
-    explicit = getattr(settings, "git_config", "") or environ.get("CODETAINER_GIT_CONFIG", "")
+def git_config_path(settings: Settings, environ: Mapping[str, str]) -> Path:
+    explicit = settings.git_config or environ.get("CODETAINER_GIT_CONFIG", "")
     return Path(explicit or environ.get("GIT_CONFIG_SYSTEM") or "/etc/gitconfig")
 
 
@@ -124,8 +129,7 @@ async def _run(ctx: BootContext) -> str:
     token = agent_secret("GH_TOKEN", ctx.secrets, proxy)
     if not token:
         raise StepError("no GitHub token in the boot context", "the secrets step must run first")
-    user: AgentUser = ctx.state.get("agent_user") or AgentUser.lookup(
-        settings.agent_user, settings.home)
+    user = ctx.agent()
     home = Path(settings.home)
 
     gh = shutil.which("gh")
@@ -149,7 +153,7 @@ async def _run(ctx: BootContext) -> str:
         _own_tree(token_file.parent, home, user.uid, user.gid)
         os.chmod(token_file.parent, 0o700)
 
-    scopes = [s for s in settings.npm_scopes.split(",") if s.strip()]
+    scopes = list(settings.npm_scopes)
     write_file(home / ".npmrc", render_npmrc(scopes), 0o644, user.uid, user.gid)
 
     log.info("credentials_configured", gitconfig=str(gitconfig), gh=bool(gh),

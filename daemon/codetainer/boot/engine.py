@@ -20,7 +20,7 @@ import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -31,7 +31,9 @@ from codetainer.lifecycle import (
 )
 
 if TYPE_CHECKING:
+    from codetainer.boot.privileges import AgentUser
     from codetainer.settings import Settings
+    from codetainer.status import StepStatus
 
 log = structlog.get_logger("codetainer.boot")
 
@@ -80,17 +82,88 @@ class StepError(Exception):
         self.hint = hint
 
 
+# -- what the steps use of the parts the daemon wires in ----------------------------------
+# Narrow on purpose: the boot layer never imports the daemon or the service manager; these
+# say exactly what a step may use of them (ServiceManager and Daemon satisfy them).
+
+
+class ServiceConfigView(Protocol):
+    @property
+    def startsecs(self) -> float: ...
+
+
+class ServiceFSMView(Protocol):
+    @property
+    def spawnerr(self) -> str: ...
+
+
+class ServiceView(Protocol):
+    """One supervised service, as the ``services`` step reports it."""
+
+    @property
+    def config(self) -> ServiceConfigView: ...
+    @property
+    def state(self) -> enum.Enum: ...
+    @property
+    def fsm(self) -> ServiceFSMView: ...
+
+
+class BootServices(Protocol):
+    """The service manager, as the ``services`` step (start the autostart services, wait
+    for them) and the readiness check (which are not RUNNING) use it."""
+
+    def start_autostart(self, exclude: set[str] | None = None) -> list[str]: ...
+    async def wait_running(self, names: list[str], timeout: float) -> list[str]: ...
+    def not_running(self) -> list[str]: ...
+    def get(self, name: str) -> ServiceView: ...
+
+
+class BootDaemon(Protocol):
+    """The daemon running the boot: a readiness check asks its engine which steps this
+    boot has (``--steps`` may leave the network out)."""
+
+    @property
+    def engine(self) -> BootEngine: ...
+
+
+#: a part's teardown, awaited at shutdown
+Teardown = Callable[[], Awaitable[object]]
+
+
 @dataclass
 class BootContext:
-    """What steps share. ``state`` carries objects from one step to later ones."""
+    """What steps share. Each field below ``daemon`` is handed from one step to later
+    ones (or to the daemon's shutdown); its comment names who writes and who reads it."""
 
     settings: Settings
     events: EventBus
+    #: secrets -> credentials, proxy, plugins, the session: the secret values, read once
+    #: from the environment (init/environ.py names them)
     secrets: dict[str, str] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)
-    # Filled by the daemon: services manager, network controller, ... (typed at use).
-    services: Any = None
-    daemon: Any = None
+    #: filled by the daemon (None in tests that run steps alone)
+    services: BootServices | None = None
+    daemon: BootDaemon | None = None
+    #: filesystem -> credentials, agent-settings, repository: the agent's account, looked
+    #: up once; read it through :meth:`agent` (which looks it up when no step did)
+    agent_user: AgentUser | None = None
+    #: agent-settings -> readiness: the directories the agent's settings trust (None: the
+    #: step did not run; readiness then expects the workspace)
+    trusted_dirs: list[str] | None = None
+    #: network-dns, proxy -> services: services their own step started and waits for;
+    #: the ``services`` step leaves them alone
+    started_by_steps: list[str] = field(default_factory=list)
+    #: limits, proxy -> the daemon's shutdown: name -> teardown, awaited in reverse order
+    #: of registration (after the agent session and the network, before the services)
+    teardowns: dict[str, Teardown] = field(default_factory=dict)
+
+    def agent(self) -> AgentUser:
+        """The agent's account: the filesystem step's, else looked up now (LookupError
+        names the user when it does not exist)."""
+        if self.agent_user is None:
+            from codetainer.boot.privileges import AgentUser
+
+            self.agent_user = AgentUser.lookup(self.settings.agent_user, self.settings.home)
+        return self.agent_user
 
 
 StepFn = Callable[[BootContext], Awaitable[str | None]]
@@ -117,7 +190,7 @@ class StepRecord:
     reason: str = ""
     hint: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> StepStatus:
         return {
             "name": self.name,
             "policy": self.policy.value,
@@ -229,5 +302,5 @@ class BootEngine:
             if r.state in (StepState.FAILED, StepState.DEGRADED)
         ]
 
-    def snapshot(self) -> list[dict[str, Any]]:
+    def snapshot(self) -> list[StepStatus]:
         return [r.as_dict() for r in self.records.values()]

@@ -51,8 +51,6 @@ HOME_LINKS = {
 }
 HOME_DIRS = (".cache", ".claude", ".config", ".local/bin", ".bun/bin", "go/bin")
 
-_SIZE = re.compile(r"^[1-9][0-9]*[kmgKMG]?$|^[1-9][0-9]?%$")
-
 
 # --- mounts -----------------------------------------------------------------------------
 
@@ -177,7 +175,6 @@ class Tmpfs:
     mode: int
     uid: int
     gid: int
-    setting: str  # the CODETAINER_* variable that sets the size, for error messages
     inodes: int | None = None  # nr_inodes (None: the kernel's default, half the RAM pages)
 
     @property
@@ -187,25 +184,17 @@ class Tmpfs:
 
 
 def tmpfs_plan(settings: Settings, user: AgentUser) -> list[Tmpfs]:
+    """The sizes were checked when the settings were parsed (a bad one exits 64)."""
     plan = [
-        Tmpfs(settings.workspace, settings.workspace_size, 0o755, user.uid, user.gid,
-              "CODETAINER_WORKSPACE_SIZE"),
-        Tmpfs("/tmp", settings.tmp_size, 0o1777, 0, 0, "CODETAINER_TMP_SIZE"),
-        Tmpfs(settings.home, settings.home_size, 0o750, user.uid, user.gid,
-              "CODETAINER_HOME_SIZE"),
+        Tmpfs(settings.workspace, settings.workspace_size, 0o755, user.uid, user.gid),
+        Tmpfs("/tmp", settings.tmp_size, 0o1777, 0, 0),
+        Tmpfs(settings.home, settings.home_size, 0o750, user.uid, user.gid),
     ]
     tmux_dir = Path(settings.tmux_socket).parent
     if Path(settings.run_dir) in tmux_dir.parents:
         # The agent owns its tmux directory: on a small tmpfs of its own, filling it
         # cannot fill the daemon's runtime directory around it.
-        plan.append(Tmpfs(str(tmux_dir), "4m", 0o700, user.uid, user.gid,
-                          "CODETAINER_TMUX_SOCKET", inodes=256))
-    for t in plan:
-        if not _SIZE.match(t.size):
-            raise StepError(
-                f"{t.setting}={t.size!r} is not a tmpfs size",
-                f"set {t.setting} to a size like 512m or 1g",
-            )
+        plan.append(Tmpfs(str(tmux_dir), "4m", 0o700, user.uid, user.gid, inodes=256))
     return plan
 
 
@@ -316,7 +305,7 @@ def write_home(home: Path, uid: int, gid: int, bin_dir: Path) -> list[str]:
 async def _run(ctx: BootContext) -> str:
     settings = ctx.settings
     try:
-        user = AgentUser.lookup(settings.agent_user, settings.home)
+        user = ctx.agent()  # looked up once: the later steps take it from here
     except LookupError as exc:
         raise StepError(str(exc)) from None
     plan = tmpfs_plan(settings, user)
@@ -324,7 +313,6 @@ async def _run(ctx: BootContext) -> str:
         mount_tmpfs(t)
     bin_dir = Path(settings.bin_dir)
     skipped = write_home(Path(settings.home), user.uid, user.gid, bin_dir)
-    ctx.state["agent_user"] = user
     sizes = ", ".join(f"{t.path} {t.size}" for t in plan)
     return f"tmpfs {sizes}" + (f"; skipped links: {', '.join(skipped)}" if skipped else "")
 

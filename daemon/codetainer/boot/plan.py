@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
-from codetainer.services.manager import ServiceManager
 
 if TYPE_CHECKING:
     from codetainer.limits.controller import LimitsController
@@ -17,8 +16,10 @@ SERVICES_START_TIMEOUT = 30.0
 
 
 async def _start_services(ctx: BootContext) -> str:
-    services: ServiceManager = ctx.services
-    started = services.start_autostart(exclude=set(ctx.state.get("services_started_by_steps", ())))
+    services = ctx.services
+    if services is None:
+        raise StepError("no service manager attached to the boot")
+    started = services.start_autostart(exclude=set(ctx.started_by_steps))
     if not started:
         return "no autostart services"
     # RUNNING needs startsecs; wait for the slowest one, bounded.

@@ -41,11 +41,14 @@ from __future__ import annotations
 import pwd
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from codetainer.boot import chain
 from codetainer.boot.seccomp import filter_hex
 from codetainer.proxy.model import ANTHROPIC_PLACEHOLDER, GITHUB_PLACEHOLDER, PROXY_PORT
+
+if TYPE_CHECKING:
+    from codetainer.status import ExecLimitsDict
 
 #: the chain's root prologue (boot/chain.py), named here too where the chain is explained
 JOIN, JOIN_NAME = chain.JOIN, chain.JOIN_NAME
@@ -141,7 +144,7 @@ class ExecLimits:
     #: ``cgroup.procs`` of the agent's cgroup, one per v1 hierarchy (one file under v2)
     cgroup_procs: tuple[str, ...] = ()
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> ExecLimitsDict:
         return {"oom_score_adj": self.oom_score_adj, "nice": self.nice, "nproc": self.nproc,
                 "cgroup_procs": list(self.cgroup_procs)}
 

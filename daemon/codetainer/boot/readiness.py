@@ -47,7 +47,8 @@ async def check_settings(ctx: BootContext) -> str:
         raise StepError(f"{claude_json}: onboarding is not marked complete")
     projects = data.get("projects")
     projects = projects if isinstance(projects, dict) else {}
-    untrusted = [d for d in ctx.state.get("trusted_dirs", [ctx.settings.workspace])
+    trusted = ctx.trusted_dirs if ctx.trusted_dirs is not None else [ctx.settings.workspace]
+    untrusted = [d for d in trusted
                  if not (isinstance(projects.get(d), dict)
                          and projects[d].get("hasTrustDialogAccepted") is True)]
     if untrusted:
@@ -68,7 +69,7 @@ async def check_repository(ctx: BootContext) -> str:
 async def check_services(ctx: BootContext) -> str:
     if ctx.services is None:
         raise StepError("no service manager attached to the boot")
-    bad: list[str] = list(ctx.services.not_running())
+    bad = ctx.services.not_running()
     if bad:
         raise StepError(f"not RUNNING: {', '.join(bad)}",
                         "see `codetainer status` for each service's state and last output")

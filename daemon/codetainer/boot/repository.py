@@ -15,13 +15,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import shutil
-import urllib.error
-import urllib.request
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,19 +181,45 @@ async def clone(url: str, dest: Path, env: Mapping[str, str], *, timeout: float,
 
 # --- fork / upstream --------------------------------------------------------------------
 
-def _api_get(url: str, token: str, timeout: float) -> Any:
-    req = urllib.request.Request(url, headers={  # noqa: S310 - URL from settings
-        "Accept": "application/vnd.github+json",
-        "Authorization": f"Bearer {token}",
-        "User-Agent": "codetainer",
-        "X-GitHub-Api-Version": "2022-11-28",
-    })
+#: the GitHub API client, run in its own interpreter (``python3 -I -S``: the standard
+#: library only). urllib's HTTPS brings ``ssl`` with libssl and libcrypto (~6 MiB) that the
+#: long-lived daemon would keep for a lookup or two a boot; the child takes them and
+#: exits. The token comes on stdin (never an argument); the reply is one JSON line.
+_API_CHILD = r"""
+import json, sys, urllib.error, urllib.request
+url, timeout = sys.argv[1], float(sys.argv[2])
+req = urllib.request.Request(url, headers={
+    "Accept": "application/vnd.github+json", "Authorization": "Bearer " + sys.stdin.read(),
+    "User-Agent": "codetainer", "X-GitHub-Api-Version": "2022-11-28"})
+try:
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        out = {"ok": json.loads(resp.read(1 << 20))}
+except urllib.error.HTTPError as exc:
+    out = {"error": "HTTP Error %s: %s" % (exc.code, exc.reason)}
+    exc.close()
+except (OSError, ValueError) as exc:
+    out = {"error": str(exc) or type(exc).__name__, "value": isinstance(exc, ValueError)}
+sys.stdout.write(json.dumps(out))
+"""
+
+
+async def api_get(url: str, token: str, timeout: float) -> Any:
+    """GET a GitHub API URL with ``token``: the decoded JSON. OSError (unreachable, an
+    HTTP error, with its code), TimeoutError or ValueError (not JSON) otherwise."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-            return json.loads(resp.read(1 << 20))
-    except urllib.error.HTTPError as exc:
-        exc.close()  # it holds the connection open
-        raise OSError(f"HTTP Error {exc.code}: {exc.reason}") from None
+        done = await runner.run([sys.executable, "-I", "-S", "-c", _API_CHILD, url, str(timeout)],
+                                timeout=timeout + 5, input=token.encode())
+    except runner.SpawnError as exc:
+        raise OSError(f"cannot run the API client: {exc}") from None
+    if done.timed_out:
+        raise TimeoutError(f"the GitHub API did not answer within {timeout:g}s")
+    try:
+        reply = json.loads(done.stdout)
+    except ValueError:
+        raise OSError(f"the API client failed ({done.exit}): {done.stderr.strip()[-300:]}") from None
+    if "error" in reply:
+        raise (ValueError if reply.get("value") else OSError)(str(reply["error"])[:300])
+    return reply["ok"]
 
 
 def parent_url(repo_info: Any) -> str | None:
@@ -217,7 +241,7 @@ def parent_url(repo_info: Any) -> str | None:
 async def find_upstream(api_base: str, owner: str, repo: str, token: str,
                         timeout: float) -> str | None:
     url = f"{api_base.rstrip('/')}/repos/{owner}/{repo}"
-    info = await asyncio.wait_for(asyncio.to_thread(_api_get, url, token, timeout), timeout)
+    info = await api_get(url, token, timeout)
     return parent_url(info)
 
 
@@ -289,7 +313,7 @@ async def _add_upstream(repo: Path, url: str, o: RepoOptions, token: str) -> str
         return "not a GitHub repository: no upstream lookup"
     try:
         upstream = await find_upstream(o.api_base, *slug, token, o.api_timeout)
-    except (OSError, TimeoutError, ValueError, urllib.error.URLError) as exc:
+    except (OSError, TimeoutError, ValueError) as exc:  # urllib's URLError is an OSError
         reason = redact(str(exc) or type(exc).__name__, {"t": token})
         log.warning("upstream_lookup_skipped", repo="/".join(slug), reason=reason)
         return f"upstream lookup skipped ({reason})"
@@ -347,9 +371,7 @@ async def _run(ctx: BootContext) -> str:
     remotes = await remote_urls(dest)
     snapshot = Path(s.run_dir, "remotes.json")
     write_snapshot(snapshot, dest, remotes)
-    user: AgentUser = ctx.state.get("agent_user") or AgentUser.lookup(s.agent_user, s.home)
-    await hand_over(dest, user)
-    ctx.state["repository"] = str(dest)
+    await hand_over(dest, ctx.agent())
     log.info("repository_ready", path=str(dest), url=clean_url, attempts=used,
              remotes=sorted(remotes), snapshot=str(snapshot))
     return f"cloned {clean_url} into {dest} ({used} attempt{'s' if used > 1 else ''}); {upstream}"

@@ -37,6 +37,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy kno
 if TYPE_CHECKING:
     from typing import Any, NoReturn, TextIO
 
+    from codetainer.status import StepStatus
+
 NO_TTY = 2
 UNREACHABLE = 69
 EXEC_FAILED = 1
@@ -45,9 +47,6 @@ EXEC_FAILED = 1
 SESSION_DEADLINE_S = 60.0
 NO_ATTACH_VAR = "CODETAINER_NO_ATTACH"
 
-_MARKS = {"OK": "[ OK ]", "FAILED": "[FAIL]", "DEGRADED": "[WARN]", "SKIPPED": "[SKIP]",
-          "RUNNING": "[ .. ]", "PENDING": "[    ]"}
-_FINAL = frozenset({"OK", "FAILED", "DEGRADED", "SKIPPED"})
 _USAGE = """usage: codetainer attach [--socket PATH]
 
 Attach to the agent's tmux session; while the machine boots, show its progress.
@@ -171,10 +170,9 @@ def _attach_or_explain(info: dict[str, Any] | None) -> None:
     if info and info.get("exists"):
         exec_tmux(info)
     if info and info.get("state") == "FAILED":
-        reason = str(info.get("reason") or "unknown reason")
-        if info.get("hint"):
-            reason += f" (fix: {info['hint']})"
-        _failed([reason], "the agent session could not start")
+        from codetainer.cli.render import session_failure
+
+        _failed([session_failure(inert(info))], "the agent session could not start")
 
 
 def exec_tmux(info: dict[str, Any]) -> NoReturn:
@@ -218,27 +216,18 @@ def exec_shell() -> NoReturn:
 # -- progress ------------------------------------------------------------------------------
 
 
-def _fmt_step(ev: dict[str, Any]) -> str:
-    ev = inert(ev)  # a reason can quote what the agent named (docs/security.md)
-    state = str(ev.get("state", ""))
-    line = f"{_MARKS.get(state, '[ ?? ]')} {ev.get('name', '?')}"
-    if ev.get("duration_s") is not None and state in _FINAL - {"SKIPPED"}:
-        line += f" {float(ev['duration_s']):.2f}s"
-    if ev.get("reason"):
-        line += f"  {ev['reason']}"
-    if ev.get("hint") and state in ("FAILED", "DEGRADED"):
-        line += f"\n       fix: {ev['hint']}"
-    return line
-
-
 class Progress:
-    """Prints boot steps live. With ``spinner`` one line animates while a step runs."""
+    """Prints boot steps live (``render.progress_line``). With ``spinner`` one line
+    animates while a step runs."""
 
     def __init__(self, out: TextIO, spinner: bool) -> None:
         import threading  # the boot path only
 
+        from codetainer.cli import render
+
         self.out = out
         self.spinner = spinner
+        self._render = render
         self._lock = threading.Lock()
         self._running: dict[str, float] = {}  # step name -> monotonic start
         self._final: set[str] = set()
@@ -263,7 +252,8 @@ class Progress:
             self._clear()
             self._write(text + "\n")
 
-    def step(self, ev: dict[str, Any]) -> None:
+    def step(self, event: dict[str, Any]) -> None:
+        ev: StepStatus = inert(event)  # a reason can quote what the agent named (docs/security.md)
         name = str(ev.get("name", "?"))
         state = str(ev.get("state", ""))
         with self._lock:
@@ -272,14 +262,14 @@ class Progress:
                     return
                 self._running[name] = time.monotonic()
                 if not self.spinner:
-                    self._write(_fmt_step(ev) + "\n")
-            elif state in _FINAL:
+                    self._write(self._render.progress_line(ev) + "\n")
+            elif state in self._render.FINAL:
                 if name in self._final:
                     return
                 self._final.add(name)
                 self._running.pop(name, None)
                 self._clear()
-                self._write(_fmt_step(ev) + "\n")
+                self._write(self._render.progress_line(ev) + "\n")
 
     def _spin(self) -> None:
         i = 0
@@ -307,24 +297,8 @@ def _spinner_capable() -> bool:
 # -- status (no terminal) ------------------------------------------------------------------
 
 
-def render_status(status: dict[str, Any] | None, session: dict[str, Any] | None) -> str:
-    lines: list[str] = []
-    if status is not None:
-        lines.append(f"boot: {status.get('state', '?')}")
-        lines.extend("  " + _fmt_step(s) for s in status.get("steps") or [])
-        session = status.get("session") or session
-    if session:
-        if session.get("exists"):
-            lines.append(f"session: {session.get('id')} ({session.get('name')}) on "
-                         f"{session.get('socket')}; attach from a terminal with "
-                         f"`codetainer attach`")
-        else:
-            lines.append("session: not running" +
-                         (f" ({session['reason']})" if session.get("reason") else ""))
-    return "\n".join(lines)
-
-
 def _print_status(path: str) -> None:
+    from codetainer.cli.render import render_brief
     from codetainer.control.client import DaemonUnreachable, RequestFailed, call
 
     status: dict[str, Any] | None = None
@@ -338,7 +312,7 @@ def _print_status(path: str) -> None:
             session = call("session", path, timeout=3.0)
         except (DaemonUnreachable, RequestFailed):
             pass
-    text = render_status(inert(status), inert(session))
+    text = render_brief(inert(status), inert(session))
     if text:
         _say(text)
 
@@ -394,10 +368,9 @@ def _follow_boot(path: str) -> NoReturn:
                     exec_tmux(msg)
                 elif name == "session.failed":
                     progress.close()
-                    reason = str(msg.get("reason") or "unknown reason")
-                    if msg.get("hint"):
-                        reason += f" (fix: {msg['hint']})"
-                    _failed([reason], "the agent session could not start")
+                    from codetainer.cli.render import session_failure
+
+                    _failed([session_failure(inert(msg))], "the agent session could not start")
     except KeyboardInterrupt:
         progress.close()
         _say("\ncodetainer: interrupted; opening a shell (`codetainer attach` to come back)")

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import argparse
     from typing import Any, NoReturn
 
+    from codetainer.status import StatusReply
+
 EXIT_UNREACHABLE = 4
 EXIT_FAILED = 1
 EXIT_USAGE = 64
@@ -109,7 +111,7 @@ def cmd_status(socket: str | None, *, json_out: bool = False, check: bool = Fals
     try:
         with Client(socket) as c:
             # --check (the HEALTHCHECK) asks for the state and reasons only: as cheap as ping
-            st: dict[str, Any] = (c.call("status", brief=True) if check
+            st: StatusReply = (c.call("status", brief=True) if check
                                   else c.call("status", tail=tail))
         if not json_out:
             st = inert(st)  # agent-chosen names and command lines reach root's terminal
@@ -183,7 +185,11 @@ def cmd_simple(args: argparse.Namespace, op: str, **kw: Any) -> int:
     except RequestFailed as exc:
         _err(exc.message)
         return EXIT_FAILED
-    if isinstance(result, dict) and "text" in result:
+    if op == "why" and isinstance(result, dict):
+        from codetainer.cli.render import render_why
+
+        print(render_why(inert(result)))
+    elif isinstance(result, dict) and "text" in result:  # allow's
         print(inert_text(str(result["text"])))
     else:
         print(json.dumps(result, indent=2, default=str))

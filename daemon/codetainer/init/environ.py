@@ -7,7 +7,10 @@ the secrets boot step. Kept free of heavy imports so the init stays small.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the init imports this)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 #: Variables that carry credentials and must not stay in any long-lived process's
 #: environment (``REPO_URL`` may embed a token).

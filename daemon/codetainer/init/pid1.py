@@ -11,15 +11,23 @@ kills what is left of the tree, reaps it, and exits with the daemon's status.
 The child runs the asyncio daemon, which waits only for its own children, by pid, so
 no exit status is ever stolen (the pitfall described in DESIGN.md).
 
-Only the standard library's ``os``, ``signal`` and ``sys`` are imported at module level.
+Only the standard library's ``os``, ``_signal`` (``signal`` without its enums) and ``sys``
+are imported at module level.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from typing import NoReturn
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the init stays small)
+if TYPE_CHECKING:
+    import signal
+    from typing import NoReturn
+else:
+    # signal's C half: the same functions and numbers, without signal.py's enums (enum,
+    # functools, collections: ~0.9 MiB the init would keep)
+    import _signal as signal
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
@@ -103,9 +111,63 @@ def _sweep(is_pid1: bool) -> None:
         signal.sigtimedwait([signal.SIGCHLD], 0.05)
 
 
+#: optional imports of the daemon's libraries that it never uses, kept out of its memory
+#: (idle RSS, issue 10): ``ssl`` for asyncio (~5 MiB of libssl/libcrypto; the daemon speaks
+#: no TLS itself: asyncio then refuses a TLS transport, "stdlib ssl module not available",
+#: while urllib, imported later and only where used, still gets the real ``ssl``) and
+#: ``tornado`` for tenacity (its Tornado retrying; mitmproxy installs tornado in the venv),
+#: and OpenSSL's ``_hashlib`` for hashlib and hmac (~3.5 MiB; dnspython imports them for
+#: query ids and TSIG, the daemon hashes only with sha256, which hashlib then takes from
+#: Python's own ``_sha256``; hmac works on hashlib)
+LEAN_IMPORTS = (("asyncio", "ssl"), ("tenacity", "tornado"), ("hashlib", "_hashlib"),
+                ("hmac", "_hashlib"))
+
+
+def _lean_imports() -> None:
+    """Import each library with its unused optional import failing, then undo the block,
+    so a later ``import`` of that module elsewhere finds the real one."""
+    import importlib
+
+    for name, optional in LEAN_IMPORTS:
+        if name in sys.modules or optional in sys.modules:
+            continue
+        sys.modules[optional] = None  # type: ignore[assignment]  # "import ssl" raises ImportError
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # the daemon's own import says it better
+        finally:
+            del sys.modules[optional]
+
+
+def _prefetch_services(argv: list[str]) -> None:
+    """Start the services file's parse (a forked child: services/config.py) before the
+    daemon's imports, so the two run side by side (~50 ms of the boot). The path is the
+    one the daemon will compute: ``--services`` (the last one), else the settings'. A
+    path it computes otherwise, or trouble here, only means it parses when it loads."""
+    if "-h" in argv or "--help" in argv:
+        return
+    services = ""
+    for i, arg in enumerate(argv):
+        if arg == "--services" and i + 1 < len(argv):
+            services = argv[i + 1]
+        elif arg.startswith("--services="):
+            services = arg.partition("=")[2]
+    from codetainer.services.config import prefetch
+    from codetainer.settings import Settings
+
+    try:
+        path = Settings.from_env(services=services).services_file
+    except ValueError:  # SettingsError: the daemon reports it
+        return
+    prefetch(path)
+
+
 def _run_daemon(argv: list[str]) -> NoReturn:
     code = 1
     try:
+        _lean_imports()
+        _prefetch_services(argv)
         # codetainer.limits: the OOM killer takes the agent first, the daemon last but
         # for the init (only root may lower it; status shows what each process has)
         from codetainer.limits import DAEMON_OOM_SCORE_ADJ, set_oom_score_adj

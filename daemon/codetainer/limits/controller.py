@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -34,12 +34,13 @@ from codetainer.limits.cgroup import (
 )
 from codetainer.limits.oom import KernelLog, OomWatch, vmstat_oom_kills
 from codetainer.limits.plan import LimitSettings, settings_exec_limits
-from codetainer.session.usage import human_bytes
+from codetainer.units import human_bytes
 
 if TYPE_CHECKING:
     from codetainer.events import EventBus
     from codetainer.services.manager import ServiceManager
     from codetainer.settings import Settings
+    from codetainer.status import CgroupMemory, CgroupPids, LimitsStatus
 
 log = structlog.get_logger("codetainer.limits")
 
@@ -102,11 +103,9 @@ class LimitsController:
                     description="the agent's memory, process and CPU limits")
 
     async def _run(self, ctx: BootContext) -> str:
+        planned = LimitSettings.parse(self.settings)  # checked when the settings were parsed
         try:
-            planned = LimitSettings.parse(self.settings)
             user = AgentUser.lookup(self.settings.agent_user, self.settings.home)
-        except ValueError as exc:
-            raise StepError(str(exc), "fix the setting and restart the machine") from None
         except LookupError as exc:
             raise StepError(str(exc)) from None
         total = machine_memory()
@@ -120,7 +119,7 @@ class LimitsController:
                                          pids_cgroup=cg is not None and "pids" in cg.dirs)
         self.oom = self._oom_watch(user.uid)
         self._task = asyncio.create_task(self.watch(), name="limits:oom")
-        ctx.state.setdefault("teardown", {})["limits"] = self.close
+        ctx.teardowns["limits"] = self.close
         summary = self.summary()
         log.info("agent_limits", mode=self.mode, detail=self.describe(), summary=summary,
                  leaf=cg.leaf if cg else None)
@@ -182,21 +181,22 @@ class LimitsController:
 
     # -- status --------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> LimitsStatus:
+        """The ``limits`` section: data only (``render_limits`` in the CLI shows it)."""
         cg = self.cgroup
-        out: dict[str, Any] = {"mode": self.mode, "text": self.describe(),
-                               "process": self._exec.as_dict(), "cgroup": None}
+        out: LimitsStatus = {
+            "mode": self.mode, "no_cgroup": self.why if cg is None else None,
+            "process": self._exec.as_dict(), "cgroup": None, "oom_score_adj": {},
+            "oom_note": None, "oom_kills": None}
         if cg is not None:
             fig = cg.figure
-            out["cgroup"] = {
-                "version": cg.version, "dirs": dict(cg.dirs), "leaf": cg.leaf,
-                "memory": None if cg.memory_max is None else {
-                    "max": cg.memory_max, "current": fig("memory", "memory.current")},
-                "pids": None if cg.pids_max is None else {
-                    "max": cg.pids_max, "current": fig("pids", "pids.current"),
-                    "refused": fig("pids", "pids.events", "max")},
-                "cpu_weight": cg.cpu_weight,
-            }
+            memory: CgroupMemory | None = None if cg.memory_max is None else {
+                "max": cg.memory_max, "current": fig("memory", "memory.current")}
+            pids: CgroupPids | None = None if cg.pids_max is None else {
+                "max": cg.pids_max, "current": fig("pids", "pids.current"),
+                "refused": fig("pids", "pids.events", "max")}
+            out["cgroup"] = {"version": cg.version, "dirs": dict(cg.dirs), "leaf": cg.leaf,
+                             "memory": memory, "pids": pids, "cpu_weight": cg.cpu_weight}
         out["oom_score_adj"] = self._oom_scores()
         out["oom_note"] = None if has_cap_sys_resource() else NO_CAP_SYS_RESOURCE
         out["oom_kills"] = self.oom.status() if self.oom is not None else None
@@ -207,8 +207,8 @@ class LimitsController:
         the daemon DEGRADED (``status --check``'s probe, instead of building status)."""
         return None
 
-    def _oom_scores(self) -> dict[str, Any]:
-        scores: dict[str, Any] = {}
+    def _oom_scores(self) -> dict[str, int | None]:
+        scores: dict[str, int | None] = {}
         if os.environ.get("CODETAINER_INIT", "1") != "0":  # init/pid1.py forked us
             scores["init"] = read_oom_score_adj(os.getppid())
         scores["daemon"] = read_oom_score_adj()

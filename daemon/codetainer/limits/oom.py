@@ -18,7 +18,10 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from codetainer.status import OomKills
 
 KMSG = "/dev/kmsg"
 VMSTAT = "/proc/vmstat"
@@ -117,7 +120,7 @@ class OomWatch:
                     self.command = victim
         return new
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> OomKills:
         """``kernel_log``: None while the kernel log is read, else why it is not."""
         return {"count": self.count, "last": self.last, "command": self.command,
                 "scope": self.scope, "source": self.source,

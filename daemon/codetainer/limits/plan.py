@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from codetainer.boot.privileges import ExecLimits
 from codetainer.limits import AGENT_OOM_SCORE_ADJ
-from codetainer.settings import MIN_MEMORY, parse_memory
+from codetainer.settings import MIN_MEMORY
 
 if TYPE_CHECKING:
     from codetainer.settings import Settings
@@ -37,8 +37,8 @@ class LimitSettings:
     @classmethod
     def parse(cls, settings: Settings) -> LimitSettings:
         """From the typed settings (each value was checked when they were parsed)."""
-        memory_bytes, memory_percent = parse_memory(settings.agent_memory)
-        return cls(memory_bytes=memory_bytes, memory_percent=memory_percent,
+        memory = settings.agent_memory
+        return cls(memory_bytes=memory.size, memory_percent=memory.percent,
                    pids=settings.agent_pids, nice=settings.agent_nice,
                    cpu_weight=settings.agent_cpu_weight)
 

@@ -30,23 +30,36 @@ if TYPE_CHECKING:
     from codetainer.network.firewall import Denied, FirewallBackend, SelfTestResult
     from codetainer.network.github_meta import GithubRanges
     from codetainer.network.refresh import Refresher
+    from codetainer.status import GrantStatus, RefusedName
 
 _REPLY = re.compile(r"\breply (?P<name>[a-zA-Z0-9.-]{1,253}) is (?P<addr>[0-9a-fA-F.:]{2,45})\s*$")
 
 
+@dataclass
+class NetworkSetup:
+    """The network as the ``network-config`` step set it up: one value, every part
+    present. Reload and grants replace ``base``/``plan``/``github`` in place (under the
+    refresh lock), never with ``None``."""
+
+    opts: NetOptions
+    backend: FirewallBackend
+    #: the allowlist as loaded (file + ``CODETAINER_ALLOW``), without temporary grants
+    base: Allowlist
+    #: the plan in force: ``base`` plus the grants
+    plan: NetworkPlan
+    #: GitHub's published ranges, when an ``@github`` entry asked for them
+    github: GithubRanges | None = None
+
+
 class ActiveNetwork(Protocol):
-    """What ``why``, ``allow`` and status read of the network. Each part is ``None``
-    until the boot step that makes it has run (``opts``, ``backend`` and ``plan`` at
-    ``network-config``, ``refresher`` at ``firewall``, ...)."""
+    """What ``why``, ``allow`` and status read of the network. ``net`` (options, backend,
+    allowlist, plan) is ``None`` until ``network-config`` has run, and every part the
+    later steps add is ``None`` until its step has (``hook`` at ``dns``, ``refresher`` at
+    ``firewall``, ...)."""
 
     @property
-    def opts(self) -> NetOptions | None: ...
-    @property
-    def backend(self) -> FirewallBackend | None: ...
-    @property
-    def plan(self) -> NetworkPlan | None: ...
-    @property
-    def github(self) -> GithubRanges | None: ...
+    def net(self) -> NetworkSetup | None:
+        """The setup of the ``network-config`` step; ``None`` before it ran."""
     @property
     def refresher(self) -> Refresher | None: ...
     @property
@@ -89,14 +102,16 @@ class RefusedTable:
 
     def __init__(self, size: int = 1024) -> None:
         self.size = size
-        self.rows: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.rows: OrderedDict[str, RefusedName] = OrderedDict()
         self.total = 0
 
     def record(self, name: str, client: str = "", qtype: str = "", when: float | None = None) -> None:
         self.total += 1
-        row = self.rows.pop(name, None) or {"name": name, "count": 0, "first": when or time.time()}
+        now = when or time.time()
+        row: RefusedName = self.rows.pop(name) if name in self.rows else {
+            "name": name, "count": 0, "first": now, "last": now, "client": client}
         row["count"] += 1
-        row["last"] = when or time.time()
+        row["last"] = now
         row["client"] = client
         if qtype:
             row["qtype"] = qtype
@@ -104,12 +119,12 @@ class RefusedTable:
         while len(self.rows) > self.size:
             self.rows.popitem(last=False)
 
-    def get(self, name: str) -> dict[str, Any] | None:
+    def get(self, name: str) -> RefusedName | None:
         row = self.rows.get(name)
-        return dict(row) if row else None
+        return row.copy() if row else None
 
-    def top(self, n: int = 10) -> list[dict[str, Any]]:
-        return [dict(r) for r in sorted(self.rows.values(), key=lambda r: (-r["count"], -r["last"]))[:n]]
+    def top(self, n: int = 10) -> list[RefusedName]:
+        return [r.copy() for r in sorted(self.rows.values(), key=lambda r: (-r["count"], -r["last"]))[:n]]
 
 
 class AddressNames:
@@ -145,7 +160,7 @@ class Grant:
     by_uid: int
     granted_at: float = field(default_factory=time.time)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> GrantStatus:
         return {
             "target": str(self.entry),
             "kind": self.entry.kind.value,

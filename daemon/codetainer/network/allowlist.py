@@ -42,11 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
-from codetainer.network.model import DEFAULT_PORTS
+from codetainer.network.model import DEFAULT_PORTS, IPAddress, IPNetwork
 from codetainer.proxy.model import METHOD, PATH_PREFIX, PRESETS, PolicyEntry, Rules
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ENV_SOURCE = "CODETAINER_ALLOW"
 MAX_NAME = 253

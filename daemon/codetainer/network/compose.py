@@ -19,21 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from codetainer.network.allowlist import Allowlist, EntryKind, IPNetwork
+from codetainer.network.allowlist import Allowlist, EntryKind
 from codetainer.network.dnsconfig import (
     COREDNS_BIN,
+    DEFAULT_HOOK,
     DnsOptions,
     Engine,
     GeneratedConfig,
     SetBackend,
     Upstream,
     exec_script,
-    generate_corefile,
-    generate_dnsmasq,
     parse_upstream,
     parse_upstreams,
+    render_corefile,
+    render_dnsmasq,
 )
-from codetainer.network.dnshook import DEFAULT_HOOK, domain_sets, set_ports
+from codetainer.network.dnsplan import DnsPlan
 from codetainer.network.firewall import (
     INBOUND_FORM,
     DnsLimit,
@@ -43,13 +44,13 @@ from codetainer.network.firewall import (
 )
 from codetainer.network.firewall_policy import dns_name_bound, parse_dns_rate
 from codetainer.network.flyenv import FlyEvidence, choose_ipv6, parse_ipv6_setting
+from codetainer.network.model import IPNetwork, Ports
 from codetainer.proxy.model import TRANSPARENT_PORT
 from codetainer.settings import SettingsError
 
 if TYPE_CHECKING:
     from codetainer.settings import Settings
 
-Ports = tuple[int, ...]
 #: fallback uid of the agent when its user does not exist (the image's ``claude``)
 AGENT_UID = 1000
 
@@ -197,10 +198,13 @@ def agent_identity(name: str) -> tuple[int, int, str]:
 
 @dataclass(frozen=True)
 class NetworkPlan:
+    """One allowlist, planned: the data every network part is rendered from."""
+
     allowlist: Allowlist
+    #: domain -> what is answered there and the dynamic sets (ports) its answers fill
+    dns: DnsPlan
+    #: the DNS server's config, rendered from ``dns`` for the engine in use
     config: GeneratedConfig
-    #: domain -> dynamic set names (dnsmasq ``nftset=`` semantics; the hook uses it too)
-    domain_sets: dict[str, tuple[str, ...]]
     #: exact names the refresh task resolves -> their static group's ports
     names: dict[str, Ports]
     #: CIDR entries and ``@github`` ranges, per port group
@@ -208,13 +212,25 @@ class NetworkPlan:
     #: every port group of the policy (each gets its static and dynamic sets)
     groups: tuple[Ports, ...]
 
+    @property
+    def domain_sets(self) -> dict[str, tuple[str, ...]]:
+        """domain -> dynamic set names: the hook's routing (dnsmasq ``nftset=`` semantics)."""
+        return self.dns.domain_sets
 
-def _strip_set_lines(cfg: GeneratedConfig) -> GeneratedConfig:
-    text = "".join(
-        line for line in cfg.text.splitlines(keepends=True)
-        if not line.startswith(("nftset=", "ipset="))
+
+def render_config(dns: DnsPlan, opts: NetOptions, backend: str) -> GeneratedConfig:
+    """The DNS server's config for the engine and the firewall backend in use."""
+    dns_opts = DnsOptions(
+        listen=opts.listen, port=53, upstreams=opts.upstreams, ipv6=dns.ipv6,
+        max_ttl=opts.max_cache_ttl, user=opts.dns_user, group=opts.dns_group,
     )
-    return dataclasses.replace(cfg, text=text)
+    if opts.engine is Engine.COREDNS:
+        return render_corefile(dns, dataclasses.replace(dns_opts, hook=opts.hook))
+    if opts.hook is not None:
+        # dnsmasq standing where CoreDNS would: it forwards to the hook and fills nothing.
+        hooked = dataclasses.replace(dns_opts, upstreams=(parse_upstream(opts.hook),))
+        return render_dnsmasq(dns, hooked, None)
+    return render_dnsmasq(dns, dns_opts, SetBackend.NFTSET if backend == "nftables" else SetBackend.IPSET)
 
 
 def make_plan(
@@ -223,40 +239,23 @@ def make_plan(
     backend: str,
     github: Sequence[IPNetwork] = (),
 ) -> NetworkPlan:
-    dns_opts = DnsOptions(
-        listen=opts.listen, port=53, upstreams=opts.upstreams, ipv6=opts.ipv6 == "allowlist",
-        max_ttl=opts.max_cache_ttl, user=opts.dns_user, group=opts.dns_group,
-    )
-    sets_kind = SetBackend.NFTSET if backend == "nftables" else SetBackend.IPSET
-    mapping = generate_dnsmasq(allowlist, dns_opts, SetBackend.NFTSET)
-    if opts.engine is Engine.COREDNS:
-        config = generate_corefile(allowlist, dataclasses.replace(dns_opts, hook=opts.hook))
-    elif opts.hook is not None:
-        # dnsmasq standing where CoreDNS would: it forwards to the hook and fills nothing.
-        hooked = dataclasses.replace(dns_opts, upstreams=(parse_upstream(opts.hook),))
-        config = _strip_set_lines(generate_dnsmasq(allowlist, hooked, sets_kind))
-    elif sets_kind is SetBackend.NFTSET:
-        config = mapping
-    else:
-        config = generate_dnsmasq(allowlist, dns_opts, sets_kind)
-    dsets = domain_sets(mapping.text)
+    dns = DnsPlan.build(allowlist, ipv6=opts.ipv6 == "allowlist")
     names: dict[str, Ports] = {}
     for name in allowlist.names:
-        sets = dsets.get(name)
-        if sets:
-            names[name] = set_ports(sets[0])
-        else:  # cannot happen with the current generator; keep the entry's own ports
+        ports = dns.ports_of(name)
+        if ports is None:  # an exact name always has its own domain; keep its entry's ports
             entry = allowlist.match(name)
-            names[name] = allowlist.ports_for(entry) if entry else (80, 443)
+            ports = allowlist.ports_for(entry) if entry else (80, 443)
+        names[name] = ports
     fixed: dict[Ports, list[str]] = {}
     for e in allowlist.entries:
         if e.kind is EntryKind.CIDR:
             fixed.setdefault(allowlist.ports_for(e), []).append(str(e.network))
         elif e.kind is EntryKind.GITHUB and github:
             fixed.setdefault(allowlist.ports_for(e), []).extend(str(n) for n in github)
-    groups = {s.ports for s in mapping.dynamic_sets} | set(names.values()) | set(fixed)
+    groups = {s.ports for s in dns.dynamic_sets} | set(names.values()) | set(fixed)
     return NetworkPlan(
-        allowlist=allowlist, config=config, domain_sets=dsets, names=names,
+        allowlist=allowlist, dns=dns, config=render_config(dns, opts, backend), names=names,
         fixed={p: tuple(dict.fromkeys(a)) for p, a in fixed.items()},
         groups=tuple(sorted(groups)),
     )

@@ -36,7 +36,7 @@ from codetainer import backoff
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.boot.readiness import Check
 from codetainer.network import dnscheck, selftest
-from codetainer.network.active import AddressNames, Grant, RefusedTable
+from codetainer.network.active import AddressNames, Grant, NetworkSetup, RefusedTable
 from codetainer.network.allowlist import (
     Allowlist,
     AllowlistError,
@@ -60,10 +60,8 @@ from codetainer.network.dnsconfig import (
     parse_coredns_log_line,
 )
 from codetainer.network.dnsguard import DnsGuard
-from codetainer.network.dnshook import DnsHook, SetRoutes
 from codetainer.network.firewall import (
     Denied,
-    FirewallBackend,
     FirewallError,
     Runner,
     SelfTestResult,
@@ -85,8 +83,10 @@ if TYPE_CHECKING:
     from codetainer.control.server import ControlServer
     from codetainer.events import EventBus
     from codetainer.network.dnscheck import Resolution
+    from codetainer.network.dnshook import DnsHook
     from codetainer.services.manager import ServiceManager
     from codetainer.settings import Settings
+    from codetainer.status import NetworkStatus
 
 log = structlog.get_logger("codetainer.network")
 
@@ -105,11 +105,8 @@ class NetworkController:
         self.events = events
         self.services = services
         self.runner = Runner()
-        self.opts: NetOptions | None = None
-        self.backend: FirewallBackend | None = None
-        self.base: Allowlist | None = None
-        self.plan: NetworkPlan | None = None
-        self.github: GithubRanges | None = None
+        #: what the network-config step set up: one value, None only before it ran
+        self.net: NetworkSetup | None = None
         self.refresher: Refresher | None = None
         self.hook: DnsHook | None = None
         self.set_writer: SetWriter | None = None
@@ -148,10 +145,10 @@ class NetworkController:
                  requires=("firewall",), description="prove the firewall from the agent's uid"),
         ]
 
-    def _ready(self) -> tuple[NetOptions, NetworkPlan, FirewallBackend]:
-        if self.opts is None or self.plan is None or self.backend is None:
+    def _ready(self) -> NetworkSetup:
+        if self.net is None:
             raise StepError("the network-config step has not run", "run the boot steps in order")
-        return self.opts, self.plan, self.backend
+        return self.net
 
     async def _step_config(self, ctx: BootContext) -> str:
         s = self.settings
@@ -172,27 +169,25 @@ class NetworkController:
             self.health_interval = s.dns_health_interval
         except ValueError as exc:
             raise StepError(str(exc), "fix the setting and restart") from None
+        github = None
         if allow.github:
-            self.github = await load_github_ranges(
-                s.github_meta_url, opts.run_dir / "github-meta.json"
-            )
-            if self.github.source is MetaSource.NONE:
-                self.notes["github"] = f"@github ranges unavailable ({self.github.error}): denied"
+            github = await load_github_ranges(s.github_meta_url, opts.run_dir / "github-meta.json")
+            if github.source is MetaSource.NONE:
+                self.notes["github"] = f"@github ranges unavailable ({github.error}): denied"
         try:
             name = await probe_backend(s.firewall, self.runner,
                                        nat=opts.proxy_port is not None)
             backend = make_backend(name, self.runner)
         except FirewallError as exc:
             raise StepError(str(exc), "the kernel needs nf_tables or ip_tables with ipset") from None
-        self.opts, self.backend, self.base = opts, backend, allow
-        plan = self._make_plan(allow)
-        self._write_dns(plan)
+        plan = self._make_plan(allow, opts, backend.name, github)
+        self._write_dns(opts, plan)
         try:
             # Safe state first: default deny, networks only, dynamic sets present and empty.
             await backend.apply(build_policy(plan, plan.fixed, opts), fresh=True)
         except (FirewallError, ValueError) as exc:
             raise StepError(f"cannot install the firewall: {exc}") from None
-        self.plan = plan
+        self.net = NetworkSetup(opts, backend, allow, plan, github)
         if not self._listening:
             self.services.add_output_listener("dns", self._on_dns_output)
             self._listening = True
@@ -201,35 +196,37 @@ class NetworkController:
                 f"DNS {opts.engine.value}, firewall {backend.name} (default deny), "
                 f"IPv6 {opts.ipv6}")
 
-    def _make_plan(self, allow: Allowlist) -> NetworkPlan:
-        assert self.opts is not None and self.backend is not None
+    def _make_plan(self, allow: Allowlist, opts: NetOptions, backend: str,
+                   github: GithubRanges | None) -> NetworkPlan:
+        """The plan of ``allow`` with the temporary grants in force."""
         effective = allow.with_entries(self.ops.active())
-        nets = self.github.networks if self.github else ()
-        return make_plan(effective, self.opts, self.backend.name, nets)
+        return make_plan(effective, opts, backend, github.networks if github else ())
 
     def _writer(self) -> SetWriter:
         """The one set writer, the hook's and the revokes'; with the hook it keeps a
         helper process (no process per answer), without it runs the one-shot tool."""
         if self.set_writer is None:
-            opts, plan, backend = self._ready()
-            keep = opts.hook is not None
-            if backend.name == "nftables":
+            net = self._ready()
+            keep = net.opts.hook is not None
+            if net.backend.name == "nftables":
                 self.set_writer = NftSetWriter(Runner(timeout=5.0), persistent=keep)
             else:
-                self.set_writer = IpsetWriter(Runner(timeout=5.0), plan.config.set_timeout,
+                self.set_writer = IpsetWriter(Runner(timeout=5.0), net.plan.config.set_timeout,
                                               persistent=keep)
         return self.set_writer
 
-    def _write_dns(self, plan: NetworkPlan) -> bool:
+    @staticmethod
+    def _write_dns(opts: NetOptions, plan: NetworkPlan) -> bool:
         """Write config and exec script; True when the config changed."""
-        assert self.opts is not None
-        changed = write_atomic(self.opts.config_path, plan.config.text, 0o644)
-        write_atomic(self.opts.exec_path, dns_exec_script(self.opts), 0o755)
+        changed = write_atomic(opts.config_path, plan.config.text, 0o644)
+        write_atomic(opts.exec_path, dns_exec_script(opts), 0o755)
         return changed
 
     async def _step_dns(self, ctx: BootContext) -> str:
-        opts, plan, _ = self._ready()
+        net = self._ready()
+        opts, plan = net.opts, net.plan
         if opts.hook is not None and self.hook is None:
+            from codetainer.network.dnshook import DnsHook, SetRoutes  # dnspython: the hook's
             writer = self._writer()
             hook = DnsHook(opts.hook, opts.upstreams, SetRoutes(plan.domain_sets), writer,
                            allowed=self._allowed_name, sock_uid=opts.dns_uid,
@@ -241,12 +238,13 @@ class NetworkController:
                 raise StepError(f"cannot start the DNS hook on {opts.hook}: {exc}",
                                 "set CODETAINER_DNS_HOOK to a free loopback address:port") from None
             self.hook = hook
+            self._spawn("set-helper", writer.prestart())  # beside the DNS server's start
         try:
             self.services.get("dns")
         except UnknownService as exc:
             raise StepError(exc.message, "add [program:dns] (command=<run_dir>/dns/exec) to the "
                             "services file") from None
-        ctx.state.setdefault("services_started_by_steps", []).append("dns")
+        ctx.started_by_steps.append("dns")
         await self._start_dns()
         health = await self._health(attempts=10)
         if not health.ok:
@@ -289,7 +287,8 @@ class NetworkController:
         The supervisor's verdicts are waited on (``Service.wait_state`` is signalled by
         the state change); only the "does it answer" probe is repeated, while STARTING.
         """
-        opts, plan, _ = self._ready()
+        net = self._ready()
+        opts, plan = net.opts, net.plan
         svc = self.services.start("dns")
         probe = plan.allowlist.names[0] if plan.allowlist.names else dnscheck.DENIED_PROBE
         deadline = time.monotonic() + svc.config.startsecs + DNS_START_TIMEOUT
@@ -326,7 +325,8 @@ class NetworkController:
             log.error("dns_unhealthy_after_restart", reason=health.reason)
 
     async def _health(self, attempts: int = 1, timeout: float = 2.0) -> dnscheck.HealthResult:
-        opts, plan, _ = self._ready()
+        net = self._ready()
+        opts, plan = net.opts, net.plan
         probe = plan.allowlist.names[0] if plan.allowlist.names else None
 
         async def check() -> dnscheck.HealthResult:
@@ -347,7 +347,8 @@ class NetworkController:
         return result
 
     async def _step_firewall(self, ctx: BootContext) -> str:
-        opts, plan, backend = self._ready()
+        net = self._ready()
+        opts, plan, backend = net.opts, net.plan, net.backend
         self.refresher = Refresher(
             plan.names, self._resolve, self._apply_contents, fixed=plan.fixed,
             min_ttl=opts.min_ttl, max_ttl=opts.max_ttl, grace=opts.grace,
@@ -364,16 +365,18 @@ class NetworkController:
                 f"({backend.name}); next refresh in {nxt}s{note}")
 
     async def _resolve(self, names: Sequence[str]) -> Mapping[str, Resolution]:
-        assert self.opts is not None
-        return await dnscheck.resolve_all(names, self.opts.listen, 53, timeout=2.0,
-                                          ipv6=self.opts.ipv6 == "allowlist", concurrency=64)
+        opts = self._ready().opts
+        return await dnscheck.resolve_all(names, opts.listen, 53, timeout=2.0,
+                                          ipv6=opts.ipv6 == "allowlist", concurrency=64)
 
     async def _apply_contents(self, contents: Contents) -> None:
-        opts, plan, backend = self._ready()
+        net = self._ready()
+        opts, plan, backend = net.opts, net.plan, net.backend
         await backend.update_sets(build_policy(plan, contents, opts))
 
     async def _step_selftest(self, ctx: BootContext) -> str:
-        opts, plan, _ = self._ready()
+        net = self._ready()
+        opts, plan = net.opts, net.plan
         self.selftest, text = await selftest.run(self.settings, opts, plan)
         return text
 
@@ -386,8 +389,7 @@ class NetworkController:
 
     @staticmethod
     def _selected(ctx: BootContext) -> bool:
-        engine = getattr(ctx.daemon, "engine", None)
-        return engine is None or "network-config" in getattr(engine, "records", {})
+        return ctx.daemon is None or "network-config" in ctx.daemon.engine.records
 
     async def _check_dns(self, ctx: BootContext) -> str:
         if not self._selected(ctx):
@@ -400,7 +402,7 @@ class NetworkController:
     async def _check_firewall(self, ctx: BootContext) -> str:
         if not self._selected(ctx):
             return "network steps not selected"
-        _, _, backend = self._ready()
+        backend = self._ready().backend
         st = await backend.status()
         if not st.active:
             raise StepError(f"firewall not installed: {st.detail}")
@@ -423,17 +425,17 @@ class NetworkController:
             await asyncio.sleep(DENIED_POLL_S)
 
     async def read_denied(self) -> list[Denied]:
-        if self.backend is None:
+        if self.net is None:
             return []
         try:
-            self.denied = await self.backend.read_denied()
+            self.denied = await self.net.backend.read_denied()
             self.denied_at = time.time()
         except (FirewallError, ValueError) as exc:
             log.debug("denied_read_failed", error=str(exc)[:200])
         return self.denied
 
     def _on_dns_output(self, stream: str, line: str) -> None:
-        if self.opts is not None and self.opts.engine is Engine.COREDNS:
+        if self.net is not None and self.net.opts.engine is Engine.COREDNS:
             q = parse_coredns_log_line(line)
         else:
             q = self._parser.feed(line)
@@ -447,9 +449,7 @@ class NetworkController:
             self.addr_names.record(a, name)
 
     def effective(self) -> Allowlist:
-        if self.plan is not None:
-            return self.plan.allowlist
-        return self.base or Allowlist()
+        return self.net.plan.allowlist if self.net is not None else Allowlist()
 
     @property
     def grants(self) -> Mapping[str, Grant]:
@@ -458,7 +458,7 @@ class NetworkController:
     def degraded(self) -> str | None:
         """Status ``degraded`` and the daemon's probe for it, one reading: the DNS guard's
         trouble, else the refresh's, else missing ``@github`` ranges."""
-        if self.opts is None or self.backend is None:
+        if self.net is None:
             return None
         return ((self.guard.degraded if self.guard else None)
                 or (self.refresher.degraded if self.refresher else None) or self.notes.get("github"))
@@ -470,46 +470,49 @@ class NetworkController:
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the allowlist and apply it without dropping established connections."""
-        if self.refresher is None or self.opts is None:
+        if self.refresher is None or self.net is None:
             return {"skipped": "the network is not set up (its boot steps did not complete)"}
+        net = self.net
         try:
             allow = load_allowlist(self.settings.allowlist_file, self.settings.allow)
         except AllowlistError as exc:
             log.error("network_reload_failed", error=str(exc)[:2000])
             return {"ok": False, "error": f"allowlist invalid, nothing changed: {exc}"}
         if allow.github:
-            self.github = await load_github_ranges(
-                self.settings.github_meta_url, self.opts.run_dir / "github-meta.json")
+            net.github = await load_github_ranges(
+                self.settings.github_meta_url, net.opts.run_dir / "github-meta.json")
         result = await self.rebuild("reload", allow)
         log.info("network_reloaded", **{k: v for k, v in result.items() if k != "text"})
         return result
 
     async def rebuild(self, reason: str, allow: Allowlist | None = None) -> dict[str, Any]:
         """New plan -> firewall shape -> DNS config (restart if changed) -> resolve -> sets."""
-        assert self.refresher is not None
+        net = self._ready()
+        if self.refresher is None:
+            raise StepError("the firewall step has not run", "run the boot steps in order")
         refresher = self.refresher
         async with refresher.lock:
-            old_plan, old_base = self.plan, self.base
-            assert old_plan is not None
-            self.base = allow or self.base
-            assert self.base is not None
-            plan = self._make_plan(self.base)
+            old_plan, old_base = net.plan, net.base
+            net.base = allow or net.base
+            plan = self._make_plan(net.base, net.opts, net.backend.name, net.github)
             before = set(refresher.names)
             seen = {n: set(st.seen) for n, st in refresher.names.items()}
-            self.plan = plan
+            net.plan = plan
             refresher.update(plan.names, plan.fixed)
             try:
                 # The new shape first: new dynamic sets exist before the DNS server names them.
                 await self._apply_contents(refresher.contents())
             except (FirewallError, ValueError) as exc:
-                self.plan, self.base = old_plan, old_base
+                net.plan, net.base = old_plan, old_base
                 refresher.update(old_plan.names, old_plan.fixed)
                 log.error("network_rebuild_failed", reason=reason, error=str(exc)[:500])
                 return {"ok": False, "error": f"firewall update failed, nothing changed: {exc}"}
             for notify in self.on_change:
                 notify()
-            dns_changed = self._write_dns(plan)
+            dns_changed = self._write_dns(net.opts, plan)
             if self.hook is not None:
+                from codetainer.network.dnshook import SetRoutes
+
                 self.hook.routes = SetRoutes(plan.domain_sets)
                 self.hook.screened = plan.config.screened
             restart_error = None
@@ -562,8 +565,8 @@ class NetworkController:
 
     # -- status ----------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """The ``network`` section of status; includes ``text`` for the human renderer."""
+    def status(self) -> NetworkStatus:
+        """The ``network`` section of status (data: the CLI renders it)."""
         return network_status(self)
 
     async def close(self) -> None:

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
+import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import dns.asyncquery
-import dns.exception
-import dns.message
-import dns.name
-import dns.rcode
-import dns.rdatatype
+if TYPE_CHECKING:
+    import dns.message
+
+# dnspython (~4 MiB with the importlib.metadata its feature check pulls in, ~35 ms) is
+# imported by the first query, not with this module: a daemon without the network
+# steps never makes one
 
 #: a name no allowlist entry can match (the .invalid TLD cannot be allowlisted)
 DENIED_PROBE = "denied-probe.codetainer.invalid"
@@ -42,15 +45,20 @@ async def query(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Answer:
     """One query (UDP, TCP when truncated); never raises for DNS or network trouble."""
+    import dns.exception
+    import dns.message
+    import dns.name
+    import dns.rcode
+    import dns.rdatatype
+
     try:
         qname = dns.name.from_text(name)
         request = dns.message.make_query(qname, rdtype)
-        response, _ = await dns.asyncquery.udp_with_fallback(
-            request, server, timeout=timeout, port=port
-        )
-    except dns.exception.Timeout:
+        async with asyncio.timeout(timeout):
+            response = await _exchange(request, server, port)
+    except (TimeoutError, dns.exception.Timeout):
         return Answer("TIMEOUT", error=f"no answer from {server}:{port} within {timeout:g}s")
-    except (dns.exception.DNSException, OSError, ValueError) as exc:
+    except (dns.exception.DNSException, OSError, ValueError, EOFError) as exc:  # EOF: TCP cut
         return Answer("ERROR", error=f"{type(exc).__name__}: {exc}")
     rcode = dns.rcode.to_text(response.rcode())
     addrs: list[str] = []
@@ -63,6 +71,42 @@ async def query(
     error = None if rcode == "NOERROR" else rcode
     unique = sorted(set(addrs), key=ipaddress.ip_address)
     return Answer(rcode, tuple(unique), min(ttls) if ttls else None, error)
+
+
+async def _exchange(request: dns.message.Message, server: str, port: int) -> dns.message.Message:
+    """UDP, then TCP when the answer is truncated (dnspython's ``udp_with_fallback``, whose
+    module would also import ``ssl`` into the daemon). The UDP socket is connected, so a
+    port nobody listens on yet is refused at once (ConnectionRefusedError, from the ICMP
+    error) instead of waited on to the timeout: the DNS server's start probe retries
+    sooner."""
+    import dns.exception
+    import dns.message
+
+    wire = request.to_wire()
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect((server, port))
+        await loop.sock_sendall(sock, wire)
+        while True:
+            data = await loop.sock_recv(sock, 65535)
+            try:
+                response = dns.message.from_wire(data, raise_on_truncation=True)
+            except dns.message.Truncated:
+                break
+            except dns.exception.DNSException:
+                continue  # not an answer we can read: wait for the real one
+            if request.is_response(response):
+                return response
+    reader, writer = await asyncio.open_connection(server, port)
+    try:
+        writer.write(struct.pack("!H", len(wire)) + wire)
+        await writer.drain()
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+        return dns.message.from_wire(await reader.readexactly(length))
+    finally:
+        writer.close()
 
 
 @dataclass(frozen=True)

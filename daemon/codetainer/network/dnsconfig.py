@@ -60,13 +60,20 @@ import shlex
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from codetainer import runner
-from codetainer.network.allowlist import Allowlist, Entry, EntryKind, IPAddress, IPNetwork
-from codetainer.network.model import FAMILY, INTERNAL, TABLE, dynamic_set, ipset_name
+from codetainer.network.allowlist import Allowlist
+from codetainer.network.dnsplan import DnsPlan, DynamicSet, set_timeout_for
+from codetainer.network.model import (
+    FAMILY,
+    TABLE,
+    IPAddress,
+    IPNetwork,
+)
 
 DEFAULT_LISTEN = "127.0.0.53"
+#: where the CoreDNS engine forwards allowlisted zones: the daemon's hook (dnshook.py)
+DEFAULT_HOOK = "127.0.0.1:5354"
 DEFAULT_MAX_TTL = 300
 DNSMASQ_BIN = "/usr/sbin/dnsmasq"
 COREDNS_BIN = "coredns"
@@ -161,24 +168,6 @@ class DnsOptions:
 
 
 @dataclass(frozen=True)
-class DynamicSet:
-    """A kernel set the DNS server writes; it must exist before the server starts."""
-
-    family: int
-    ports: tuple[int, ...]
-
-    @property
-    def name(self) -> str:
-        """nftables set name in table ``inet codetainer`` (``d4_80_443``)."""
-        return dynamic_set(self.family, self.ports)
-
-    @property
-    def ipset(self) -> str:
-        """The iptables backend's ipset name (``ct-d4_80_443``)."""
-        return ipset_name(self.name)
-
-
-@dataclass(frozen=True)
 class GeneratedConfig:
     engine: Engine
     text: str
@@ -191,98 +180,23 @@ class GeneratedConfig:
     screened: tuple[IPNetwork, ...] = ()
 
 
-def set_timeout_for(max_ttl: int) -> int:
-    return 2 * max_ttl + 60
-
-
-def _safe_comment(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9 ._:/-]", "?", text)[:200]
-
-
-@dataclass
-class _Domain:
-    """Everything the allowlist says about one DNS domain (exact and/or wildcard)."""
-
-    name: str
-    entries: list[Entry] = field(default_factory=list)
-    ports: set[int] = field(default_factory=set)
-    #: the name itself is allowed (exact entry, or a wider wildcard covers it)
-    apex: bool = False
-    #: its subdomains are allowed (wildcard entry here or above)
-    subs: bool = False
-
-    def where(self) -> str:
-        return ", ".join(_safe_comment(e.where) for e in self.entries)
-
-
-def _domains(allowlist: Allowlist) -> list[_Domain]:
-    """Domains in allowlist order, with what is allowed there and dynamic-set ports."""
-    by_name: dict[str, _Domain] = {}
-    for e in allowlist.entries:
-        if e.kind not in (EntryKind.HOST, EntryKind.WILDCARD):
-            continue
-        d = by_name.setdefault(e.domain, _Domain(e.domain))
-        d.entries.append(e)
-        d.ports.update(e.ports)
-        if e.kind is EntryKind.HOST:
-            d.apex = True
-        else:
-            d.subs = True
-    for d in by_name.values():
-        cover = allowlist.covering_wildcard(d.name)
-        if cover is not None:
-            # Names under d (and d itself) are routed to d's lines, the longest
-            # match, even when the wider wildcard is what allows them: forward them
-            # and give d's set that wildcard's ports too.
-            d.apex = d.subs = True
-            d.ports.update(cover.ports)
-    return list(by_name.values())
-
-
-_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
-
-
-def _minus(net: _Net, holes: Iterable[_Net]) -> list[_Net]:
-    """``net`` without the addresses of ``holes``, in as few networks as it takes."""
-    parts = [net]
-    for hole in holes:
-        rest: list[_Net] = []
-        for part in parts:
-            if not part.overlaps(hole):
-                rest.append(part)
-            elif part.prefixlen < hole.prefixlen:  # the hole is inside: keep the rest
-                rest.extend(part.address_exclude(hole))
-            # else the hole covers all of the part
-        parts = rest
-    return sorted(parts)
-
-
-def screened_networks(allowlist: Allowlist) -> tuple[IPNetwork, ...]:
-    """Where a DNS answer may not point: ``model.INTERNAL``, less what an explicit CIDR
-    entry opens (the firewall allows those addresses by number anyway, so answering a
-    name with one gives nothing away, and a name the operator allowed together with its
-    internal network keeps resolving)."""
-    v4 = [n for n in allowlist.cidrs if isinstance(n, ipaddress.IPv4Network)]
-    v6 = [n for n in allowlist.cidrs if isinstance(n, ipaddress.IPv6Network)]
-    out: list[IPNetwork] = []
-    for text in INTERNAL[4]:
-        out += _minus(ipaddress.IPv4Network(text), v4)
-    for text in INTERNAL[6]:
-        out += _minus(ipaddress.IPv6Network(text), v6)
-    return tuple(out)
-
-
-def _sets_for(d: _Domain, ipv6: bool) -> list[DynamicSet]:
-    ports = tuple(sorted(d.ports))
-    sets = [DynamicSet(4, ports)]
-    if ipv6:
-        sets.append(DynamicSet(6, ports))
-    return sets
-
-
 def generate_dnsmasq(
     allowlist: Allowlist, options: DnsOptions, sets: SetBackend = SetBackend.NFTSET
 ) -> GeneratedConfig:
+    """dnsmasq's config for ``allowlist`` (the plan built on the way)."""
+    return render_dnsmasq(DnsPlan.build(allowlist, ipv6=options.ipv6), options, sets)
+
+
+def generate_corefile(allowlist: Allowlist, options: DnsOptions) -> GeneratedConfig:
+    """CoreDNS's Corefile for ``allowlist`` (the plan built on the way)."""
+    return render_corefile(DnsPlan.build(allowlist, ipv6=options.ipv6), options)
+
+
+def render_dnsmasq(
+    plan: DnsPlan, options: DnsOptions, sets: SetBackend | None = SetBackend.NFTSET
+) -> GeneratedConfig:
+    """dnsmasq's config. ``sets`` None: no ``nftset=``/``ipset=`` lines (dnsmasq standing
+    where CoreDNS would, forwarding to the hook, which fills the plan's sets)."""
     lines = [
         "# generated by codetainer from the allowlist: do not edit, edit domains.conf",
         "pid-file=",
@@ -308,29 +222,24 @@ def generate_dnsmasq(
     if not options.ipv6:
         lines.append("filter-AAAA")
     # Rebinding: an answer pointing inside becomes NXDOMAIN before nftset=/ipset= see it.
-    screened = screened_networks(allowlist)
     lines.append("# answers with an internal address (model.INTERNAL): NXDOMAIN, no set")
-    lines.extend(f"bogus-nxdomain={net}" for net in screened)
-    used: dict[str, DynamicSet] = {}
-    for d in _domains(allowlist):
-        lines.append(f"# {d.name} ({d.where()})")
+    lines.extend(f"bogus-nxdomain={net}" for net in plan.screened)
+    for d in plan.routes:
+        lines.append(f"# {d.name} ({d.where})")
         # server=/N/ forwards N and its subdomains; /*.N/ only the subdomains
         pattern = d.name if d.apex else f"*.{d.name}"
         lines.extend(f"server=/{pattern}/{up.dnsmasq}" for up in options.upstreams)
         if not d.subs:
             lines.append(f"local=/*.{d.name}/")
-        targets = _sets_for(d, options.ipv6)
-        for s in targets:
-            used[s.name] = s
         if sets is SetBackend.NFTSET:
-            spec = ",".join(f"{s.family}#{FAMILY}#{TABLE}#{s.name}" for s in targets)
+            spec = ",".join(f"{s.family}#{FAMILY}#{TABLE}#{s.name}" for s in d.sets)
             lines.append(f"nftset=/{d.name}/{spec}")
-        else:
-            lines.append(f"ipset=/{d.name}/{','.join(s.ipset for s in targets)}")
+        elif sets is SetBackend.IPSET:
+            lines.append(f"ipset=/{d.name}/{','.join(s.ipset for s in d.sets)}")
     text = "\n".join(lines) + "\n"
     _check_chars(text)
     return GeneratedConfig(
-        Engine.DNSMASQ, text, set_timeout_for(options.max_ttl), tuple(used.values()), screened
+        Engine.DNSMASQ, text, set_timeout_for(options.max_ttl), plan.dynamic_sets, plan.screened
     )
 
 
@@ -338,24 +247,22 @@ def _zone_regex(name: str) -> str:
     return name.replace(".", "[.]")
 
 
-def generate_corefile(allowlist: Allowlist, options: DnsOptions) -> GeneratedConfig:
+def render_corefile(plan: DnsPlan, options: DnsOptions) -> GeneratedConfig:
+    """CoreDNS's Corefile: one server block per domain of the plan, then the catch-all."""
     bind = ipaddress.ip_address(options.listen)
     if options.hook:
         forward = parse_upstream(options.hook).hostport
     else:
         forward = " ".join(up.hostport for up in options.upstreams)
     out = ["# generated by codetainer from the allowlist: do not edit, edit domains.conf"]
-    used: dict[str, DynamicSet] = {}
-    for d in _domains(allowlist):
-        for s in _sets_for(d, options.ipv6):
-            used[s.name] = s
+    for d in plan.routes:
         if not d.subs:
             kind, refuse = "exact", f"^.+[.]{_zone_regex(d.name)}[.]$"
         elif not d.apex:
             kind, refuse = "wild", f"^{_zone_regex(d.name)}[.]$"
         else:
             kind, refuse = "both", ""
-        out.append(f"# {d.name} ({d.where()})")
+        out.append(f"# {d.name} ({d.where})")
         out.append(f"{d.name}:{options.port} {{")
         out.append(f"    bind {bind}")
         out.append("    errors")
@@ -393,21 +300,10 @@ def generate_corefile(allowlist: Allowlist, options: DnsOptions) -> GeneratedCon
     text = "\n".join(out) + "\n"
     _check_chars(text)
     # Without the hook CoreDNS fills no set (and the firewall denies INTERNAL anyway).
-    screened = screened_networks(allowlist) if options.hook else ()
+    screened = plan.screened if options.hook else ()
     return GeneratedConfig(
-        Engine.COREDNS, text, set_timeout_for(options.max_ttl), tuple(used.values()), screened
+        Engine.COREDNS, text, set_timeout_for(options.max_ttl), plan.dynamic_sets, screened
     )
-
-
-def generate(
-    engine: Engine,
-    allowlist: Allowlist,
-    options: DnsOptions,
-    sets: SetBackend = SetBackend.NFTSET,
-) -> GeneratedConfig:
-    if engine is Engine.COREDNS:
-        return generate_corefile(allowlist, options)
-    return generate_dnsmasq(allowlist, options, sets)
 
 
 def _check_chars(text: str) -> None:

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from codetainer.network.dnscheck import HealthResult
     from codetainer.services.manager import ServiceManager
     from codetainer.services.process import Service
+    from codetainer.status import DnsGuardStatus
 
 log = structlog.get_logger("codetainer.network")
 
@@ -94,7 +95,7 @@ class DnsGuard:
             return None
         return f"DNS server down for {time.time() - self.down_since:.0f}s: {self.reason}"
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DnsGuardStatus:
         left = None if self.next_attempt is None else max(0.0, self.next_attempt - time.monotonic())
         return {"up": self.reason is None, "reason": self.reason, "down_since": self.down_since,
                 "revivals": self.revivals, "attempt": self.streak, "recoveries": self.recoveries,

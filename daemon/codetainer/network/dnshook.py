@@ -24,8 +24,9 @@ allowlisted zone to this small forwarder inside the daemon (UDP and TCP, by defa
    does not cache SERVFAIL): an address is never handed out before it is allowed.
 
 The sets a name's addresses go to are the ones dnsmasq's ``nftset=`` lines would use
-(longest matching domain wins), read from a generated dnsmasq config, so both engines
-fill exactly the same sets. Re-adding an address refreshes its timeout: the nftables
+(longest matching domain wins): both come from the same plan
+(:attr:`~codetainer.network.dnsplan.DnsPlan.domain_sets`), so both engines fill exactly
+the same sets. Re-adding an address refreshes its timeout: the nftables
 writer deletes and re-adds it inside the same transaction (nft 1.0.6 does not refresh a
 timeout on a plain ``add``), the ipset writer uses ``-exist``.
 
@@ -62,11 +63,9 @@ import dns.rcode
 import dns.rdatatype
 import structlog
 
-from codetainer.network.allowlist import IPNetwork
 from codetainer.network.dnsconfig import Upstream
-from codetainer.network.model import is_internal
+from codetainer.network.model import IPNetwork, is_internal
 from codetainer.network.setwriter import (  # the writers lived here: still importable
-    SET_NAME,
     BatchedWriter,
     IpsetWriter,  # noqa: F401
     NftSetWriter,  # noqa: F401
@@ -76,28 +75,15 @@ from codetainer.streams import close_writer
 
 log = structlog.get_logger("codetainer.network")
 
-DEFAULT_HOOK = "127.0.0.1:5354"
 #: seconds the hook waits for one upstream. CoreDNS's ``forward`` gives the hook 2 s per
 #: try (fixed in 1.12: no option) and retries until 5 s: with a dead first upstream the
 #: next must still answer inside those 2 s. The upstream that answered goes first then.
 UPSTREAM_TIMEOUT = 0.8
-_NFTSET = re.compile(r"^nftset=/([a-z0-9.-]+)/(\S+)$")
 #: a query label made only of what host names are made of (allowlist._LABEL's
 #: characters, compared after ASCII lower-casing), plus ``_`` as dnsmasq forwards it
 #: (``_dmarc.x.example.com``, SRV names): never a dot, NUL or any other byte
 _HOST_LABEL = re.compile(rb"[a-z0-9_-]{1,63}\Z")
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def domain_sets(dnsmasq_text: str) -> dict[str, tuple[str, ...]]:
-    """``{domain: (set names)}`` from a generated dnsmasq config's ``nftset=`` lines."""
-    out: dict[str, tuple[str, ...]] = {}
-    for line in dnsmasq_text.splitlines():
-        m = _NFTSET.match(line)
-        if m:
-            names = tuple(spec.split("#")[-1] for spec in m[2].split(","))
-            out[m[1]] = tuple(n for n in names if SET_NAME.match(n))
-    return out
 
 
 def host_name(name: dns.name.Name) -> str | None:
@@ -116,11 +102,6 @@ def host_name(name: dns.name.Name) -> str | None:
     if not labels or not all(_HOST_LABEL.match(label) for label in labels):
         return None
     return ".".join(label.decode("ascii") for label in labels)
-
-
-def set_ports(set_name: str) -> tuple[int, ...]:
-    """``d4_80_443`` -> ``(80, 443)``."""
-    return tuple(int(p) for p in set_name.split("_")[1:])
 
 
 class SetRoutes:

@@ -32,19 +32,21 @@ from typing import Any
 import structlog
 
 from codetainer.network import model
-from codetainer.network.firewall import (
-    PROXIED_PORTS,
+from codetainer.network.firewall_base import (
     Denied,
-    DnsLimit,
     FirewallBackend,
     FirewallError,
-    FirewallPolicy,
     FirewallStatus,
-    IPNetwork,
     member_of,
+)
+from codetainer.network.firewall_policy import (
+    PROXIED_PORTS,
+    DnsLimit,
+    FirewallPolicy,
     parse_address,
     rendered,
 )
+from codetainer.network.model import IPNetwork
 
 log = structlog.get_logger("codetainer.network")
 

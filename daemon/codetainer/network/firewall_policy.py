@@ -20,9 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from codetainer.network import model
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from codetainer.network.model import IPAddress, IPNetwork
 
 IPV6_POLICIES = ("deny", "fly", "allowlist")
 INBOUND_PROTOCOLS = ("tcp", "udp")

@@ -17,8 +17,6 @@ import json
 import os
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,8 @@ from typing import Any
 
 import structlog
 
-from codetainer.network.allowlist import MIN_PREFIX, IPNetwork
+from codetainer.network.allowlist import MIN_PREFIX
+from codetainer.network.model import IPNetwork
 
 log = structlog.get_logger("codetainer.network")
 
@@ -102,6 +101,9 @@ def validate_networks(raw: Iterable[str], max_count: int = MAX_COUNT) -> tuple[I
 def _fetch(url: str, timeout: float) -> bytes:
     if not url.startswith(("https://", "http://")):
         raise GithubMetaError(f"URL must be http(s): {url[:80]!r}")
+    import urllib.error  # only here: urllib.request imports ssl (~5 MiB the idle daemon
+    import urllib.request  # would keep for a fetch made only with @github entries)
+
     req = urllib.request.Request(  # noqa: S310 - scheme checked above
         url, headers={"Accept": "application/json", "User-Agent": "codetainer"}
     )

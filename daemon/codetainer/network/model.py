@@ -19,6 +19,12 @@ from __future__ import annotations
 import ipaddress
 from functools import cache
 
+#: the address types every network module shares (one definition, here)
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: a sorted tuple of TCP ports: the key of a port group (``(80, 443)``)
+Ports = tuple[int, ...]
+
 TABLE = "codetainer"
 FAMILY = "inet"
 DEFAULT_PORTS: tuple[int, ...] = (80, 443)
@@ -57,7 +63,7 @@ INTERNAL: dict[int, tuple[str, ...]] = {
 
 
 @cache
-def _internal_nets() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def _internal_nets() -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(n) for v in (4, 6) for n in INTERNAL[v])
 
 

@@ -31,6 +31,7 @@ from codetainer.proxy.model import METHOD
 
 if TYPE_CHECKING:
     from codetainer.proxy.model import ProxyPolicy
+    from codetainer.status import GrantStatus, ProxyRefusal, WhyReply
 
 log = structlog.get_logger("codetainer.network")
 
@@ -42,7 +43,7 @@ class NetworkOps:
         self.net = net
         #: set by the proxy when it runs: the policy it enforces now, and its refusals
         self.proxy_policy: Callable[[], ProxyPolicy | None] | None = None
-        self.proxy_refused: Callable[[], list[dict[str, Any]]] | None = None
+        self.proxy_refused: Callable[[], list[ProxyRefusal]] | None = None
         self.grants: dict[str, Grant] = {}
         self.changed = asyncio.Event()
 
@@ -98,13 +99,12 @@ class NetworkOps:
                 "text": f"allowed {key} for {span(seconds)} (until {until}); "
                         f"it expires on its own"}
 
-    async def op_why(self, req: Request) -> dict[str, Any]:
+    async def op_why(self, req: Request) -> WhyReply:
         target = req.args.get("target")
         if not isinstance(target, str) or not target.strip() or len(target) > 2048:
             raise RequestError(protocol.BAD_REQUEST,
                                "why needs args.target: a host name, an IP or a URL")
-        net = self.net
-        if net.backend is None or net.opts is None:
+        if self.net.net is None:
             raise RequestError(protocol.FAILED, "the network is not set up (network-config did not run)")
         target = target.strip()
         url = parse_url(target) if "://" in target else None
@@ -145,7 +145,8 @@ class NetworkOps:
 
     async def _why_target(self, target: str) -> WhyReport:
         net = self.net
-        if net.backend is None or net.opts is None:
+        setup = net.net
+        if setup is None:
             raise RequestError(protocol.FAILED, "the network is not set up (network-config did not run)")
         allow = net.effective()
         report: WhyReport
@@ -159,14 +160,14 @@ class NetworkOps:
                 raise RequestError(protocol.BAD_REQUEST, f"{target[:80]!r}: {exc}") from None
             entry = allow.match(host)
             report = WhyReport(host, "host", str(entry) if entry else None, where(entry))
-            types = ("A", "AAAA") if net.opts.ipv6 == "allowlist" else ("A",)
-            answers = [await dnscheck.query(host, t, net.opts.listen, 53, timeout=2.0) for t in types]
+            types = ("A", "AAAA") if setup.opts.ipv6 == "allowlist" else ("A",)
+            answers = [await dnscheck.query(host, t, setup.opts.listen, 53, timeout=2.0) for t in types]
             addrs = sorted({a for ans in answers for a in ans.addresses})
             report.rcode = answers[0].rcode
             report.refused = net.refused.get(host)
             report.grant = self._grant_for(entry)
         else:
-            nets = net.github.networks if net.github else ()
+            nets = setup.github.networks if setup.github else ()
             entry = allow.match_ip(ip, nets)
             report = WhyReport(str(ip), "ip", str(entry) if entry else None, where(entry))
             addrs = [str(ip)]
@@ -176,15 +177,15 @@ class NetworkOps:
             last = net.addr_names.get(a)
             if last and last[0] not in names:
                 names.append(last[0])
-            sets = await net.backend.contains(a)
+            sets = await setup.backend.contains(a)
             report.addresses.append(WhyAddress(a, sets, denied_rows(denied, a), names))
-            if ":" in a and net.opts.ipv6 == "deny":
+            if ":" in a and setup.opts.ipv6 == "deny":
                 report.notes.append("IPv6 egress is denied (CODETAINER_IPV6=deny)")
         if entry is not None and report.kind == "host":
             report.notes.append(f"allowed ports: {', '.join(map(str, allow.ports_for(entry)))}")
         return report
 
-    def _grant_for(self, entry: Any) -> dict[str, Any] | None:
+    def _grant_for(self, entry: Any) -> GrantStatus | None:
         if entry is None or entry.source != GRANT_SOURCE:
             return None
         grant = self.grants.get(str(entry))

@@ -39,16 +39,18 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from codetainer.network.dnscheck import Resolution
-from codetainer.network.model import is_internal
+from codetainer.network.model import Ports, is_internal
+
+if TYPE_CHECKING:
+    from codetainer.status import LastRefresh, RefreshFigures
 
 log = structlog.get_logger("codetainer.network")
 
-Ports = tuple[int, ...]
 Contents = dict[Ports, tuple[str, ...]]
 ResolveFn = Callable[[Sequence[str]], Awaitable[Mapping[str, Resolution]]]
 ApplyFn = Callable[[Contents], Awaitable[None]]
@@ -85,7 +87,7 @@ class TickReport:
     all_failed: bool = False
     error: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> LastRefresh:
         return {
             "at": self.at,
             "duration_s": round(self.duration_s, 4),
@@ -328,7 +330,7 @@ class Refresher:
                 log.exception("refresh_crashed")
                 await self.sleep(self.min_ttl)
 
-    def figures(self) -> dict[str, Any]:
+    def figures(self) -> RefreshFigures:
         """For status: last tick, next deadline, failing names, counters."""
         nxt = self.next_deadline()
         return {

@@ -63,6 +63,11 @@ class SetWriter:
     async def close(self) -> None:
         """Release what the writer holds (its helper process); it may be used again."""
 
+    async def prestart(self) -> None:
+        """Be ready for the first transaction now (its helper process started) rather than
+        at it: started beside the DNS server, the first answer does not wait ~40 ms for
+        the helper. Failing here is what failing at the first use would be."""
+
 
 def checked(elements: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     """``{set: sorted addresses}``, every set name and address validated (a script is
@@ -124,6 +129,9 @@ class BatchedWriter(SetWriter):
     async def close(self) -> None:
         await self.inner.close()
 
+    async def prestart(self) -> None:
+        await self.inner.prestart()
+
 
 class _Lost(Exception):
     """The helper is gone (exited, pipe closed) before it answered."""
@@ -176,6 +184,11 @@ class SetHelper:
                 return
             self.oneshots += 1
             await self.runner.run(list(ONESHOT[self.engine]), script, what=what)
+
+    async def prestart(self) -> None:
+        """Start the helper unless it serves (or may not be started yet, after a loss)."""
+        async with self._lock:
+            await self._ready()
 
     async def close(self) -> None:
         """End the helper (end of input, then SIGKILL after 2 s); a later ``apply`` starts
@@ -300,6 +313,10 @@ class _ScriptWriter(SetWriter):
     async def close(self) -> None:
         if self.helper is not None:
             await self.helper.close()
+
+    async def prestart(self) -> None:
+        if self.helper is not None:
+            await self.helper.prestart()
 
 
 class NftSetWriter(_ScriptWriter):

@@ -27,6 +27,7 @@ import ipaddress
 import time
 from dataclasses import dataclass, replace
 
+from codetainer.network.model import IPAddress, IPNetwork
 from codetainer.proxy.model import (
     CREDENTIAL_NONE,
     Decision,
@@ -35,9 +36,6 @@ from codetainer.proxy.model import (
     ProxyPolicy,
 )
 from codetainer.proxy.presets import PRESET_FUNCS, Verdict, canonical_path, split_path
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 HOW_TO_ALLOW = "add it to network/domains.conf, or `codetainer allow {host}` for a while"
 

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from codetainer.network.controller import NetworkController
     from codetainer.services.manager import ServiceManager
     from codetainer.settings import Settings
+    from codetainer.status import ProxyStatus
 
 log = structlog.get_logger("codetainer.proxy")
 
@@ -260,7 +261,8 @@ class ProxyController:
             raise StepError(f"the proxy's user {name!r} (CODETAINER_PROXY_USER) does not exist",
                             "create it (useradd --system codetainer-proxy), name an existing "
                             "dedicated user, or set CODETAINER_PROXY=off") from None
-        others = {0: "root", self.network.opts.dns_uid if self.network.opts else -1: "the DNS server"}
+        setup = self.network.net
+        others = {0: "root", setup.opts.dns_uid if setup else -1: "the DNS server"}
         with contextlib.suppress(KeyError):
             others[pwd.getpwnam(self.settings.agent_user).pw_uid] = "the agent"
         if pw.pw_uid in others:
@@ -368,12 +370,11 @@ class ProxyController:
     async def _lookup_repos(self, slug: str, token: str) -> str:
         """The repository's GraphQL node ID and, for a fork, its upstream (slug and ID),
         from the GitHub API: what the GitHub preset needs to let writes there pass."""
-        from codetainer.boot.repository import FULL_NAME_RE, _api_get
+        from codetainer.boot.repository import FULL_NAME_RE, api_get
 
         timeout = self.settings.github_api_timeout
         url = f"{self.settings.github_api_url.rstrip('/')}/repos/{slug}"
-        info = await asyncio.wait_for(asyncio.to_thread(_api_get, url, token, timeout),
-                                      timeout + 1)
+        info = await api_get(url, token, timeout)
         if not isinstance(info, dict):
             raise ValueError("the API reply is not an object")
         repos, ids = [slug], []
@@ -449,9 +450,8 @@ class ProxyController:
             self.render(strict=True)
         except OSError as exc:
             raise StepError(f"cannot lay out {self.dir}: {exc}") from None
-        ctx.state.setdefault("services_started_by_steps", []).append(SERVICE)
-        ctx.state.setdefault("teardown", {})["proxy"] = self.close
-        ctx.state["proxy"] = self
+        ctx.started_by_steps.append(SERVICE)
+        ctx.teardowns["proxy"] = self.close
         token = ctx.secrets.get("GH_PAT") or ctx.secrets.get("GH_TOKEN")
         # While mitmproxy starts (most of this step): the system store, and the
         # repository's node IDs (the policy file follows; the proxy re-reads it).
@@ -508,7 +508,8 @@ class ProxyController:
             return False
         net = self.network
         expiry = {key: g.expires_at for key, g in net.ops.grants.items()}
-        ranges = [str(n) for n in net.github.networks] if net.github else []
+        github = net.net.github if net.net else None
+        ranges = [str(n) for n in github.networks] if github else []
         policy = render_policy(net.effective(), expiry, self.github_repos, self.github_repo_ids,
                                ranges)
         text = policy.to_json()
@@ -536,15 +537,18 @@ class ProxyController:
         self.github_repo_ids = tuple(dict.fromkeys([*self.github_repo_ids, *repo_ids]))
         self.render()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ProxyStatus:
         """The ``proxy`` section of status: service state, ports, the latest refusals."""
         try:
             state = self.services.get(SERVICE).state.name
         except UnknownService:
             state = "absent"
-        out: dict[str, Any] = {"state": state, "ports": [PROXY_PORT, TRANSPARENT_PORT],
-                               **self._read_refused()}
-        out["refused"] = out["refused"][:REFUSED_SHOWN]
+        ref = self._read_refused()
+        out: ProxyStatus = {"state": state, "ports": [PROXY_PORT, TRANSPARENT_PORT],
+                            "requests": ref["requests"], "refused_total": ref["refused_total"],
+                            "refused": ref["refused"][:REFUSED_SHOWN]}
+        if "error" in ref:
+            out["error"] = ref["error"]
         degraded = self.degraded(state)
         if degraded:
             out["degraded"] = degraded

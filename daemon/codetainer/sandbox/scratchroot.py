@@ -18,7 +18,7 @@ scratch filesystem:
   ``/tmp``, ``/run``, ``/root``, ``/workspace``, ``/home/claude``;
 - ``base/out`` on the host is bind-mounted read-write at ``/scratch-out`` inside: the
   way results get out;
-- with ``cgroups`` (host cgroup directories a test made, ``tests/cgroups.py``), PID 1
+- with ``cgroups`` (host cgroup directories a test made, ``sandbox/cgroups.py``), PID 1
   joins them before anything else runs and, unless ``show_cgroups`` is off, sees them
   at ``/sys/fs/cgroup/<controller>`` as a container sees its own cgroup.
 
@@ -100,7 +100,7 @@ class ScratchRoot:
     hostname: str = "codetainer-test"
     root_size: str = "512m"
     #: host cgroup directories the namespace's PID 1 joins before anything runs, by
-    #: controller ({"memory": "/sys/fs/cgroup/memory/.../ct-test-x"}: tests/cgroups.py)
+    #: controller ({"memory": "/sys/fs/cgroup/memory/.../ct-test-x"}: sandbox/cgroups.py)
     cgroups: Mapping[str, str] = field(default_factory=dict)
     #: and shown inside at /sys/fs/cgroup/<controller>, as a container runtime binds a
     #: container's own cgroup (False: the limits hold, the machine cannot see them)

@@ -19,6 +19,9 @@ The world has no route anywhere else and no link to the host. Use it as a contex
 manager (``with World() as w:``) or through the ``world`` fixture defined in a test
 module (``yield from world_fixture()``). Every process started through it is tracked and
 killed, and both namespaces are deleted on exit, also when setup fails half-way.
+Namespaces, the veth pair, addresses, routes and neighbours are made over netlink
+(pyroute2, imported only when a world starts); processes run in a namespace through
+``ip netns exec``.
 
 TCP servers: a request starting with ``GET``/``HEAD`` gets an HTTP 200 whose body is
 ``ADDR:PORT``; anything else is echoed back until the client closes (long-lived
@@ -27,6 +30,7 @@ connections for reload tests).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -34,10 +38,13 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +68,8 @@ FLY_MACHINE = "fdaa:0:1::2"  # the container's 6PN address, on ct0 (/48)
 FLY_PEER = "fdaa:0:1::1"  # the world's end of the link, on ct1
 FLY_OPERATOR = "fdaa:0:f1::1"  # `fly ssh console`, arriving over Fly's WireGuard (world lo)
 FLY_RESOLVER = "fdaa::3"  # Fly's internal DNS: the world's dnsmasq answers there too
+_RTPROT_BOOT = 3  # the routes' protocol, as `ip route add` sets it
+_NUD_PERMANENT = 0x80
 
 _HOLD = r"""
 import socket, sys
@@ -137,10 +146,78 @@ print(json.dumps({"rounds": n, "counts": counts}), flush=True)
 """
 
 
-def _ip(*args: str, stdin: str | None = None) -> None:
-    proc = subprocess.run(["ip", *args], input=stdin, capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}")
+@dataclass(frozen=True)
+class _End:
+    """One namespace's side of the veth pair, as data: what netlink sets up there."""
+
+    ns: str
+    dev: str  # its end of the veth pair
+    addrs: tuple[str, ...]  # "address/prefix" on ``dev``
+    lo_addrs: tuple[str, ...] = ()  # "address/prefix" on lo
+    gateways: tuple[str, ...] = ()  # default routes via
+    neighbours: tuple[str, ...] = ()  # the other end's addresses: static, with its MAC
+
+
+def _plumb(inner: _End, world: _End) -> None:
+    """Create the veth pair (``inner.dev`` in ``inner.ns``, ``world.dev`` in ``world.ns``)
+    and set up both ends over netlink (pyroute2): loopback up, addresses (IPv6 ones with
+    ``nodad``), links up, default routes, permanent neighbours. Raises RuntimeError naming
+    the step that failed."""
+    from pyroute2 import NetNS  # ~0.1 s to import: only where a world is built
+    from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
+
+    step = f"open {inner.ns} and {world.ns}"
+    try:
+        with NetNS(inner.ns, flags=0) as ipr_in, NetNS(world.ns, flags=0) as ipr_world:
+            step = f"add veth {inner.dev} (in {inner.ns}) <-> {world.dev} (in {world.ns})"
+            ipr_in.link("add", ifname=inner.dev, kind="veth",
+                        peer={"ifname": world.dev, "net_ns_fd": world.ns})
+            macs: dict[str, str] = {}
+            for end, ipr in ((inner, ipr_in), (world, ipr_world)):
+                lo, dev = ipr.link_lookup(ifname="lo")[0], ipr.link_lookup(ifname=end.dev)[0]
+                step = f"{end.ns}: link set lo up"
+                ipr.link("set", index=lo, state="up")
+                for index, name, addrs in ((dev, end.dev, end.addrs), (lo, "lo", end.lo_addrs)):
+                    for cidr in addrs:
+                        step = f"{end.ns}: addr add {cidr} dev {name}"
+                        addr, prefix = cidr.split("/")
+                        v6 = ":" in addr
+                        ipr.addr("add", index=index, address=addr, prefixlen=int(prefix),
+                                 family=socket.AF_INET6 if v6 else socket.AF_INET,
+                                 flags=IFA_F_NODAD if v6 else 0)
+                step = f"{end.ns}: link set {end.dev} up"
+                ipr.link("set", index=dev, state="up")
+                for gw in end.gateways:
+                    step = f"{end.ns}: route add default via {gw}"
+                    v6 = ":" in gw
+                    ipr.route("add", dst="::/0" if v6 else "0.0.0.0/0", gateway=gw,
+                              family=socket.AF_INET6 if v6 else socket.AF_INET, proto=_RTPROT_BOOT)
+                macs[end.ns] = str(ipr.get_links(dev)[0].get_attr("IFLA_ADDRESS"))
+            # Static neighbours: IPv6 neighbour discovery on a fresh link costs the first
+            # connection a 1 s SYN retransmit; tests measure milliseconds.
+            for end, ipr, other in ((inner, ipr_in, world), (world, ipr_world, inner)):
+                dev = ipr.link_lookup(ifname=end.dev)[0]
+                for addr in end.neighbours:
+                    step = f"{end.ns}: neigh replace {addr} lladdr {macs[other.ns]} dev {end.dev}"
+                    ipr.neigh("replace", dst=addr, lladdr=macs[other.ns], ifindex=dev,
+                              family=socket.AF_INET6 if ":" in addr else socket.AF_INET,
+                              state=_NUD_PERMANENT)
+    except Exception as exc:
+        raise RuntimeError(f"building the test world over netlink failed at {step!r}: {exc}"
+                           " (run as root; see `ip netns list` for leftovers)") from exc
+
+
+def _off_loop(fn: Callable[[], None]) -> None:
+    """Run ``fn`` here, or in a worker thread when this thread runs an event loop:
+    pyroute2's sync API runs a loop of its own, which cannot start inside a running one
+    (a benchmark may enter a World from a coroutine)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        fn()
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="world-netlink") as pool:
+        pool.submit(fn).result()
 
 
 def _read_line(proc: subprocess.Popen[str], deadline: float, what: str) -> str:
@@ -211,8 +288,14 @@ class World:
         for tool in ("ip", "dnsmasq", "nft", "setpriv"):
             if shutil.which(tool) is None:
                 raise RuntimeError(f"the test world needs {tool}: apt-get install it")
+        from pyroute2 import netns
+
         for ns in (self.world, self.inner):
-            _ip("netns", "add", ns)
+            try:
+                netns.create(ns)
+            except OSError as exc:
+                raise RuntimeError(f"cannot create the network namespace {ns}: {exc} "
+                                   "(the test world needs root)") from exc
             self._netns.append(ns)
             # No duplicate address detection: a tentative link-local address delays the
             # first IPv6 neighbour solicitation (and so the first connection) by a second.
@@ -221,52 +304,25 @@ class World:
                  "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"],
                 check=True, capture_output=True, timeout=10,
             )
-        _ip("-n", self.inner, "link", "add", "ct0", "type", "veth", "peer", "name", "ct1",
-            "netns", self.world)
-        inner = [
-            "link set lo up",
-            f"addr add {INNER_V4}/24 dev ct0",
-            f"addr add {INNER_V6}/64 dev ct0 nodad",
-            "link set ct0 up",
-            f"route add default via {WORLD_V4}",
-            f"route add default via {WORLD_V6}",
-        ]
-        world = [
-            "link set lo up",
-            f"addr add {WORLD_V4}/24 dev ct1",
-            f"addr add {WORLD_V6}/64 dev ct1 nodad",
-            "link set ct1 up",
-        ]
-        world += [f"addr add {a}/32 dev lo"
-                  for a in (*ALLOWED_HOSTS, *NEVER_HOSTS, UPSTREAM, API_HOST)]
-        world += [f"addr add {a}/128 dev lo nodad" for a in V6_HOSTS]
         fly = self.fly
+        lo_world = [f"{a}/32" for a in (*ALLOWED_HOSTS, *NEVER_HOSTS, UPSTREAM, API_HOST)]
+        lo_world += [f"{a}/128" for a in V6_HOSTS]
         if fly:
-            inner.append(f"addr add {FLY_MACHINE}/48 dev ct0 nodad")
-            world.append(f"addr add {FLY_PEER}/48 dev ct1 nodad")
-            world += [f"addr add {a}/128 dev lo nodad" for a in (FLY_OPERATOR, FLY_RESOLVER)]
-        _ip("-n", self.inner, "-batch", "-", stdin="\n".join(inner) + "\n")
-        _ip("-n", self.world, "-batch", "-", stdin="\n".join(world) + "\n")
-        # Static neighbours: IPv6 neighbour discovery on a fresh link costs the first
-        # connection a 1 s SYN retransmit; tests measure milliseconds.
-        mac_in, mac_world = self._mac(self.inner, "ct0"), self._mac(self.world, "ct1")
-        for ns, dev, mac, addrs in (
-            (self.inner, "ct0", mac_world, (WORLD_V4, WORLD_V6, *([FLY_PEER] if fly else []))),
-            (self.world, "ct1", mac_in, (INNER_V4, INNER_V6, *([FLY_MACHINE] if fly else []))),
-        ):
-            for addr in addrs:
-                _ip("-n", ns, "neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent")
+            lo_world += [f"{a}/128" for a in (FLY_OPERATOR, FLY_RESOLVER)]
+        inner = _End(self.inner, "ct0",
+                     (f"{INNER_V4}/24", f"{INNER_V6}/64", *([f"{FLY_MACHINE}/48"] if fly else [])),
+                     gateways=(WORLD_V4, WORLD_V6),
+                     neighbours=(WORLD_V4, WORLD_V6, *([FLY_PEER] if fly else [])))
+        world = _End(self.world, "ct1",
+                     (f"{WORLD_V4}/24", f"{WORLD_V6}/64", *([f"{FLY_PEER}/48"] if fly else [])),
+                     lo_addrs=tuple(lo_world),
+                     neighbours=(INNER_V4, INNER_V6, *([FLY_MACHINE] if fly else [])))
+        _off_loop(lambda: _plumb(inner, world))
         if self._want_servers:
             self._start_servers()
         if self._want_dns:
             self.hosts_file.write_text("")
             self._start_dns()
-
-    @staticmethod
-    def _mac(ns: str, dev: str) -> str:
-        out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", "dev", dev],
-                             capture_output=True, text=True, check=True, timeout=10)
-        return str(json.loads(out.stdout)[0]["address"])
 
     def close(self) -> None:
         """Kill every process we started, then delete the namespaces; never raises."""
@@ -281,13 +337,21 @@ class World:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-        for ns in self._netns:
+        if self._netns:
+            from pyroute2 import netns
+
             # Anything still inside our namespaces was started by a test through them.
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-            for pid in pids.stdout.split():
-                with contextlib.suppress(OSError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            try:
+                inside = netns.ns_pids()
+            except OSError:
+                inside = {}
+            for ns in self._netns:
+                for pid in inside.get(ns, []):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                # Deleting a namespace deletes the veth end in it, and so the pair.
+                with contextlib.suppress(OSError):
+                    netns.remove(ns)
         self._netns.clear()
         for proc in self.procs:
             for stream in (proc.stdin, proc.stdout, proc.stderr):

@@ -10,6 +10,13 @@ Semantics follow supervisord's ``process.py``: ``startsecs`` to reach RUNNING; a
 before that is BACKOFF with a delay that grows by one second per attempt; FATAL once
 the attempts exceed ``startretries``; an exit from RUNNING is EXITED, and ``autorestart``
 decides (``true`` always, ``unexpected`` when the code is not in ``exitcodes``).
+
+Two additions for a program that is not a service, the agent's tmux pane
+(``session/panepolicy.py``), each inert unless used, so services keep supervisord's
+semantics exactly: ``ServiceConfig.backoff`` (an :class:`ExponentialBackoff` instead of
+the one-more-second delay, and a delay before a restart after a run too), and
+:meth:`ServiceFSM.started_outside` (a process of the program that the driver did not
+spawn: an operator's ``respawn-pane``, a session created or adopted).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from codetainer.lifecycle import transition
-from codetainer.services.config import ServiceConfig
+from codetainer.services.config import ExponentialBackoff, ServiceConfig
 from codetainer.services.states import TRANSITIONS, ProcessState, decode_wait_status
 
 
@@ -93,7 +100,27 @@ class ServiceFSM:
     def _backoff(self, now: float) -> None:
         self.change_state(ProcessState.BACKOFF)
         self.backoff += 1
-        self.delay = now + self.backoff
+        self.delay = now + self._wait(self.backoff)
+
+    def _wait(self, failures: int) -> float:
+        curve: ExponentialBackoff | None = self.config.backoff
+        return float(failures) if curve is None else curve.delay(failures)
+
+    def started_outside(self, now: float, pid: int = 0) -> None:
+        """A process of this program that the driver did not spawn (it appears, or will be
+        reported by :meth:`spawned`): STARTING from ``now``, the failed starts in a row
+        kept. supervisord has no such input, all its processes are its own; the agent's
+        tmux pane can be respawned by an operator, or created with its session."""
+        if self.state is ProcessState.RUNNING:
+            self.change_state(ProcessState.EXITED)  # RUNNING -> EXITED: it ended unseen
+        if self.state is not ProcessState.STARTING:
+            # STOPPED/EXITED/FATAL/BACKOFF -> STARTING
+            self.change_state(ProcessState.STARTING)
+        self.laststart = now
+        self.pid = pid
+        self.spawnerr = ""
+        self.killing = False
+        self.wants_running = True
 
     def request_stop(self, now: float) -> list[Action]:
         self.wants_running = False
@@ -130,6 +157,10 @@ class ServiceFSM:
             self.change_state(ProcessState.RUNNING)  # startsecs elapsed while unobserved
         # RUNNING -> EXITED
         self.change_state(ProcessState.EXITED)
+        self.delay = now
+        if self.config.backoff is not None:  # the first exit of a new series waits too
+            self.backoff = 1
+            self.delay = now + self._wait(1)
         return self.tick(now)
 
     def tick(self, now: float) -> list[Action]:
@@ -156,6 +187,8 @@ class ServiceFSM:
         elif st is ProcessState.EXITED and self.wants_running:
             restart = self.config.autorestart
             if restart == "true" or (restart == "unexpected" and not self.expected):
+                if now < self.delay:
+                    return []
                 # EXITED -> STARTING
                 return self._spawn(now)
             self.wants_running = False
@@ -165,7 +198,7 @@ class ServiceFSM:
         st = self.state
         if st is ProcessState.STARTING and self.pid:
             return self.laststart + self.config.startsecs
-        if st is ProcessState.BACKOFF:
+        if st is ProcessState.BACKOFF or (st is ProcessState.EXITED and self.wants_running):
             return self.delay
         if st is ProcessState.STOPPING:
             return self.delay

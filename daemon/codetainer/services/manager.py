@@ -7,7 +7,7 @@ import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -15,6 +15,9 @@ from codetainer.events import EventBus
 from codetainer.services.config import ServiceConfig, load_services
 from codetainer.services.process import Service
 from codetainer.services.states import ProcessState
+
+if TYPE_CHECKING:
+    from codetainer.status import ServiceStatus
 
 log = structlog.get_logger("codetainer.services")
 
@@ -133,7 +136,7 @@ class ServiceManager:
         self.events.publish("services.reloaded", **result)
         return result
 
-    def snapshot(self, tail: bool = True) -> list[dict[str, Any]]:
+    def snapshot(self, tail: bool = True) -> list[ServiceStatus]:
         out = []
         for svc in self.ordered():
             snap = svc.snapshot()

@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -27,6 +27,9 @@ from codetainer.runner import reap
 from codetainer.services.config import ServiceConfig, user_identity
 from codetainer.services.fsm import Action, Kill, ServiceFSM, Spawn
 from codetainer.services.states import ProcessState, signame
+
+if TYPE_CHECKING:
+    from codetainer.status import ServiceStatus
 
 log = structlog.get_logger("codetainer.services")
 
@@ -351,7 +354,7 @@ class Service:
             else:
                 os.kill(pid, action.sig)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ServiceStatus:
         fsm = self.fsm
         up = fsm.state is ProcessState.RUNNING and self.started_at
         return {

@@ -12,15 +12,14 @@
 Every command runs as the agent user (setpriv, agent environment, the agent's limits)
 with its own timeout.
 The step's policy is ``degraded``: a failing command is a warning with its reason, the
-others still run, and the agent starts anyway.
+others still run, and the agent starts anyway. A malformed entry never gets this far: the
+settings parse the list at start (codetainerd exits 64 naming the entry).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import structlog
 
@@ -28,46 +27,18 @@ from codetainer import runner
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.boot.privileges import AgentProxy, AgentUser, ExecLimits, agent_env, setpriv_argv
 from codetainer.limits.plan import settings_exec_limits
+from codetainer.settings import PluginPlan, SettingsError, plugin_plan
 
 log = structlog.get_logger("codetainer.session")
 
-_PLUGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-#: owner/repo, a URL, a git address, or an absolute path (a marketplace directory in the
-#: image or on a volume); never anything that starts like an option
-_SOURCE_RE = re.compile(r"^[A-Za-z0-9/][A-Za-z0-9._~:/@%+=-]*$")
-
-
-@dataclass(frozen=True)
-class PluginPlan:
-    marketplaces: tuple[str, ...]
-    plugins: tuple[str, ...]
-
-    def commands(self) -> list[list[str]]:
-        """Arguments after ``claude``, marketplaces first."""
-        return [["plugin", "marketplace", "add", m] for m in self.marketplaces] + [
-            ["plugin", "install", p] for p in self.plugins
-        ]
-
 
 def parse_plugins(spec: str) -> PluginPlan:
-    """Split ``CODETAINER_PLUGINS``; raise ValueError naming the bad entry."""
-    markets: list[str] = []
-    plugins: list[str] = []
-    for raw in spec.split(","):
-        entry = raw.strip()
-        if not entry:
-            continue
-        if "/" in entry or ":" in entry:
-            if not _SOURCE_RE.match(entry):
-                raise ValueError(f"CODETAINER_PLUGINS: {entry!r} is not a valid marketplace "
-                                 "source (owner/repo, URL, git address or /absolute/directory)")
-            markets.append(entry)
-        elif _PLUGIN_RE.match(entry):
-            plugins.append(entry)
-        else:
-            raise ValueError(f"CODETAINER_PLUGINS: {entry!r} is not a plugin "
-                             "(name@marketplace) or a marketplace source (owner/repo)")
-    return PluginPlan(tuple(dict.fromkeys(markets)), tuple(dict.fromkeys(plugins)))
+    """Split a ``CODETAINER_PLUGINS`` text as the settings do (they hold the parsed plan);
+    :class:`SettingsError` (a ValueError) names the variable and the bad entry."""
+    try:
+        return plugin_plan(spec)
+    except ValueError as exc:
+        raise SettingsError("plugins", spec, str(exc)) from None
 
 
 def _redact(text: str, secrets: Mapping[str, str]) -> str:
@@ -113,10 +84,7 @@ def plugins_step(
     ``limits`` (what the commands start under) to the settings' per-process limits."""
 
     async def run(ctx: BootContext) -> str | None:
-        try:
-            plan = parse_plugins(ctx.settings.plugins)
-        except ValueError as exc:
-            raise StepError(str(exc), "fix CODETAINER_PLUGINS") from None
+        plan = ctx.settings.plugins  # parsed and checked with the settings
         if not plan.marketplaces and not plan.plugins:
             return "no plugins configured"
         agent = user

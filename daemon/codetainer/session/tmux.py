@@ -9,11 +9,13 @@ Ownership rules:
 * The session is tracked by tmux's session id (``$0``), never its name: a Claude Code
   hook renames it. The agent pane is tracked by pane id and marked with the pane option
   ``@codetainer_role=agent`` so a daemon that restarts can adopt a running session.
-* ``monitor()`` polls tmux (one client call per tick). A dead agent pane (kept visible
-  by ``remain-on-exit``) is respawned with exponential backoff under policy ``respawn``,
-  or left for the operator under ``leave``; after ``max_rapid_restarts`` consecutive
-  short-lived runs the daemon gives up (like supervisord's FATAL). A lost server or
-  session is recreated, with backoff and a limit.
+* ``monitor()`` polls tmux (one client call per tick). The agent pane is supervised on
+  the service state machine (``panepolicy.py`` feeds ``services/fsm.py`` the pane's
+  events): a dead agent pane (kept visible by ``remain-on-exit``) is respawned with
+  exponential backoff under policy ``respawn``, or left for the operator under ``leave``;
+  after ``max_rapid_restarts`` consecutive runs shorter than ``stable_after`` the daemon
+  gives up (supervisord's FATAL). A closed agent pane is put back at once under
+  ``respawn``. A lost server or session is recreated, with backoff and a limit.
 * Root is never a client of anything the agent controls. The tmux server belongs to the
   agent, and a tmux server can make its client run a program (``MSG_SHELL``, or
   ``detach-client -E``), so every tmux client the daemon runs, the creation and every
@@ -54,6 +56,7 @@ from codetainer.lifecycle import InvalidTransition, transition
 from codetainer.limits.plan import settings_exec_limits
 from codetainer.procinfo import PROCESS_GONE
 from codetainer.session import prompt as prompt_mod
+from codetainer.session.panepolicy import AgentExit, PanePolicy, pane_config
 from codetainer.session.states import TRANSITIONS, SessionState
 from codetainer.session.tmuxctl import (
     CLIENT_FMT,
@@ -77,6 +80,7 @@ if TYPE_CHECKING:
     from codetainer.control.server import Request
     from codetainer.events import EventBus
     from codetainer.settings import Settings
+    from codetainer.status import SessionInfo, SessionStatus
 
 log = structlog.get_logger("codetainer.session")
 
@@ -146,13 +150,9 @@ class SessionManager:
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._usage = UsageCache()
-        # agent pane bookkeeping
-        self._agent_pid: int | None = None
-        self._agent_started = time.monotonic()
-        self._handled_death: int | None = None  # pane pid whose death we already acted on
-        self._respawn_at: float | None = None
-        self._rapid = 0
-        self._gave_up = False
+        self._pane = PanePolicy(pane_config(  # the agent pane's restarts, on the service FSM
+            self.policy, stable_after=stable_after, max_rapid_restarts=max_rapid_restarts,
+            backoff_base=backoff_base, backoff_max=backoff_max))
         # server recovery bookkeeping
         self._recover_failures = 0
         self._recover_at = 0.0
@@ -165,7 +165,7 @@ class SessionManager:
         self.state = transition(TRANSITIONS, old, new, "session state")
         log.info("session_state", old=old.value, new=new.value)
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self) -> SessionInfo:
         """Create (or adopt) the session. Raises :class:`SessionError` on failure."""
         async with self._lock:
             self.change_state(SessionState.STARTING)  # STOPPED|FAILED -> STARTING
@@ -329,11 +329,7 @@ class SessionManager:
         self.session_id, self.agent_pane, self.shell_pane = sid, agent_pane, shell_pane
         self.server_pid, self.cwd = server_pid, cwd
         self.name = self.session_name
-        self._agent_pid = None
-        self._agent_started = time.monotonic()
-        self._handled_death = None
-        self._respawn_at = None
-        self._gave_up = False
+        self._pane.started(time.monotonic())
         self.reason, self.hint = "", None
 
     def _fail(self, exc: SessionError) -> None:
@@ -382,57 +378,50 @@ class SessionManager:
             await self._replace_agent_pane(snap)
         elif agent.dead:
             await self._agent_dead(agent)
-        elif agent.pid != self._agent_pid:
-            # A new agent process (we or an operator respawned it).
-            self._agent_pid, self._agent_started = agent.pid, time.monotonic()
-            self._handled_death, self._gave_up = None, False
-        elif self._rapid and time.monotonic() - self._agent_started >= self.stable_after:
-            self._rapid = 0
+        else:  # live: a new process (we or an operator respawned it), or a stable run
+            self._pane.alive(time.monotonic(), agent.pid)
+
+    @property
+    def _gave_up(self) -> bool:  # status's "gave_up": the pane's FSM is FATAL
+        return self._pane.gave_up
 
     async def _agent_dead(self, pane: Pane) -> None:
         now = time.monotonic()
-        if self._handled_death != pane.pid:
-            self._handled_death = pane.pid
-            ran = now - self._agent_started
-            self._rapid = self._rapid + 1 if ran < self.stable_after else 1
-            if self.policy == "leave":
-                action = "left"
-            elif self._rapid > self.max_rapid_restarts:
-                action, self._gave_up = "gave_up", True
-            else:
-                delay = backoff.delay(self._rapid, self.backoff_base, self.backoff_max)
-                self._respawn_at = now + delay
-                action = f"respawn in {delay:g}s"
-            fields = {"pane": pane.id, "pid": pane.pid, "status": pane.dead_status,
-                      "signal": pane.dead_signal, "ran_s": round(ran, 2), "action": action}
-            log.warning("session_agent_exited", **fields)
-            self.events.publish("session.agent_exited", **fields)
-            if self._gave_up:
-                self.reason = (f"the agent exited {self._rapid} times in a row within "
-                               f"{self.stable_after:g}s; not restarting it")
-                self.hint = (f"look at the agent pane, then `tmux -S {self.socket} "
-                             f"respawn-pane -t {pane.id}` to try again")
-                log.error("session_agent_gave_up", reason=self.reason)
-                self.events.publish("session.gave_up", reason=self.reason, hint=self.hint)
+        decided = self._pane.dead(now, pane)
+        if decided is not None:
+            self._agent_exited(pane, decided)
             return
-        if self._respawn_at is None or now < self._respawn_at:
+        if not self._pane.due(now):
             return
-        self._respawn_at = None
         try:
             await self._tmux("respawn-pane", "-t", pane.id, "-c", self.cwd or self._workdir(),
                              "--", *self._agent_argv())
         except (TmuxGone, SessionError) as exc:
             log.warning("session_respawn_failed", pane=pane.id, why=str(exc))
-            self._handled_death = None  # try again on a later tick, with more backoff
+            # a failed start: more backoff, or give up
+            self._agent_exited(pane, self._pane.respawn_failed(now, str(exc)))
             return
+        self._pane.respawned()
         self.restarts["agent"] += 1
-        self._agent_started = now
         log.info("session_respawned", pane=pane.id, restarts=self.restarts["agent"])
         self.events.publish("session.respawned", pane=pane.id, restarts=self.restarts["agent"])
 
+    def _agent_exited(self, pane: Pane, decided: AgentExit) -> None:
+        fields = {"pane": pane.id, "pid": pane.pid, "status": pane.dead_status,
+                  "signal": pane.dead_signal, "ran_s": decided.ran, "action": decided.action}
+        log.warning("session_agent_exited", **fields)
+        self.events.publish("session.agent_exited", **fields)
+        if decided.gave_up:
+            self.reason = (f"the agent exited {decided.rapid} times in a row within "
+                           f"{self.stable_after:g}s; not restarting it")
+            self.hint = (f"look at the agent pane, then `tmux -S {self.socket} "
+                         f"respawn-pane -t {pane.id}` to try again")
+            log.error("session_agent_gave_up", reason=self.reason)
+            self.events.publish("session.gave_up", reason=self.reason, hint=self.hint)
+
     async def _replace_agent_pane(self, snap: Snapshot) -> None:
         """The agent pane was closed (kill-pane): put a new one back on top."""
-        if self.policy == "leave" or not snap.panes:
+        if not self._pane.replaces_closed_pane or not snap.panes:
             return
         other = snap.panes[0].id
         cwd = self.cwd or self._workdir()
@@ -448,7 +437,7 @@ class SessionManager:
             return
         self.agent_pane = pane
         self.restarts["agent"] += 1
-        self._agent_started = time.monotonic()
+        self._pane.started(time.monotonic())
         log.info("session_respawned", pane=pane, restarts=self.restarts["agent"])
         self.events.publish("session.respawned", pane=pane, restarts=self.restarts["agent"])
 
@@ -516,12 +505,17 @@ class SessionManager:
 
     # -- views ---------------------------------------------------------------------------
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> SessionInfo:
         """Where to attach (also the payload of ``session.ready``)."""
-        return {"exists": self.state is SessionState.RUNNING and self.session_id is not None,
-                "socket": self.socket, "id": self.session_id, "name": self.name,
-                "agent_pane": self.agent_pane, "state": self.state.value,
-                "reason": self.reason, "hint": self.hint, **self._owner()}
+        info: SessionInfo = {
+            "exists": self.state is SessionState.RUNNING and self.session_id is not None,
+            "socket": self.socket, "id": self.session_id, "name": self.name,
+            "agent_pane": self.agent_pane, "state": self.state.value,
+            "reason": self.reason, "hint": self.hint}
+        if (u := self.user) is not None:  # who a tmux client of it must run as
+            info["user"], info["uid"], info["gid"], info["home"] = u.name, u.uid, u.gid, u.home
+            info["limits"] = self.limits().as_dict()
+        return info
 
     def attach_target(self) -> dict[str, Any] | None:
         """``{"socket", "id", "agent_pane", "uid", "gid"}`` when the session is up, else None."""
@@ -548,7 +542,7 @@ class SessionManager:
                 return None if os.path.exists(self.socket) else "its socket is gone"
         return f"its server (pid {self.server_pid}) exited"
 
-    async def session_handler(self, req: Request | None = None) -> dict[str, Any]:
+    async def session_handler(self, req: Request | None = None) -> SessionInfo:
         """Control op ``session``: a live check, so a just-killed server is not reported up
         (a server whose process is gone is told from the kernel, at once; a live one is
         asked for the session's current name)."""
@@ -572,7 +566,7 @@ class SessionManager:
                 info["seccomp_filter"] = filter_hex()
         return info
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> SessionStatus:
         """For ``codetainer status`` (cached tmux view; the agent's CPU, memory and mounts
         sampled at most once a second, see ``UsageCache``)."""
         snap = self.snapshot

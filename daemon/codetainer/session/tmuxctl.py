@@ -12,7 +12,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -21,6 +21,7 @@ from codetainer.procinfo import PROCESS_GONE
 
 if TYPE_CHECKING:
     from codetainer.boot.privileges import AgentUser
+    from codetainer.status import ClientStatus, PaneStatus
 
 ROLE_OPTION = "@codetainer_role"
 TMUX_TIMEOUT = 5.0
@@ -63,7 +64,7 @@ class Pane:
     command: str
     role: str
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> PaneStatus:
         return {"id": self.id, "index": self.index, "role": self.role or None,
                 "command": self.command, "pid": self.pid, "dead": self.dead,
                 "dead_status": self.dead_status, "dead_signal": self.dead_signal}
@@ -75,7 +76,7 @@ class Snapshot:
     name: str
     server_pid: int | None
     panes: list[Pane] = field(default_factory=list)
-    clients: list[dict[str, Any]] = field(default_factory=list)
+    clients: list[ClientStatus] = field(default_factory=list)
 
 
 def int_or_none(s: str) -> int | None:
@@ -88,7 +89,7 @@ def int_or_none(s: str) -> int | None:
 def parse_snapshot(out: str) -> Snapshot | None:
     """Parse the output of ``list-panes -F _PANE_FMT ; list-clients -F _CLIENT_FMT``."""
     snap: Snapshot | None = None
-    clients: list[dict[str, Any]] = []
+    clients: list[ClientStatus] = []
     for line in out.splitlines():
         parts = line.split("\t")
         if parts[0] == "P" and len(parts) >= 12:

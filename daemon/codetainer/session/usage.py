@@ -11,11 +11,16 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
+from codetainer.units import human_bytes
 
-from codetainer.procinfo import PROCESS_GONE
+if TYPE_CHECKING:
+    import psutil
+
+    from codetainer.status import AgentTree, MountUsage
+
+# psutil (~1 MiB, ~9 ms) is imported by the first sample, not with this module
 
 BAR_WIDTH = 20
 #: At or above this percentage a mount is flagged (``warn``), the agent is about to fail.
@@ -23,15 +28,6 @@ WARN_PERCENT = 90.0
 #: The agent's tree and the mounts are sampled for status at most this often (as the
 #: daemon's own memory figures are): a crowd polling status costs one sample a second.
 SAMPLE_MAX_AGE = 1.0
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``'1.5K'``; binary units like ``df -h``."""
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" or n >= 100 else f"{n:.1f}{unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def bar(percent: float, width: int = BAR_WIDTH) -> str:
@@ -54,13 +50,15 @@ def _mount_of(path: str, partitions: Iterable[Any]) -> Any | None:
     return best
 
 
-def mounts_usage(paths: Iterable[str]) -> list[dict[str, Any]]:
+def mounts_usage(paths: Iterable[str]) -> list[MountUsage]:
     """Usage of the file systems holding ``paths`` (missing paths are left out)."""
+    import psutil
+
     try:
         partitions = psutil.disk_partitions(all=True)
     except OSError:
         partitions = []
-    out: list[dict[str, Any]] = []
+    out: list[MountUsage] = []
     for path in paths:
         if not os.path.isdir(path):
             continue
@@ -95,7 +93,11 @@ class TreeSampler:
     def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
 
-    def sample(self, root_pid: int | None) -> dict[str, Any] | None:
+    def sample(self, root_pid: int | None) -> AgentTree | None:
+        import psutil
+
+        from codetainer.procinfo import PROCESS_GONE
+
         if root_pid is None or root_pid <= 0:
             self._procs.clear()
             return None
@@ -143,10 +145,10 @@ class UsageCache:
         self.clock = clock
         self.tree = TreeSampler()
         self.samples = 0  # how many times it really sampled
-        self._last: tuple[float, int | None, dict[str, Any] | None, list[dict[str, Any]]] | None = None
+        self._last: tuple[float, int | None, AgentTree | None, list[MountUsage]] | None = None
 
     def sample(self, pid: int | None, paths: Iterable[str],
-               owned: Callable[[int], bool]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+               owned: Callable[[int], bool]) -> tuple[AgentTree | None, list[MountUsage]]:
         """``(tree, mounts)``: the tree from ``pid`` (None when there is none, or when
         ``owned(pid)`` says it is not the agent's) and :func:`mounts_usage` of ``paths``."""
         now = self.clock()
@@ -157,4 +159,4 @@ class UsageCache:
                                  mounts_usage(dict.fromkeys(paths)))
             self.samples += 1
         _at, _pid, tree, mounts = last
-        return (None if tree is None else dict(tree)), [dict(m) for m in mounts]
+        return (None if tree is None else tree.copy()), [m.copy() for m in mounts]

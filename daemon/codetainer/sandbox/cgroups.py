@@ -1,5 +1,5 @@
-"""Cgroups a test makes for a scratch root, so whatever the machine inside does (an OOM, a
-fork bomb, every core spinning) stays inside limits the test chose.
+"""Cgroups a test or benchmark makes for a scratch root, so whatever the machine inside
+does (an OOM, a fork bomb, every core spinning) stays inside limits the test chose.
 
 ``SandboxCgroups(memory=..., pids=...)`` creates ``ct-test-<pid>-<random>`` under the test
 process's own cgroup in each cgroup v1 hierarchy named (these machines mount ``memory``,
@@ -8,7 +8,8 @@ process's own cgroup in each cgroup v1 hierarchy named (these machines mount ``m
 container's own cgroups. ``close()`` waits for what ran there to be gone (the scratch
 root's teardown kills its PID namespace), SIGKILLs what is left (every process in these
 cgroups was started by the test), and removes the directories, the daemon's own ``agent``
-children first. Nothing outside the new directories is touched.
+children first. Nothing outside the new directories is touched. A machine without such a
+hierarchy raises :class:`SandboxCgroupsError` naming it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import secrets
 import signal
 import time
 from pathlib import Path
-
-import pytest
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -34,6 +33,10 @@ def own_cgroup(controller: str) -> str:
     raise LookupError(controller)
 
 
+class SandboxCgroupsError(RuntimeError):
+    """A cgroup v1 hierarchy the caller asked for is not mounted (writable) here."""
+
+
 class SandboxCgroups:
     def __init__(self, *, memory: int | None = None, pids: int | None = None,
                  controllers: tuple[str, ...] = ("memory", "pids", "cpu")) -> None:
@@ -43,7 +46,9 @@ class SandboxCgroups:
             for c in controllers:
                 mount = CGROUP_ROOT / c
                 if not (mount / "cgroup.procs").exists():
-                    pytest.fail(f"this test needs the cgroup v1 {c} hierarchy at {mount}")
+                    raise SandboxCgroupsError(
+                        f"this test needs the cgroup v1 {c} hierarchy at {mount}: run it "
+                        f"where /sys/fs/cgroup/{c} is mounted writable")
                 d = mount / own_cgroup(c).lstrip("/") / name
                 d.mkdir()
                 self.dirs[c] = str(d)
