@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from codetainer.cli.render import render_network, render_status
+from codetainer.cli.render import render_allow, render_network, render_status
 
 STATUS = {
     "state": "DEGRADED", "version": "0.1.0", "reasons": ["repository: clone failed"],
@@ -66,3 +66,17 @@ def test_a_section_that_failed_is_not_rendered_as_data() -> None:
                           "limits": {"error": "OSError: gone"}}, color=False)
     assert "network" not in text.splitlines() and "limits" not in text.splitlines()
     assert render_network({"active": False}) == ["not set up (the network boot steps did not run)"]
+
+
+def test_allow_reply_is_said_by_the_cli_from_its_data() -> None:
+    """The daemon's ``allow`` reply carries the grant and its duration, no text."""
+    import time
+
+    expires = time.time() + 5400
+    reply = {"ok": True, "reason": "grant", "duration_s": 5400.0,
+             "grant": {"target": "extra.test:443", "kind": "host", "expires_at": expires,
+                       "expires_in_s": 5399.9, "by_uid": 0}}
+    until = time.strftime("%H:%M:%S", time.localtime(expires))
+    assert render_allow(reply) == (f"allowed extra.test:443 for 90m (until {until}); "
+                                   "it expires on its own")
+    assert render_allow({**reply, "duration_s": 4.0}).startswith("allowed extra.test:443 for 4s ")

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from codetainer import runner
+from codetainer import httpget, runner
 from codetainer.backoff import exponential
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.boot.filesystem import write_file
@@ -181,45 +180,14 @@ async def clone(url: str, dest: Path, env: Mapping[str, str], *, timeout: float,
 
 # --- fork / upstream --------------------------------------------------------------------
 
-#: the GitHub API client, run in its own interpreter (``python3 -I -S``: the standard
-#: library only). urllib's HTTPS brings ``ssl`` with libssl and libcrypto (~6 MiB) that the
-#: long-lived daemon would keep for a lookup or two a boot; the child takes them and
-#: exits. The token comes on stdin (never an argument); the reply is one JSON line.
-_API_CHILD = r"""
-import json, sys, urllib.error, urllib.request
-url, timeout = sys.argv[1], float(sys.argv[2])
-req = urllib.request.Request(url, headers={
-    "Accept": "application/vnd.github+json", "Authorization": "Bearer " + sys.stdin.read(),
-    "User-Agent": "codetainer", "X-GitHub-Api-Version": "2022-11-28"})
-try:
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        out = {"ok": json.loads(resp.read(1 << 20))}
-except urllib.error.HTTPError as exc:
-    out = {"error": "HTTP Error %s: %s" % (exc.code, exc.reason)}
-    exc.close()
-except (OSError, ValueError) as exc:
-    out = {"error": str(exc) or type(exc).__name__, "value": isinstance(exc, ValueError)}
-sys.stdout.write(json.dumps(out))
-"""
-
-
 async def api_get(url: str, token: str, timeout: float) -> Any:
-    """GET a GitHub API URL with ``token``: the decoded JSON. OSError (unreachable, an
-    HTTP error, with its code), TimeoutError or ValueError (not JSON) otherwise."""
-    try:
-        done = await runner.run([sys.executable, "-I", "-S", "-c", _API_CHILD, url, str(timeout)],
-                                timeout=timeout + 5, input=token.encode())
-    except runner.SpawnError as exc:
-        raise OSError(f"cannot run the API client: {exc}") from None
-    if done.timed_out:
-        raise TimeoutError(f"the GitHub API did not answer within {timeout:g}s")
-    try:
-        reply = json.loads(done.stdout)
-    except ValueError:
-        raise OSError(f"the API client failed ({done.exit}): {done.stderr.strip()[-300:]}") from None
-    if "error" in reply:
-        raise (ValueError if reply.get("value") else OSError)(str(reply["error"])[:300])
-    return reply["ok"]
+    """GET a GitHub API URL with ``token`` (:mod:`codetainer.httpget`: in its own
+    interpreter, the token on its stdin): the decoded JSON. OSError (unreachable, an HTTP
+    error with its code), TimeoutError, or ValueError (the reply is not JSON)."""
+    body = await httpget.get(url, timeout=timeout, token=token, headers={
+        "Accept": "application/vnd.github+json", "User-Agent": "codetainer",
+        "X-GitHub-Api-Version": "2022-11-28"})
+    return json.loads(body)
 
 
 def parent_url(repo_info: Any) -> str | None:

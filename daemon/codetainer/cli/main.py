@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 
-from codetainer.cli.inert import inert, inert_text
+from codetainer.cli.inert import inert
 from codetainer.control.client import Client, DaemonUnreachable, RequestFailed
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
@@ -189,8 +189,10 @@ def cmd_simple(args: argparse.Namespace, op: str, **kw: Any) -> int:
         from codetainer.cli.render import render_why
 
         print(render_why(inert(result)))
-    elif isinstance(result, dict) and "text" in result:  # allow's
-        print(inert_text(str(result["text"])))
+    elif op == "allow" and isinstance(result, dict) and "grant" in result:
+        from codetainer.cli.render import render_allow
+
+        print(render_allow(inert(result)))
     else:
         print(json.dumps(result, indent=2, default=str))
     return 0

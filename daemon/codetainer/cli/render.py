@@ -277,6 +277,16 @@ def render_network(st: NetworkStatus, now: float | None = None) -> list[str]:
     return lines
 
 
+def render_allow(r: dict[str, Any]) -> str:
+    """The ``allow`` reply: what was granted, for how long, until when."""
+    import time
+
+    grant = r.get("grant") or {}
+    until = time.strftime("%H:%M:%S", time.localtime(float(grant.get("expires_at") or 0)))
+    return (f"allowed {grant.get('target')} for {_span(float(r.get('duration_s') or 0))} "
+            f"(until {until}); it expires on its own")
+
+
 def render_why(r: WhyReply, now: float | None = None) -> str:
     """``codetainer why HOST|IP|URL``: the verdict and what it rests on, one screen."""
     from codetainer.network.model import is_internal

@@ -482,7 +482,7 @@ class NetworkController:
             net.github = await load_github_ranges(
                 self.settings.github_meta_url, net.opts.run_dir / "github-meta.json")
         result = await self.rebuild("reload", allow)
-        log.info("network_reloaded", **{k: v for k, v in result.items() if k != "text"})
+        log.info("network_reloaded", **result)
         return result
 
     async def rebuild(self, reason: str, allow: Allowlist | None = None) -> dict[str, Any]:

@@ -10,7 +10,6 @@ networks and where they came from: ``fresh``, ``cache`` or ``none``.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import ipaddress
 import json
@@ -24,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from codetainer import httpget
 from codetainer.network.allowlist import MIN_PREFIX
 from codetainer.network.model import IPNetwork
 
@@ -98,24 +98,14 @@ def validate_networks(raw: Iterable[str], max_count: int = MAX_COUNT) -> tuple[I
     return tuple(nets)
 
 
-def _fetch(url: str, timeout: float) -> bytes:
+async def _fetch(url: str, timeout: float) -> bytes:
+    """The meta document (:mod:`codetainer.httpget`: in its own interpreter, so the
+    daemon keeps no ``ssl`` for it)."""
     if not url.startswith(("https://", "http://")):
         raise GithubMetaError(f"URL must be http(s): {url[:80]!r}")
-    import urllib.error  # only here: urllib.request imports ssl (~5 MiB the idle daemon
-    import urllib.request  # would keep for a fetch made only with @github entries)
-
-    req = urllib.request.Request(  # noqa: S310 - scheme checked above
-        url, headers={"Accept": "application/json", "User-Agent": "codetainer"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-            data: bytes = resp.read(MAX_BYTES + 1)
-    except urllib.error.HTTPError as exc:
-        exc.close()  # it holds the connection open otherwise
-        raise GithubMetaError(f"HTTP {exc.code} {exc.reason}") from None
-    if len(data) > MAX_BYTES:
-        raise GithubMetaError(f"response larger than {MAX_BYTES} bytes")
-    return data
+    body = await httpget.get(url, timeout=timeout, limit=MAX_BYTES,
+                             headers={"Accept": "application/json", "User-Agent": "codetainer"})
+    return body.encode()
 
 
 def write_cache(path: Path, networks: Sequence[IPNetwork], fetched_at: float, url: str) -> None:
@@ -167,7 +157,7 @@ async def load_github_ranges(
     """
     cache = Path(cache_path)
     try:
-        data = await asyncio.wait_for(asyncio.to_thread(_fetch, url, timeout), timeout + 1)
+        data = await _fetch(url, timeout)
         nets = parse_meta(data, keys, max_count)
     except (OSError, GithubMetaError, TimeoutError, ValueError) as exc:
         error = f"{type(exc).__name__}: {exc}"

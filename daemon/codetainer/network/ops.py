@@ -26,7 +26,7 @@ from codetainer.control.server import Request, RequestError
 from codetainer.network import dnscheck
 from codetainer.network.active import ActiveNetwork, Grant
 from codetainer.network.allowlist import Entry, EntryKind, parse_entry, validate_hostname
-from codetainer.network.why import WhyAddress, WhyReport, denied_rows, parse_duration, span
+from codetainer.network.why import WhyAddress, WhyReport, denied_rows, parse_duration
 from codetainer.proxy.model import METHOD
 
 if TYPE_CHECKING:
@@ -94,10 +94,8 @@ class NetworkOps:
                  expires_at=grant.expires_at, by_uid=req.peer.uid, by_pid=req.peer.pid)
         self.changed.set()
         result = await self.net.rebuild("grant")
-        until = time.strftime("%H:%M:%S", time.localtime(grant.expires_at))
-        return {**result, "grant": grant.as_dict(),
-                "text": f"allowed {key} for {span(seconds)} (until {until}); "
-                        f"it expires on its own"}
+        # data only: the CLI says it (cli/render.py render_allow)
+        return {**result, "grant": grant.as_dict(), "duration_s": seconds}
 
     async def op_why(self, req: Request) -> WhyReply:
         target = req.args.get("target")

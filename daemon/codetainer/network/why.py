@@ -46,17 +46,6 @@ def parse_duration(text: str) -> float:
     return float(seconds)
 
 
-def span(seconds: float) -> str:
-    """``90s``, ``25m``, ``3h05m``: for the ``allow`` reply's text (status and ``why``
-    are rendered by the CLI, with its own copy in ``cli/render.py``)."""
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
 @dataclass
 class WhyAddress:
     addr: str
