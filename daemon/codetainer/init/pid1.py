@@ -113,8 +113,8 @@ def _sweep(is_pid1: bool) -> None:
 
 #: optional imports of the daemon's libraries that it never uses, kept out of its memory
 #: (idle RSS, issue 10): ``ssl`` for asyncio (~5 MiB of libssl/libcrypto; the daemon speaks
-#: no TLS itself: asyncio then refuses a TLS transport, "stdlib ssl module not available",
-#: while urllib, imported later and only where used, still gets the real ``ssl``) and
+#: no TLS itself: asyncio then refuses a TLS transport, "stdlib ssl module not available";
+#: its HTTP(S) requests run in a child interpreter, ``httpget.py``) and
 #: ``tornado`` for tenacity (its Tornado retrying; mitmproxy installs tornado in the venv),
 #: and OpenSSL's ``_hashlib`` for hashlib and hmac (~3.5 MiB; dnspython imports them for
 #: query ids and TSIG, the daemon hashes only with sha256, which hashlib then takes from
