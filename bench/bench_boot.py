@@ -18,10 +18,48 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from codetainer.sandbox.fullboot import FullBoot, default_names, publish_names
 from codetainer.sandbox.world import World
+
+
+@dataclass
+class Boots:
+    """What ``n`` full boots measured: exec to READY over the socket, the daemon's own boot
+    duration, each step's, and init + daemon RSS at READY (from ``codetainer status``)."""
+
+    walls: list[float] = field(default_factory=list)
+    boots: list[float] = field(default_factory=list)
+    steps: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    rss: list[float] = field(default_factory=list)
+
+
+def timed_boots(world: World, n: int, env: dict[str, str], services: str | None = None,
+                binds: tuple[tuple[str, str, bool], ...] = ()) -> Boots:
+    """Boot the whole codetainer ``n`` times in ``world`` (a fresh scratch root each)."""
+    out = Boots()
+    for _ in range(n):
+        with tempfile.TemporaryDirectory(prefix="ct-bench-") as tmp:
+            Path(tmp).chmod(0o755)
+            fb = FullBoot(world, Path(tmp), services=services, binds=binds,
+                          env={"CODETAINER_AGENT_COMMAND": "sleep 1000", **env})
+            try:
+                t0 = time.monotonic()  # PID 1 has exec'd codetainerd (spawn returned)
+                st = fb.wait_boot(60)
+                out.walls.append(time.monotonic() - t0)
+                if st["state"] != "READY":
+                    raise SystemExit(f"boot ended {st['state']}: {st['reasons']}")
+                info = st["daemon"]
+                out.boots.append(float(info["boot_s"]))
+                out.rss.append(float(info.get("rss_bytes", 0)) + float(info.get("init_rss_bytes", 0)))
+                for s in st["steps"]:
+                    out.steps[s["name"]].append(float(s["duration_s"] or 0.0))
+                fb.stop()
+            finally:
+                fb.close()
+    return out
 
 
 def main() -> None:
@@ -29,28 +67,10 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=10)
     ap.add_argument("--dns-engine", choices=("coredns", "dnsmasq"), default="coredns")
     args = ap.parse_args()
-    walls: list[float] = []
-    boots: list[float] = []
-    steps: dict[str, list[float]] = defaultdict(list)
     with World(ttl=60) as world:
         publish_names(world, default_names())
-        for _ in range(args.n):
-            with tempfile.TemporaryDirectory(prefix="ct-bench-") as tmp:
-                Path(tmp).chmod(0o755)
-                fb = FullBoot(world, Path(tmp), env={"CODETAINER_AGENT_COMMAND": "sleep 1000",
-                                                     "CODETAINER_DNS_ENGINE": args.dns_engine})
-                try:
-                    t0 = time.monotonic()  # PID 1 has exec'd codetainerd (spawn returned)
-                    st = fb.wait_boot(60)
-                    walls.append(time.monotonic() - t0)
-                    if st["state"] != "READY":
-                        raise SystemExit(f"boot ended {st['state']}: {st['reasons']}")
-                    boots.append(float(st["daemon"]["boot_s"]))
-                    for s in st["steps"]:
-                        steps[s["name"]].append(float(s["duration_s"] or 0.0))
-                    fb.stop()
-                finally:
-                    fb.close()
+        b = timed_boots(world, args.n, {"CODETAINER_DNS_ENGINE": args.dns_engine})
+    walls, boots, steps = b.walls, b.boots, b.steps
     print(f"boot to READY ({args.dns_engine}), n={args.n}: "
           f"median {statistics.median(walls) * 1000:.0f} ms from exec "
           f"(min {min(walls) * 1000:.0f}, max {max(walls) * 1000:.0f}); the daemon's own boot "

@@ -147,34 +147,19 @@ def work_daemon(tree: Path, n: int, idle: float) -> dict[str, Any]:
 
 
 def work_boot(tree: Path, n: int) -> dict[str, Any]:
+    from bench_boot import timed_boots
     from codetainer.network.allowlist import load_allowlist
-    from codetainer.sandbox.fullboot import FullBoot, publish_names
+    from codetainer.sandbox.fullboot import publish_names
     from codetainer.sandbox.world import World
 
     allow = load_allowlist(tree / "network" / "domains.conf")
     names = sorted({*allow.names, *(f"www.{w}" for w in allow.wildcards)})
     conf = (tree / "supervisord" / "codetainer.conf").read_text()
     binds = () if tree == ROOT else ((str(tree), str(tree), True),)
-    walls: list[float] = []
-    boots: list[float] = []
     with World(ttl=60) as world:
         publish_names(world, names)
-        for _ in range(n):
-            with tempfile.TemporaryDirectory(prefix="ct-bench-fast-") as tmp:
-                Path(tmp).chmod(0o755)
-                fb = FullBoot(world, Path(tmp), services=conf, binds=binds,
-                              env={"CODETAINER_AGENT_COMMAND": "sleep 1000", **tree_env(tree)})
-                try:
-                    t0 = time.monotonic()  # PID 1 has exec'd codetainerd (spawn returned)
-                    st = fb.wait_boot(60)
-                    walls.append(time.monotonic() - t0)
-                    if st["state"] != "READY":
-                        raise SystemExit(f"boot of {tree} ended {st['state']}: {st['reasons']}")
-                    boots.append(float(st["daemon"]["boot_s"]))
-                    fb.stop()
-                finally:
-                    fb.close()
-    return {"wall": walls, "boot": boots}
+        b = timed_boots(world, n, tree_env(tree), services=conf, binds=binds)
+    return {"wall": b.walls, "boot": b.boots, "steps": dict(b.steps), "rss_ready": b.rss}
 
 
 # -- the floor of the attach chain ---------------------------------------------------------
@@ -236,6 +221,11 @@ def import_rss() -> None:
     for mod in DAEMON_IMPORTS:
         code += (f"import {mod}\nnow = r()\n"
                  f"print(f'  {mod:<36} +{{now - prev:4.1f}} MiB'); prev = now\n")
+    # what the daemon leaves to children (the services parse, httpget's HTTPS): never kept
+    for mod in ("ssl", "supervisor.options"):
+        code += (f"import {mod}\nnow = r()\n"
+                 f"print(f'  ({mod}: never kept) {{\"\":<{20 - len(mod)}}} +{{now - prev:4.1f}} MiB'); "
+                 "prev = now\n")
     r = subprocess.run([str(VENV_BIN / "python"), "-c", code], capture_output=True, text=True,
                        check=False)
     print("\nwhat the daemon keeps: RSS each import adds, in the daemon's order:")
@@ -301,7 +291,16 @@ def report(names: list[str], acc: dict[str, dict[str, Any]], kinds: list[str]) -
         for name in names:
             b = acc[name]
             print(f"  {name:<{width}} exec to READY {ms(b['wall'])}; the daemon's own boot "
-                  f"median {statistics.median(b['boot']) * 1000:.0f} ms")
+                  f"median {statistics.median(b['boot']) * 1000:.0f} ms; init + daemon RSS at "
+                  f"READY {statistics.median(b['rss_ready']) / 2**20:.1f} MiB")
+        print("  median per step, ms:")
+        steps = list(dict.fromkeys(s for name in names for s in acc[name]["steps"]))
+        print("    " + " " * 20 + "".join(f"{name:>{width}}" for name in names))
+        for step in steps:
+            cells = "".join(
+                f"{statistics.median(acc[name]['steps'][step]) * 1000:>{width}.1f}"
+                if step in acc[name]["steps"] else f"{'-':>{width}}" for name in names)
+            print(f"    {step:<20}{cells}")
 
 
 def main() -> int:
@@ -357,6 +356,9 @@ def main() -> int:
                 got = run_worker("boot", tree, args)
                 a.setdefault("wall", []).extend(got["wall"])
                 a.setdefault("boot", []).extend(got["boot"])
+                a.setdefault("rss_ready", []).extend(got["rss_ready"])
+                for step, vals in got["steps"].items():
+                    a.setdefault("steps", {}).setdefault(step, []).extend(vals)
     report(list(trees), acc, kinds)
     if args.floor:
         floor()

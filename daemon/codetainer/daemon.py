@@ -13,7 +13,6 @@ The init also forwards SIGWINCH, whose default disposition (ignore) is kept.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -22,7 +21,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -42,6 +41,8 @@ from codetainer.services.manager import ServiceManager, UnknownService
 from codetainer.settings import Settings
 
 if TYPE_CHECKING:
+    from codetainer.init.cmdline import Command
+    from codetainer.proxy.setup import ProxyController
     from codetainer.status import (
         DaemonInfo,
         DaemonSample,
@@ -72,7 +73,7 @@ class Daemon:
                                daemon=self)
         self.network = NetworkController(settings, self.events, self.services)
         self.limits = LimitsController(settings, self.events, self.services)
-        self.proxy: Any = None  # ProxyController with CODETAINER_PROXY=on
+        self.proxy: ProxyController | None = None  # with CODETAINER_PROXY=on
         if proxy_enabled(settings):
             from codetainer.proxy.setup import ProxyController
 
@@ -327,7 +328,7 @@ class Daemon:
         return out
 
     def _daemon_info(self) -> DaemonInfo:
-        # psutil costs ~0.2 ms a call: sample memory at most once a second, so a crowd of
+        # two /proc reads a request add up: sample memory at most once a second, so a crowd of
         # status clients costs the daemon almost nothing.
         now = time.monotonic()
         cached = self._info_cache
@@ -476,39 +477,14 @@ def _merge_degraded(out: HealthReply, name: str, degraded: str | None) -> None:
             out["state"] = BootState.DEGRADED.value
 
 
-class _Parser(argparse.ArgumentParser):
-    """A bad command line exits 64 (README: exit codes), not argparse's 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(
-        prog="codetainerd",
-        description="codetainer init daemon (container entrypoint). "
-        "Settings are CODETAINER_* environment variables; see README.md.",
-    )
-    p.add_argument("--services", help="supervisord-format services file")
-    p.add_argument("--socket", help="control socket path (also CODETAINER_SOCKET)")
-    p.add_argument("--steps", help="comma-separated boot steps to run (default: all)")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        settings = Settings.from_env(socket=args.socket or "", services=args.services or "")
-    except ValueError as exc:  # SettingsError: the variable, its value, what is accepted
-        print(f"codetainerd: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+def main(command: Command) -> int:
+    """Run the daemon for a command line and settings read by ``init/cmdline.py``."""
     from codetainer import log as logsetup
 
+    settings = command.settings
     logsetup.configure(settings.log_level, settings.log_format)
-    names = [n.strip() for n in args.steps.split(",") if n.strip()] if args.steps else None
     try:
-        daemon = Daemon(settings, names=names, settle_heap_after_boot=True)
+        daemon = Daemon(settings, names=command.steps, settle_heap_after_boot=True)
     except ValueError as exc:
         print(f"codetainerd: {exc}", file=sys.stderr)
         return ExitCode.USAGE

@@ -66,7 +66,7 @@ mv {OUT}/evil-report.tmp {OUT}/evil-report
 
 @pytest.fixture(scope="module")
 def machine() -> Iterator[FullBoot]:
-    with machine_with_repo("ct-boundary-", GH_PAT) as (fb, _):
+    with machine_with_repo("ct-boundary-", GH_PAT) as (fb, _, _):
         yield fb
 
 

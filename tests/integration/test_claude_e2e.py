@@ -58,7 +58,7 @@ def machine() -> Iterator[tuple[FullBoot, ApiStandIn]]:
         pytest.fail("the Claude Code CLI is not installed: run ./dev setup")
     env = {"CLAUDE_CODE_OAUTH_TOKEN": OAUTH, "CLAUDE_PROMPT": PROMPT,
            "CODETAINER_AGENT_COMMAND": "claude --dangerously-skip-permissions"}
-    with machine_with_repo("ct-claude-", GH_PAT, env, api=True) as (fb, api):
+    with machine_with_repo("ct-claude-", GH_PAT, env, api=True) as (fb, api, _):
         assert api is not None
         yield fb, api
 

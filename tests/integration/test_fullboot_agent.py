@@ -11,17 +11,13 @@ environment, and what the daemon does when the agent or its tmux server dies.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from codetainer.boot.privileges import PASSTHROUGH
 from codetainer.sandbox.daemonproc import wait_for
-from codetainer.sandbox.fullboot import FullBoot, GitServer, default_names, publish_names
-from codetainer.sandbox.world import World
+from codetainer.sandbox.fullboot import FullBoot, GitServer, machine_with_repo
 
 pytestmark = pytest.mark.integration
 
@@ -60,25 +56,10 @@ def until(pred: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any
 
 @pytest.fixture(scope="module")
 def machine() -> Iterator[tuple[FullBoot, GitServer]]:
-    base = Path(tempfile.mkdtemp(prefix="ct-agent-", dir="/tmp"))
-    base.chmod(0o755)
-    try:
-        with World(ttl=60) as world:
-            publish_names(world, default_names())
-            git = GitServer(world, base, token=GH_PAT, auth={"owner": ("x-access-token", GH_PAT)},
-                            forks={"owner/repo": UPSTREAM_URL})
-            env = {"GH_PAT": GH_PAT, "CLAUDE_CODE_OAUTH_TOKEN": OAUTH,
-                   "REPO_URL": git.url("/owner/repo.git"), **git.settings(), **MARKERS}
-            fb = FullBoot(world, base, env=env)
-            try:
-                st = fb.wait_boot()
-                assert st["state"] == "READY", st["reasons"]
-                fb.wait_session()
-                yield fb, git
-            finally:
-                fb.close()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    env = {"CLAUDE_CODE_OAUTH_TOKEN": OAUTH, **MARKERS}
+    with machine_with_repo("ct-agent-", GH_PAT, env, forks={"owner/repo": UPSTREAM_URL}) as (
+            fb, _, git):
+        yield fb, git
 
 
 def session_status(fb: FullBoot) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def in_pane(fb: FullBoot, role: str, command: str, done: Path, timeout: float = 
 
 @pytest.fixture(scope="module")
 def machine() -> Iterator[FullBoot]:
-    with machine_with_repo("ct-hardening-", GH_PAT, {"CLAUDE_CODE_OAUTH_TOKEN": OAUTH}) as (fb, _):
+    with machine_with_repo("ct-hardening-", GH_PAT, {"CLAUDE_CODE_OAUTH_TOKEN": OAUTH}) as (fb, _, _):
         yield fb
 
 
@@ -283,7 +283,7 @@ def test_with_the_proxy_on_the_agent_can_read_no_token() -> None:
     if "proxy" not in Settings.__dataclass_fields__:
         pytest.fail("CODETAINER_PROXY is not a setting yet: the proxy (issue 13) is missing")
     env = {"CLAUDE_CODE_OAUTH_TOKEN": OAUTH, "CODETAINER_PROXY": "on"}
-    with machine_with_repo("ct-notoken-", GH_PAT, env) as (fb, _):
+    with machine_with_repo("ct-notoken-", GH_PAT, env) as (fb, _, _):
         found = scan(fb)
         assert found["procs"] == 0 and found["files"] == set(), found
         # control: the scan did read what the agent holds, the placeholders

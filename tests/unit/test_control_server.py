@@ -8,7 +8,7 @@ import json
 import socket
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,25 +17,11 @@ from codetainer.control import protocol
 from codetainer.daemon import Daemon
 from codetainer.settings import Settings
 
-CONF = """[supervisord]
-[program:idle]
-command=/bin/sleep 1000
-startsecs=0
-"""
-
 
 @pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    conf = tmp_path / "s.conf"
-    conf.write_text(CONF)
-    settings = Settings(socket=str(tmp_path / "c.sock"), services=str(conf),
-                        run_dir=str(tmp_path / "run"))
-    d = Daemon(settings, [], set())
-    d.control.idle_timeout = 0.5
-    await d.startup()
-    yield d
-    await d._orderly()
-    await d.control.close()
+def daemon(idle_daemon: Daemon) -> Daemon:
+    idle_daemon.control.idle_timeout = 0.5  # read at each connection's wait
+    return idle_daemon
 
 
 async def roundtrip(path: str, payload: bytes, timeout: float = 5.0) -> list[dict[str, object]]:

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import types
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from codetainer.control import protocol
 from codetainer.daemon import Daemon
 from codetainer.network.allowlist import Allowlist
 from codetainer.session.usage import SAMPLE_MAX_AGE, UsageCache
-from codetainer.settings import Settings
 
 from tests.unit.test_control_server import roundtrip
 
@@ -58,24 +56,9 @@ def test_usage_is_sampled_at_most_once_per_max_age(tmp_path: Path) -> None:
     assert cache.sample(me, [], lambda _pid: False)[0] is None, "not the agent's: not sampled"
 
 
-CONF = """[supervisord]
-[program:idle]
-command=/bin/sleep 1000
-startsecs=0
-"""
-
-
 @pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
-    conf = tmp_path / "s.conf"
-    conf.write_text(CONF)
-    settings = Settings(socket=str(tmp_path / "c.sock"), services=str(conf),
-                        run_dir=str(tmp_path / "run"))
-    d = Daemon(settings, [], set())
-    await d.startup()
-    yield d
-    await d._orderly()
-    await d.control.close()
+def daemon(idle_daemon: Daemon) -> Daemon:
+    return idle_daemon
 
 
 async def call(d: Daemon, op: str, **args: Any) -> dict[str, Any]:

@@ -140,34 +140,16 @@ def _lean_imports() -> None:
             del sys.modules[optional]
 
 
-def _prefetch_services(argv: list[str]) -> None:
-    """Start the services file's parse (a forked child: services/config.py) before the
-    daemon's imports, so the two run side by side (~50 ms of the boot). The path is the
-    one the daemon will compute: ``--services`` (the last one), else the settings'. A
-    path it computes otherwise, or trouble here, only means it parses when it loads."""
-    if "-h" in argv or "--help" in argv:
-        return
-    services = ""
-    for i, arg in enumerate(argv):
-        if arg == "--services" and i + 1 < len(argv):
-            services = argv[i + 1]
-        elif arg.startswith("--services="):
-            services = arg.partition("=")[2]
-    from codetainer.services.config import prefetch
-    from codetainer.settings import Settings
-
-    try:
-        path = Settings.from_env(services=services).services_file
-    except ValueError:  # SettingsError: the daemon reports it
-        return
-    prefetch(path)
-
-
 def _run_daemon(argv: list[str]) -> NoReturn:
     code = 1
     try:
         _lean_imports()
-        _prefetch_services(argv)
+        from codetainer.init.cmdline import read_command
+        from codetainer.services.config import prefetch
+
+        command = read_command(argv)  # a bad one exits 64 here, before any heavy import
+        # the services file's parse (a forked child) runs beside the daemon's imports
+        prefetch(command.settings.services_file)
         # codetainer.limits: the OOM killer takes the agent first, the daemon last but
         # for the init (only root may lower it; status shows what each process has)
         from codetainer.limits import DAEMON_OOM_SCORE_ADJ, set_oom_score_adj
@@ -175,7 +157,7 @@ def _run_daemon(argv: list[str]) -> NoReturn:
         set_oom_score_adj(DAEMON_OOM_SCORE_ADJ)
         from codetainer.daemon import main as daemon_main
 
-        code = daemon_main(argv)
+        code = daemon_main(command)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:

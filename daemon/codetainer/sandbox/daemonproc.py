@@ -36,6 +36,15 @@ def wait_for(pred: Any, timeout: float, what: str, *, interval: float = 0.05,
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last={last!r}{extra}")
 
 
+def log_events(text: str) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines as events (anything else in the log is skipped)."""
+    out = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
 class DaemonProc:
     def __init__(self, tmp: Path, services: str, *, pid1: bool = True, steps: str = "services",
                  env: dict[str, str] | None = None, extra_args: list[str] | None = None,
@@ -118,11 +127,7 @@ class DaemonProc:
         return self.log_path.read_text(errors="replace")
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log().splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-        return out
+        return log_events(self.log())
 
     def descendants(self) -> list[psutil.Process]:
         with contextlib.suppress(psutil.Error):

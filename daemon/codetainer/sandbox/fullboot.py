@@ -23,7 +23,7 @@ from typing import Any
 
 from codetainer.control.client import Client, DaemonUnreachable
 from codetainer.network.allowlist import load_allowlist
-from codetainer.sandbox.daemonproc import wait_for
+from codetainer.sandbox.daemonproc import log_events, wait_for
 from codetainer.sandbox.scratchroot import DEFAULT_ENV, OUT, ScratchRoot, Spawned
 from codetainer.sandbox.standins import StandIns
 from codetainer.sandbox.world import ALLOWED_HOSTS, API_HOST, PYTHON, UPSTREAM, World
@@ -121,11 +121,7 @@ class FullBoot:
         return self.log_path.read_text(errors="replace")
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log().splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-        return out
+        return log_events(self.log())
 
     def session(self) -> dict[str, Any]:
         info: dict[str, Any] = self.call("session")
@@ -218,10 +214,12 @@ class ApiStandIn:
 
 @contextlib.contextmanager
 def machine_with_repo(prefix: str, token: str, env: Mapping[str, str] | None = None, *,
-                      api: bool = False) -> Iterator[tuple[FullBoot, ApiStandIn | None]]:
+                      api: bool = False, forks: Mapping[str, str] | None = None,
+                      ) -> Iterator[tuple[FullBoot, ApiStandIn | None, GitServer]]:
     """A machine booted READY with its session up, ``REPO_URL`` naming a private
-    repository on the stand-in GitHub (readable with ``token``), optionally with the
-    stand-in for Anthropic's API; every part removed afterwards."""
+    repository on the stand-in GitHub (readable with ``token``; ``forks``: a repository
+    -> its upstream's URL), optionally with the stand-in for Anthropic's API; every part
+    removed afterwards."""
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     base.chmod(0o755)
     try:
@@ -229,7 +227,7 @@ def machine_with_repo(prefix: str, token: str, env: Mapping[str, str] | None = N
             publish_names(world, default_names())
             standin = ApiStandIn(world, base) if api else None
             git = GitServer(world, base, token=token, auth={"owner": ("x-access-token", token)},
-                            forks={})
+                            forks=dict(forks or {}))
             fb = FullBoot(world, base, env={
                 "GH_PAT": token, "REPO_URL": git.url("/owner/repo.git"), **git.settings(),
                 **(standin.env() if standin else {}), **(env or {})})
@@ -237,7 +235,7 @@ def machine_with_repo(prefix: str, token: str, env: Mapping[str, str] | None = N
                 st = fb.wait_boot()
                 assert st["state"] == "READY", st["reasons"]
                 fb.wait_session()
-                yield fb, standin
+                yield fb, standin, git
             finally:
                 fb.close()
     finally:
