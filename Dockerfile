@@ -36,6 +36,18 @@ RUN ./configure --prefix=/usr/local \
     && /out/usr/local/bin/tmux -V
 
 # ---------------------------------------------------------------------------------------
+# The agent chain's seccomp loader in C (boot/chain.py): static, so it needs nothing of
+# the runtime image; installed beside the venv's interpreter, where the daemon looks.
+FROM ${DEBIAN_IMAGE} AS seccomp-build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY daemon/native/codetainer-seccomp.c /build/
+RUN cc -O2 -Wall -Wextra -Werror -static -o /build/codetainer-seccomp /build/codetainer-seccomp.c
+
+# ---------------------------------------------------------------------------------------
 # CoreDNS, the image's DNS filter, pinned by version and by the SHA-256 of each
 # architecture's release tarball. Refresh all three together; a mismatch fails the build.
 FROM ${DEBIAN_IMAGE} AS coredns-fetch
@@ -116,15 +128,17 @@ RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash claude \
     && mkdir -p /workspace /run/codetainer \
     && chown claude:claude /workspace
 
-# The project, in its own virtual environment; the console scripts go on PATH.
+# The project, in its own virtual environment; the console scripts go on PATH
+# (`codetainer` is the sh front of codetainer-cli: attach's fast path).
 COPY pyproject.toml README.md /opt/codetainer/
 COPY daemon /opt/codetainer/daemon
 RUN python3 -m venv /opt/codetainer/venv \
     && /opt/codetainer/venv/bin/pip install --no-cache-dir /opt/codetainer \
     && rm -rf /opt/codetainer/build \
-    && for cmd in codetainerd codetainer status attach-claude; do \
+    && for cmd in codetainerd codetainer codetainer-cli status attach-claude; do \
          ln -s "/opt/codetainer/venv/bin/${cmd}" "/usr/local/bin/${cmd}"; \
        done
+COPY --from=seccomp-build /build/codetainer-seccomp /opt/codetainer/venv/bin/codetainer-seccomp
 
 # Operator-edited configuration and the Claude Code hooks; the daemon reads these at boot
 # and installs hooks/settings.template.json as /home/claude/.claude/settings.json.

@@ -44,6 +44,11 @@ from codetainer.boot.privileges import AgentUser
 from codetainer.control.server import ControlServer
 from codetainer.events import EventBus
 from codetainer.session.tmux import SessionManager
+
+try:
+    from codetainer.session import attachfile
+except ImportError:  # a baseline tree from before the attach file
+    attachfile = None  # type: ignore[assignment]
 from codetainer.settings import Settings
 
 ALT_SCREEN = b"\x1b[?1049h"
@@ -142,7 +147,10 @@ def session_up(prefix: str) -> Iterator[Session]:
         ctl = str(base / "control.sock")
         settings = Settings(tmux_socket=str(base / "tmux" / "agent.sock"),
                             agent_command="exec sleep 3600", workspace=str(ws), home=str(ws))
-        sm = SessionManager(settings, EventBus(), {}, AgentUser("claude", UID, UID, str(ws)))
+        # the attach file, as the daemon keeps it (a tree from before it has none)
+        keeps = {"attach_file": attachfile.path_for(ctl)} if attachfile else {}
+        sm = SessionManager(settings, EventBus(), {}, AgentUser("claude", UID, UID, str(ws)),
+                            **keeps)
         server = ControlServer(ctl)
         loop, thread = serve_in_thread(server, sm)
         try:

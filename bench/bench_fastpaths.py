@@ -60,6 +60,20 @@ def tree_env(tree: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(tree / "daemon")}
 
 
+def tree_command(tree: Path, bindir: str) -> str:
+    """The tree's ``codetainer``, put in ``bindir``: its sh front where it has one, beside
+    the venv's Python CLI (which runs the tree's code through ``PYTHONPATH``), else that
+    Python CLI itself (a tree from before the front)."""
+    front = tree / "daemon" / "scripts" / "codetainer"
+    cli = Path(bindir, "codetainer")
+    if front.exists():
+        shutil.copy(front, cli)
+        Path(bindir, "codetainer-cli").symlink_to(VENV_BIN / "codetainer-cli")
+    else:
+        cli.symlink_to(VENV_BIN / "codetainer-cli")
+    return str(cli)
+
+
 # -- workers ------------------------------------------------------------------------------
 
 
@@ -68,10 +82,10 @@ def work_attach(tree: Path, n: int) -> dict[str, Any]:
     from bench_attach import session_up, time_attach  # the tree's harness imports
     from codetainer.control.client import call
 
-    with session_up("ct-bench-fast-") as s:
+    with session_up("ct-bench-fast-") as s, tempfile.TemporaryDirectory() as bindir:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "xterm-256color",
                "HOME": str(s.base), "LANG": "C.UTF-8", **tree_env(tree)}
-        ours = [str(VENV_BIN / "codetainer"), "--socket", s.ctl, "attach"]
+        ours = [tree_command(tree, bindir), "--socket", s.ctl, "attach"]
         bare = s.bare_argv()
         time_attach(ours, env, s.tmux_socket)  # warm the page cache
         time_attach(bare, env, s.tmux_socket)
@@ -121,6 +135,7 @@ def work_daemon(tree: Path, n: int, idle: float) -> dict[str, Any]:
     conf = (tree / "supervisord" / "codetainer.conf").read_text()
     conf += "\n[program:idle]\ncommand=/bin/sleep 100000\nstartsecs=0\n"
     tmp = Path(tempfile.mkdtemp(prefix="ct-bench-fast-"))
+    bindir = tempfile.mkdtemp(prefix="ct-bench-bin-")
     d = DaemonProc(tmp, conf, env={"CODETAINER_LOG_LEVEL": "info", **tree_env(tree)})
     try:
         d.wait_socket()
@@ -131,7 +146,7 @@ def work_daemon(tree: Path, n: int, idle: float) -> dict[str, Any]:
         rss = [init.memory_info().rss, daemon.memory_info().rss]
         uss = [p.memory_full_info().uss for p in (init, daemon)]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **tree_env(tree)}
-        cli = [str(VENV_BIN / "codetainer"), "--socket", d.socket, "status"]
+        cli = [tree_command(tree, bindir), "--socket", d.socket, "status"]
         subprocess.run(cli, env=env, capture_output=True, check=False)  # warm
         walls = []
         for _ in range(n):
@@ -139,11 +154,12 @@ def work_daemon(tree: Path, n: int, idle: float) -> dict[str, Any]:
             subprocess.run(cli, env=env, capture_output=True, check=False)
             walls.append(time.perf_counter() - t0)
         return {"rss": rss, "uss": uss, "status": walls,
-                "importtime": importtime_top(cli, env),
+                "importtime": importtime_top([str(VENV_BIN / "codetainer-cli"), *cli[1:]], env),
                 "extensions": mapped_extensions(daemon.pid)}
     finally:
         d.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(bindir, ignore_errors=True)
 
 
 def work_boot(tree: Path, n: int) -> dict[str, Any]:
@@ -168,10 +184,11 @@ def work_boot(tree: Path, n: int) -> dict[str, Any]:
 def floor() -> None:
     """Each link of the attach path alone, process start to exit, median of 30 (the links
     take turns, so a moment's load hits them alike)."""
-    from codetainer.boot import seccomp
+    from codetainer.boot import chain, seccomp
 
     venv = str(VENV_BIN / "python")
     loader = list(seccomp.loader_argv())
+    py_loader = chain.loader_argv(seccomp.filter_hex(), native=False)
     drop = ["setpriv", "--reuid=64125", "--regid=64125", "--clear-groups", "--no-new-privs",
             "--bounding-set=-all", "--"]
     rows = [
@@ -180,10 +197,15 @@ def floor() -> None:
         ("setpriv (the drop) /bin/true", [*drop, "/bin/true"]),
         ("python3 -I -S -c pass (the loader's interpreter)", [seccomp.python(), "-I", "-S", "-c",
                                                               "pass"]),
-        ("the seccomp loader alone, then /bin/true", [*loader, "/bin/true"]),
+        ("the C seccomp loader, then /bin/true", [*loader, "/bin/true"]),
+        ("the Python seccomp loader, then /bin/true", [*py_loader, "/bin/true"]),
+        ("sh -c 'exec /bin/true' (the front, the relay's shell)", ["/bin/sh", "-c",
+                                                                   "exec /bin/true"]),
+        ("env -i /bin/true (the relay's environment)", ["env", "-i", "/bin/true"]),
         ("venv python -c pass (the CLI's interpreter)", [venv, "-c", "pass"]),
         ("venv python -c 'import json, socket'", [venv, "-c", "import json, socket"]),
-        ("codetainer --help", [str(VENV_BIN / "codetainer"), "--help"]),
+        ("codetainer --help (the sh front, then the Python CLI)",
+         [str(VENV_BIN / "codetainer"), "--help"]),
     ]
     times: dict[str, list[float]] = {name: [] for name, _ in rows}
     for i in range(31):  # the first round warms the page cache

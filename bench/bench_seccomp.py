@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """What the seccomp loader adds to every agent process start (boot/seccomp.py).
 
-The agent's exec chain (boot/privileges.setpriv_argv) with and without the loader step
-(``python3 -I -S -c LOADER HEX --``), run side by side, N times each, as a spare uid
-with ``/bin/true`` as the program. Run as root:
+The agent's exec chain (boot/privileges.setpriv_argv) without the loader step, with the
+C loader (``codetainer-seccomp HEX --``, what the chain runs where ./dev setup or the
+image built it) and with the Python loader it stands for (``python3 -I -S -c LOADER HEX
+--``), run side by side, N times each, as a spare uid with ``/bin/true`` as the program.
+Run as root:
 
     /opt/ctvenv/bin/python bench/bench_seccomp.py [-n 41]
 """
@@ -16,6 +18,7 @@ import subprocess
 import time
 
 from _common import pct
+from codetainer.boot import chain as chainmod
 from codetainer.boot import seccomp
 from codetainer.boot.privileges import AgentUser, setpriv_argv
 
@@ -27,14 +30,20 @@ def main() -> int:
     p.add_argument("-n", type=int, default=41)
     args = p.parse_args()
     chain = setpriv_argv(SPARE, ["/bin/true"])
-    at = chain.index(seccomp.LOADER) - 4
-    without = chain[:at] + chain[chain.index("--", at) + 1:]
-    if without[at:] != ["/bin/true"]:
-        raise SystemExit(f"unexpected chain shape: {chain}")
-    subprocess.run(chain, check=True)  # warm the page cache
-    times: dict[str, list[float]] = {"without": [], "with": []}
-    for _ in range(args.n):  # interleaved: the machine's noise hits both alike
-        for name, argv in (("without", without), ("with", chain)):
+    at = chain.index("--", next(i for i, a in enumerate(chain) if a.endswith("setpriv"))) + 1
+    end = chain.index("--", at) + 1
+    without = chain[:at] + chain[end:]
+    c_loader = chainmod.loader_argv(seccomp.filter_hex(), chain[at + 2:end - 1])
+    py_loader = chainmod.loader_argv(seccomp.filter_hex(), chain[at + 2:end - 1], native=False)
+    if without[at:] != ["/bin/true"] or chain[at:end] != c_loader or "-S" not in py_loader:
+        raise SystemExit(f"unexpected chain shape (is codetainer-seccomp built?): {chain}")
+    rows = {"without": without, "with C": chain, "with Python": [*chain[:at], *py_loader,
+                                                                 *chain[end:]]}
+    for argv in rows.values():
+        subprocess.run(argv, check=True)  # warm the page cache
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(args.n):  # interleaved: the machine's noise hits them alike
+        for name, argv in rows.items():
             t0 = time.perf_counter()
             subprocess.run(argv, check=True)
             times[name].append((time.perf_counter() - t0) * 1000)
@@ -44,13 +53,14 @@ def main() -> int:
         clear()
     seccomp.compile_filter()
     compile_ms = (time.perf_counter() - t0) * 1000
-    for name in ("without", "with"):
+    for name in rows:
         v = sorted(times[name])
-        print(f"agent exec chain {name:<7} the filter: median {statistics.median(v):6.1f} ms  "
+        print(f"agent exec chain {name:<12} the loader: median {statistics.median(v):6.1f} ms  "
               f"p90 {pct(v, 90):6.1f} ms  (n={len(v)})")
-    added = statistics.median(times["with"]) - statistics.median(times["without"])
-    print(f"the loader adds {added:+.1f} ms per agent process start; compiling the filter "
-          f"(once per daemon) {compile_ms:.1f} ms")
+    base = statistics.median(times["without"])
+    c, py = (statistics.median(times[k]) - base for k in ("with C", "with Python"))
+    print(f"per agent process start the C loader adds {c:+.1f} ms, the Python one {py:+.1f} ms; "
+          f"compiling the filter (once per daemon) {compile_ms:.1f} ms")
     return 0
 
 

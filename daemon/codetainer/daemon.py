@@ -88,10 +88,12 @@ class Daemon:
         self.control = ControlServer(settings.socket)
         self.session_task: asyncio.Task[None] | None = None
         if "session" in phases:
+            from codetainer.session import attachfile
             from codetainer.session.tmux import SessionManager
 
             self.session = SessionManager(settings, self.events, self.ctx.secrets,
-                                          limits=self.limits.exec_limits)
+                                          limits=self.limits.exec_limits,
+                                          attach_file=attachfile.path_for(settings.socket))
         self.started = time.time()
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.boot_task: asyncio.Task[BootState] | None = None

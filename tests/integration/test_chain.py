@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from codetainer.boot import seccomp
+from codetainer.boot import chain, seccomp
 from codetainer.boot.privileges import AgentUser, ExecLimits, setpriv_argv
 from codetainer.cli import attach
 from codetainer.limits.controller import has_cap_sys_resource
@@ -93,34 +93,65 @@ def procs(tmp_path: Path) -> Path:
     return path
 
 
-def test_the_daemons_chain(procs: Path) -> None:
+@pytest.fixture(params=["c", "python"])
+def loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each loader: the C one (built by ./dev setup, the image's) and the Python one it
+    stands for where it is not built; the chain renders whichever is there."""
+    if request.param == "c":
+        assert chain.native_loader() is not None, "codetainer-seccomp not built: ./dev setup"
+    else:
+        monkeypatch.setattr(chain, "native_loader", lambda: None)
+    return str(request.param)
+
+
+def test_the_daemons_chain(procs: Path, loader: str) -> None:
     user = AgentUser("spare", SPARE_UID, SPARE_UID, "/")
     argv = setpriv_argv(user, [PYTHON, "-I", "-c", PROBE], ExecLimits(1000, 10, 321, (str(procs),)))
+    assert ("codetainer-seccomp" in argv[argv.index("--", 8) + 1]) is (loader == "c")
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     check(r, procs, 321)
 
 
 def test_the_chain_attach_renders_from_the_session_reply(procs: Path) -> None:
     """What root's tmux client runs in, the filter taken from the reply (the client never
-    imports libseccomp): the same properties."""
+    imports libseccomp), run by a shell as ``script``'s runs it: the same properties."""
     info = {"socket": "/nonexistent", "id": "$0", "uid": SPARE_UID, "gid": SPARE_UID,
             "home": "/", "seccomp_filter": seccomp.filter_hex(),
             "limits": ExecLimits(1000, 10, 123, (str(procs),)).as_dict()}
     argv, _env = attach.dropped_attach(info, {"PATH": "/usr/bin:/bin"})
-    inner = shlex.split(argv[argv.index(attach.SCRIPT):][5].removeprefix("exec "))
-    tmux = attach.tmux_attach_argv(info)
-    assert inner[-len(tmux):] == tmux
-    r = subprocess.run([*inner[:-len(tmux)], PYTHON, "-I", "-c", PROBE], capture_output=True,
-                       text=True, timeout=60, check=False)
+    script = argv[argv.index(attach.SCRIPT):][5]
+    tmux = shlex.join(attach.tmux_attach_argv(info))
+    assert script.count(tmux) == 1
+    probe = script.replace(tmux, shlex.join([PYTHON, "-I", "-c", PROBE]))
+    r = subprocess.run(["/bin/sh", "-c", probe], capture_output=True, text=True, timeout=60,
+                       check=False)
     check(r, procs, 123)
 
 
 @pytest.mark.parametrize(("option", "why"), [("--nproc=x", "unknown option"),
                                              ("--nice=-5", "unknown option"),
-                                             ("--stack=0", "unknown option")])
+                                             ("--stack=0", "unknown option"),
+                                             ("--nproc=", "unknown option"),
+                                             ("--core=99999999999999999999999", "cannot set")])
 def test_a_limit_the_loader_cannot_read_stops_the_chain(tmp_path: Path, option: str,
-                                                        why: str) -> None:
+                                                        why: str, loader: str) -> None:
     marker = tmp_path / "ran"
-    argv = [*seccomp.loader_argv()[:-1], option, "--", "/bin/sh", "-c", f"echo >{marker}"]
+    argv = [*chain.loader_argv(seccomp.filter_hex(), [option]), "/bin/sh", "-c", f"echo >{marker}"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 126 and why in r.stderr and not marker.exists(), r
+    assert r.stderr.startswith("codetainer-seccomp: "), r.stderr
+
+
+@pytest.mark.parametrize(("filt", "code", "why"), [("zz" * 8, 126, "not hex"),
+                                                   ("", 126, "usage"),
+                                                   (None, 127, "cannot run")])
+def test_a_bad_filter_or_program_stops_the_chain(tmp_path: Path, filt: str | None, code: int,
+                                                 why: str, loader: str) -> None:
+    marker = tmp_path / "ran"
+    hexed = seccomp.filter_hex() if filt is None else filt
+    program = ["/nonexistent/prog"] if filt is None else ["/bin/sh", "-c", f"echo >{marker}"]
+    argv = [*chain.loader_argv(hexed), *program]
+    if not hexed:
+        argv.remove("")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == code and why in r.stderr and not marker.exists(), r

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import errno
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from codetainer.boot import seccomp
+from codetainer.boot import chain, seccomp
 from codetainer.boot.privileges import (
     AGENT_SECRETS,
     PLACEHOLDERS,
@@ -86,12 +87,19 @@ def test_chain_loads_the_filter_right_after_the_drop_then_the_rlimits() -> None:
     argv = setpriv_argv(USER, ["tmux", "ls"], ExecLimits(1000, 10, 300, ()))
     setpriv = next(i for i, a in enumerate(argv) if a.endswith("setpriv"))
     loader = argv.index("--", setpriv) + 1
-    assert argv[loader:loader + 4] == [seccomp.python(), "-I", "-S", "-c"]
-    assert argv[loader + 4] == seccomp.LOADER
-    assert bytes.fromhex(argv[loader + 5]) == seccomp.compile_filter()
+    # the C loader, built beside the venv's interpreter by ./dev setup (and the image)
+    assert argv[loader] == chain.native_loader() == str(
+        Path(sys.executable).with_name("codetainer-seccomp"))
+    assert bytes.fromhex(argv[loader + 1]) == seccomp.compile_filter()
     # the loader sets the limits and the nice value itself, then execs the program
-    assert argv[loader + 6:] == ["--nproc=300", "--core=0", "--nice=10", "--", "tmux", "ls"]
+    assert argv[loader + 2:] == ["--nproc=300", "--core=0", "--nice=10", "--", "tmux", "ls"]
     assert "--no-new-privs" in argv[setpriv:loader]  # the filter needs it (unprivileged)
+
+
+def test_the_python_loader_where_the_c_one_is_not_built() -> None:
+    hexed = seccomp.filter_hex()
+    argv = chain.loader_argv(hexed, ["--nproc=300"], native=False)
+    assert argv == [seccomp.python(), "-I", "-S", "-c", seccomp.LOADER, hexed, "--nproc=300", "--"]
 
 
 def test_filter_rules_and_program() -> None:

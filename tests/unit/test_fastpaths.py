@@ -142,7 +142,7 @@ def test_attach_loads_the_filter_the_daemon_handed() -> None:
     handed = seccomp.compile_filter(seccomp.RULES[:1]).hex()  # a different, valid program
     argv, _env = attach.dropped_attach({**INFO, "seccomp_filter": handed}, {"PATH": "/bin"})
     inner = argv[argv.index(attach.SCRIPT):][5]
-    assert inner.startswith("exec ") and f" {handed} --nproc=300 --core=0 --nice=10 -- " in inner
+    assert inner.startswith("set -- ") and f" {handed} --nproc=300 --core=0 --nice=10 -- " in inner
     # without one (a session.ready event, an older daemon) it compiles the filter itself
     argv, _env = attach.dropped_attach(INFO, {"PATH": "/bin"})
     assert f" {seccomp.filter_hex()} --nproc=300" in argv[argv.index(attach.SCRIPT):][5]
@@ -161,7 +161,9 @@ def test_attach_and_the_daemon_render_one_chain() -> None:
     """The client's chain is the daemon's, link for link (boot/chain.py renders both)."""
     argv, _env = attach.dropped_attach({**INFO, "seccomp_filter": seccomp.filter_hex()},
                                        {"PATH": "/bin"})
-    inner = argv[argv.index(attach.SCRIPT):][5].removeprefix("exec ")
+    inner = argv[argv.index(attach.SCRIPT):][5]  # run by script's shell: `set -- ARGS; JOIN`
     daemon = setpriv_argv(AgentUser("claude", 1000, 1000, "/home/claude"),
                           attach.tmux_attach_argv(INFO), ExecLimits.from_dict(INFO["limits"]))
-    assert shlex.split(inner) == daemon
+    assert daemon[:4] == ["/bin/sh", "-c", chain.JOIN, chain.JOIN_NAME]
+    assert inner.startswith("set -- ") and inner.endswith(f"; {chain.JOIN}")
+    assert shlex.split(inner.removeprefix("set -- ").removesuffix(f"; {chain.JOIN}")) == daemon[4:]

@@ -337,10 +337,12 @@ def test_paths_agree_between_dockerfile_template_and_daemon() -> None:
 def test_console_scripts_are_on_path() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     scripts = set(pyproject["project"]["scripts"])
-    assert scripts == {"codetainerd", "codetainer", "status", "attach-claude"}
+    assert scripts == {"codetainerd", "codetainer-cli", "status", "attach-claude"}
+    # `codetainer` is the sh front (attach's fast path), installed beside them by pip
+    assert pyproject["tool"]["setuptools"]["script-files"] == ["daemon/scripts/codetainer"]
     match = re.search(r"for cmd in ([\w\s-]+); do", run_text())
     assert match is not None
-    assert set(match.group(1).split()) == scripts
+    assert set(match.group(1).split()) == scripts | {"codetainer"}
     assert 'ln -s "/opt/codetainer/venv/bin/${cmd}" "/usr/local/bin/${cmd}"' in run_text()
 
 

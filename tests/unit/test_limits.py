@@ -11,6 +11,7 @@ import errno
 from pathlib import Path
 
 import pytest
+from codetainer.boot import chain
 from codetainer.boot.filesystem import MountEntry, mounts
 from codetainer.boot.privileges import JOIN, AgentUser, ExecLimits, setpriv_argv
 from codetainer.cli.render import render_limits
@@ -84,11 +85,11 @@ def test_chain_order_root_first_then_the_drop_then_the_rlimit() -> None:
     assert argv[:8] == ["/bin/sh", "-c", JOIN, "codetainer-limits", "1000",
                         "/cg/m/agent/cgroup.procs", "/cg/p/agent/cgroup.procs", "--"]
     setpriv = next(i for i, a in enumerate(argv) if a.endswith("setpriv"))
-    loader = argv.index("-S") - 2  # python3 -I -S -c LOADER HEX [limits] -- argv
+    loader = argv.index(chain.native_loader() or "")  # codetainer-seccomp HEX [limits] -- argv
     # the rlimit (and nice) after the drop, set by the loader as the agent: set before
     # it, setpriv's exec fails at the uid's limit
     assert 7 < setpriv < loader
-    assert argv[loader + 6:] == ["--nproc=300", "--core=0", "--nice=10", "--", "tmux", "ls"]
+    assert argv[loader + 2:] == ["--nproc=300", "--core=0", "--nice=10", "--", "tmux", "ls"]
     assert "--reuid=1000" in argv[setpriv:loader] and "--bounding-set=-all" in argv
     assert not any(a.endswith(("/nice", "/prlimit")) for a in argv)  # no exec of their own
 

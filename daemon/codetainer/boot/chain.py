@@ -10,8 +10,10 @@ reply. Why each link is where it is: ``boot/privileges.py``; the filter:
 
     /bin/sh -c JOIN  oom_score_adj, then into the agent's cgroup(s)     (as root)
     setpriv ...                                                         (the drop)
-    python3 -I -S -c LOADER HEX --nproc=N --core=0 --nice=N --          (as the agent)
+    codetainer-seccomp HEX --nproc=N --core=0 --nice=N --               (as the agent)
     argv
+
+(``codetainer-seccomp`` is :data:`LOADER` in C, where it is built: :func:`loader_argv`.)
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ for opt in args[1:end]:
             os.nice(int(value))
         else:
             resource.setrlimit(limits[name], (int(value), int(value)))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, OverflowError) as exc:
         fail("cannot set " + opt + ": " + str(exc), 126)
 class Prog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
@@ -106,9 +108,25 @@ def python() -> str:
     return which("python3", "/usr/bin:/bin") or sys.executable or "/usr/bin/python3"
 
 
-def loader_argv(filter_hex: str, options: Sequence[str] = ()) -> list[str]:
+#: The loader in C (``daemon/native/codetainer-seccomp.c``, the same contract, a tenth of
+#: an interpreter's start): ``./dev setup`` and the image build it beside the venv's
+#: interpreter; where it is not built, :data:`LOADER` runs in the system's Python.
+NATIVE_LOADER = "codetainer-seccomp"
+
+
+def native_loader() -> str | None:
+    """The C loader beside this interpreter (the venv's ``bin/``), if built there."""
+    path = os.path.join(os.path.dirname(sys.executable or "/"), NATIVE_LOADER)
+    return path if os.access(path, os.X_OK) else None
+
+
+def loader_argv(filter_hex: str, options: Sequence[str] = (), *,
+                native: bool = True) -> list[str]:
     """The link that puts the filter (and ``options``) on the rest of the chain;
-    ``argv...`` follows."""
+    ``argv...`` follows. ``native=False``: the Python loader even where the C one is."""
+    exe = native_loader() if native else None
+    if exe is not None:
+        return [exe, filter_hex, *options, "--"]
     return [python(), "-I", "-S", "-c", LOADER, filter_hex, *options, "--"]
 
 
@@ -132,6 +150,28 @@ def agent_argv(uid: int, gid: int, argv: Sequence[str], *, filter_hex: str,
         *loader_argv(filter_hex, options),
         *argv,
     ]
+
+
+def agent_script(uid: int, gid: int, argv: Sequence[str], *, filter_hex: str,
+                 oom_score_adj: int = OOM_SCORE_ADJ, nice: int = NICE, nproc: int = NPROC,
+                 cgroup_procs: Sequence[str] = ()) -> str:
+    """:func:`agent_argv` as one ``sh -c`` script: for a shell that runs anyway (``script``'s,
+    in root's attach), which then does the prologue itself rather than start another."""
+    from shlex import join
+
+    chain = agent_argv(uid, gid, argv, filter_hex=filter_hex, oom_score_adj=oom_score_adj,
+                       nice=nice, nproc=nproc, cgroup_procs=cgroup_procs)
+    if chain[:4] != ["/bin/sh", "-c", JOIN, JOIN_NAME]:
+        raise ValueError("the agent's chain does not start with its prologue")
+    return f"set -- {join(chain[4:])}; {JOIN}"
+
+
+def tmux_attach_argv(tmux: str, socket: str, session_id: str, agent_pane: str | None) -> list[str]:
+    """A tmux client attached to the agent's session, its pane selected (root's attach)."""
+    argv = [tmux, "-u", "-S", socket, "attach-session", "-t", session_id]
+    if agent_pane:
+        argv += [";", "select-pane", "-t", agent_pane]
+    return argv
 
 
 def checked_limits(data: object) -> tuple[int, int, int, tuple[str, ...]] | None:

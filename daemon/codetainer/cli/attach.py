@@ -64,11 +64,10 @@ def _say(text: str, stream: TextIO | None = None) -> None:
 
 
 def tmux_attach_argv(info: dict[str, Any]) -> list[str]:
-    tmux = os.environ.get("CODETAINER_TMUX") or "tmux"
-    argv = [tmux, "-u", "-S", str(info["socket"]), "attach-session", "-t", str(info["id"])]
-    if info.get("agent_pane"):
-        argv += [";", "select-pane", "-t", str(info["agent_pane"])]
-    return argv
+    from codetainer.boot import chain
+
+    return chain.tmux_attach_argv(os.environ.get("CODETAINER_TMUX") or "tmux", str(info["socket"]),
+                                  str(info["id"]), str(info.get("agent_pane") or "") or None)
 
 
 #: What the tmux client may carry into the agent's server (a client hands its whole
@@ -93,7 +92,6 @@ def dropped_attach(info: dict[str, Any], environ: dict[str, str]) -> tuple[list[
     the controlling terminal of root's login shell, could be ptraced by the agent (same
     uid) and made to push keystrokes into that shell with TIOCSTI.
     """
-    from shlex import join
 
     from codetainer.boot import chain
 
@@ -111,14 +109,14 @@ def dropped_attach(info: dict[str, Any], environ: dict[str, str]) -> tuple[list[
     except ValueError as exc:
         raise UnsafeAttach(str(exc)) from None
     oom, nice, nproc, procs = limits or (chain.OOM_SCORE_ADJ, chain.NICE, chain.NPROC, ())
-    inner = chain.agent_argv(uid, gid, tmux_attach_argv(info), filter_hex=filter_hex,
-                             oom_score_adj=oom, nice=nice, nproc=nproc, cgroup_procs=procs)
+    inner = chain.agent_script(uid, gid, tmux_attach_argv(info), filter_hex=filter_hex,
+                               oom_score_adj=oom, nice=nice, nproc=nproc, cgroup_procs=procs)
     env = {k: environ[k] for k in CLIENT_ENV if k in environ}
     home = str(info.get("home") or "/")
     env.update(PATH=environ.get("PATH") or "/usr/bin:/bin", SHELL="/bin/sh", HOME=home)
     # -q no banner, -e the client's exit status, -f no buffering; the typescript is discarded.
-    # script runs its command with ``sh -c``: ``exec`` leaves no shell waiting in between.
-    relay = [SCRIPT, "-q", "-e", "-f", "-c", f"exec {join(inner)}", "/dev/null"]
+    # script runs its command with ``sh -c`` (SHELL): that shell runs the chain's prologue.
+    relay = [SCRIPT, "-q", "-e", "-f", "-c", inner, "/dev/null"]
     # A small sh, not this Python, stays behind while attached: it runs the relay with
     # only ``env``, then (C-b d, or the session went away) hands the terminal to root's
     # login shell with root's own environment, as a shell with attach switched off.

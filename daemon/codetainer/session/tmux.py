@@ -55,6 +55,7 @@ from codetainer.boot.seccomp import SeccompUnavailable, filter_hex
 from codetainer.lifecycle import InvalidTransition, transition
 from codetainer.limits.plan import settings_exec_limits
 from codetainer.procinfo import PROCESS_GONE
+from codetainer.session import attachfile
 from codetainer.session import prompt as prompt_mod
 from codetainer.session.panepolicy import AgentExit, PanePolicy, pane_config
 from codetainer.session.states import TRANSITIONS, SessionState
@@ -86,6 +87,7 @@ log = structlog.get_logger("codetainer.session")
 
 CONFIG_FILE = Path(__file__).with_name("tmux.conf")
 SESSION_NAME = "claude"
+TARGET_OWNER = ("user", "uid", "gid", "home", "limits")
 
 __all__ = ["InvalidTransition", "SessionError", "SessionManager", "SessionState", "TmuxGone"]
 
@@ -109,6 +111,7 @@ class SessionManager:
         max_rapid_restarts: int = 10,
         recreate_limit: int = 10,
         limits: Callable[[], ExecLimits] | None = None,
+        attach_file: str | None = None,
     ) -> None:
         self.settings = settings
         self.events = events
@@ -121,6 +124,7 @@ class SessionManager:
         # read at each launch, as the limits step settles it after this is built.
         self.limits = limits or (lambda: settings_exec_limits(settings))
         self.environ = os.environ if environ is None else environ
+        self.attach_file = attach_file  # kept while RUNNING (session/attachfile.py)
         self.socket = settings.tmux_socket
         self.config = config or str(CONFIG_FILE)
         self.session_name = session_name
@@ -164,6 +168,15 @@ class SessionManager:
         old = self.state
         self.state = transition(TRANSITIONS, old, new, "session state")
         log.info("session_state", old=old.value, new=new.value)
+        self._sync_attach_file()
+
+    def _sync_attach_file(self) -> None:  # the fast path's view: kept while RUNNING
+        if self.attach_file is not None:
+            up = self.state is SessionState.RUNNING and self.session_id is not None
+            attachfile.sync(self.attach_file, self.user if up else None, limits=self.limits(),
+                            tmux=shutil.which(self.settings.tmux) or self.settings.tmux,
+                            socket=self.socket, session_id=self.session_id or "",
+                            agent_pane=self.agent_pane)
 
     async def start(self) -> SessionInfo:
         """Create (or adopt) the session. Raises :class:`SessionError` on failure."""
@@ -381,10 +394,6 @@ class SessionManager:
         else:  # live: a new process (we or an operator respawned it), or a stable run
             self._pane.alive(time.monotonic(), agent.pid)
 
-    @property
-    def _gave_up(self) -> bool:  # status's "gave_up": the pane's FSM is FATAL
-        return self._pane.gave_up
-
     async def _agent_dead(self, pane: Pane) -> None:
         now = time.monotonic()
         decided = self._pane.dead(now, pane)
@@ -436,6 +445,7 @@ class SessionManager:
             log.warning("session_respawn_failed", pane=self.agent_pane, why=str(exc))
             return
         self.agent_pane = pane
+        self._sync_attach_file()
         self.restarts["agent"] += 1
         self._pane.started(time.monotonic())
         log.info("session_respawned", pane=pane, restarts=self.restarts["agent"])
@@ -518,17 +528,11 @@ class SessionManager:
         return info
 
     def attach_target(self) -> dict[str, Any] | None:
-        """``{"socket", "id", "agent_pane", "uid", "gid"}`` when the session is up, else None."""
-        if self.state is not SessionState.RUNNING or self.session_id is None:
-            return None
-        return {"socket": self.socket, "id": self.session_id, "agent_pane": self.agent_pane,
-                **self._owner()}
-
-    def _owner(self) -> dict[str, Any]:
-        """Who a tmux client of this session must run as (``codetainer attach`` drops to it)."""
-        u = self.user
-        return {"user": u.name, "uid": u.uid, "gid": u.gid, "home": u.home,
-                "limits": self.limits().as_dict()} if u else {}
+        """Where and as whom to attach (``describe()`` less its state) when the session
+        is up, else None."""
+        info: dict[str, Any] = dict(self.describe())
+        return {k: info[k] for k in ("socket", "id", "agent_pane", *TARGET_OWNER) if k in info} \
+            if info["exists"] else None
 
     def _server_gone(self) -> str | None:
         """Why the session's tmux server is gone (None: its process runs, as the agent,
@@ -589,6 +593,6 @@ class SessionManager:
             "clients": snap.clients if snap else [],
             "agent": tree,
             "restarts": dict(self.restarts),
-            "gave_up": self._gave_up,
+            "gave_up": self._pane.gave_up,  # the pane's FSM is FATAL
             "mounts": mounts,
         }
