@@ -35,7 +35,6 @@ from codetainer.events import EventBus
 from codetainer.heap import HEAP, settle_heap
 from codetainer.limits.controller import LimitsController
 from codetainer.network.controller import NetworkController
-from codetainer.proxy.setup import proxy_enabled
 from codetainer.services.config import ServiceConfigError
 from codetainer.services.manager import ServiceManager, UnknownService
 from codetainer.settings import Settings
@@ -74,7 +73,7 @@ class Daemon:
         self.network = NetworkController(settings, self.events, self.services)
         self.limits = LimitsController(settings, self.events, self.services)
         self.proxy: ProxyController | None = None  # with CODETAINER_PROXY=on
-        if proxy_enabled(settings):
+        if settings.proxy:  # proxy.setup's proxy_enabled; its module only when it is on
             from codetainer.proxy.setup import ProxyController
 
             self.proxy = ProxyController(settings, self.events, self.services, self.network)

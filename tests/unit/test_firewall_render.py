@@ -266,6 +266,28 @@ def test_nft_update_touches_only_static_sets() -> None:
     assert "d4_" not in text and "upstream" not in text and "rule" not in text
 
 
+def test_nft_additions_only_add_what_is_new_else_none() -> None:
+    """The first refresh after an apply adds what resolving found, without the flush (an
+    interval set flushed of its elements makes the kernel wait out an RCU grace period);
+    anything else (an element gone, other groups) is render_update's whole rewrite."""
+    before = pol(groups={(443, 80): ["203.0.113.0/28"], (8443,): []})
+    after = pol(groups={(443, 80): ["203.0.113.0/28", "198.51.100.9", "2001:db8::1"],
+                        (8443,): ["198.51.100.7"]})
+    text = nft.render_additions(before, after)
+    assert text is not None
+    assert text.splitlines() == [
+        "add element inet codetainer s4_80_443 { 198.51.100.9 }",
+        "add element inet codetainer s6_80_443 { 2001:db8::1 }",
+        "add element inet codetainer s4_8443 { 198.51.100.7 }",
+    ]
+    assert nft.render_additions(after, after) == ""  # nothing new: no transaction
+    assert nft.render_additions(after, before) is None  # elements go: flush and refill
+    # an address absorbed into a larger network (collapsed) is a change, not an addition
+    merged = pol(groups={(443, 80): ["203.0.113.0/27"], (8443,): []})
+    assert nft.render_additions(before, merged) is None
+    assert nft.render_additions(before, pol(groups={(22,): ["203.0.113.0/28"]})) is None
+
+
 def test_nft_obsolete_sets_and_carry_over() -> None:
     existing = {"sets": {"s4_22": {}, "s4_80_443": {}}, "chains": ["output", "deny", "old"]}
     text = nft.render_apply(pol(), existing)

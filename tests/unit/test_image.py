@@ -334,6 +334,20 @@ def test_paths_agree_between_dockerfile_template_and_daemon() -> None:
     assert re.search(r"useradd --create-home --uid 1000 [^&]*\bclaude\b", run)
 
 
+def test_the_c_seccomp_loader_is_built_where_the_chain_looks() -> None:
+    """The image builds daemon/native/codetainer-seccomp.c as ./dev setup does and puts it
+    beside the venv's interpreter (boot/chain.native_loader), not on PATH."""
+    text = DOCKERFILE.read_text()
+    dev = (REPO / "dev").read_text()
+    flags = "-O2 -Wall -Wextra -Werror -static"
+    assert f"cc {flags} -o /build/codetainer-seccomp /build/codetainer-seccomp.c" in text
+    assert f"cc {flags} -o" in dev
+    assert "COPY daemon/native/codetainer-seccomp.c /build/" in text
+    assert ("COPY --from=seccomp-build /build/codetainer-seccomp "
+            "/opt/codetainer/venv/bin/codetainer-seccomp") in text
+    assert "python3 -m venv /opt/codetainer/venv" in text  # sys.executable's directory
+
+
 def test_console_scripts_are_on_path() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     scripts = set(pyproject["project"]["scripts"])

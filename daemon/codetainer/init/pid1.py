@@ -143,6 +143,9 @@ def _lean_imports() -> None:
 def _run_daemon(argv: list[str]) -> NoReturn:
     code = 1
     try:
+        from codetainer.heap import defer_collections
+
+        defer_collections()  # until settle_heap, after the boot: the imports' objects stay
         _lean_imports()
         from codetainer.init.cmdline import read_command
         from codetainer.services.config import prefetch
@@ -155,6 +158,12 @@ def _run_daemon(argv: list[str]) -> NoReturn:
         from codetainer.limits import DAEMON_OOM_SCORE_ADJ, set_oom_score_adj
 
         set_oom_score_adj(DAEMON_OOM_SCORE_ADJ)
+        if command.steps is None or "network-config" in command.steps:
+            # the firewall's nftables probe too, whose commit waits on the kernel (~15
+            # ms): network-config takes its answer
+            from codetainer.network.nftprobe import start_early
+
+            start_early(command.settings.firewall, nat=command.settings.proxy)
         from codetainer.daemon import main as daemon_main
 
         code = daemon_main(command)

@@ -8,8 +8,9 @@ Boot steps (all fatal, in order; any failure leaves boot FAILED and the agent un
   default deny, only the allowlisted networks, the dynamic sets empty but present (the
   DNS server writes into them from its first answer);
 * ``dns``: start the supervised ``dns`` service (and, for CoreDNS, the forwarding hook
-  first), prove it filters with real queries, point resolv.conf at it, and put it under
-  the guard that never lets it stay down (:mod:`.dnsguard`);
+  while it starts: it is queried only once the hook listens), prove it filters with real
+  queries, point resolv.conf at it, and put it under the guard that never lets it stay
+  down (:mod:`.dnsguard`);
 * ``firewall``: resolve every name through it, fill the static sets, start the refresh
   task;
 * ``network-selftest``: from the agent's uid, an allowlisted target connects, a denied
@@ -35,7 +36,7 @@ from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
 from codetainer import backoff
 from codetainer.boot.engine import BootContext, Policy, Step, StepError
 from codetainer.boot.readiness import Check
-from codetainer.network import dnscheck, selftest
+from codetainer.network import dnscheck, nftprobe, selftest
 from codetainer.network.active import AddressNames, Grant, NetworkSetup, RefusedTable
 from codetainer.network.allowlist import (
     Allowlist,
@@ -60,6 +61,7 @@ from codetainer.network.dnsconfig import (
     parse_coredns_log_line,
 )
 from codetainer.network.dnsguard import DnsGuard
+from codetainer.network.dnsstart import HOOK_MODULE, QUERY_MODULE, ServerStart, import_beside
 from codetainer.network.firewall import (
     Denied,
     FirewallError,
@@ -75,7 +77,6 @@ from codetainer.network.refresh import Contents, Refresher
 from codetainer.network.setwriter import IpsetWriter, NftSetWriter, SetWriter
 from codetainer.network.why import network_status
 from codetainer.services.manager import UnknownService
-from codetainer.services.states import ProcessState
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -91,9 +92,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("codetainer.network")
 
 DENIED_POLL_S = 10.0
-DNS_START_TIMEOUT = 20.0
-#: between two "does it answer" probes of a STARTING DNS server
-DNS_PROBE_INTERVAL = 0.02
 
 
 class NetworkController:
@@ -124,6 +122,9 @@ class NetworkController:
         self.notes: dict[str, str] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._listening = False
+        #: dnspython, imported in a thread while network-config waits on nft
+        self._dns_import: asyncio.Future[object] | None = None
+        self._server_start = ServerStart()
         self.health_interval = 15.0
         # At start, so a bad value exits 64; Fly's variables as the daemon got them.
         check_settings(settings)
@@ -155,6 +156,7 @@ class NetworkController:
         try:
             allow = load_allowlist(s.allowlist_file, s.allow)
         except AllowlistError as exc:
+            nftprobe.discard()  # started early by codetainerd; not asked now
             lines = [str(p) for p in exc.problems]
             more = f" (and {len(lines) - 10} more)" if len(lines) > 10 else ""
             raise StepError(
@@ -168,7 +170,10 @@ class NetworkController:
             log.info("network_ipv6_policy", policy=opts.ipv6, reason=opts.ipv6_why)
             self.health_interval = s.dns_health_interval
         except ValueError as exc:
+            nftprobe.discard()
             raise StepError(str(exc), "fix the setting and restart") from None
+        if self._dns_import is None:
+            self._dns_import = import_beside(HOOK_MODULE if opts.hook else QUERY_MODULE)
         github = None
         if allow.github:
             github = await load_github_ranges(s.github_meta_url, opts.run_dir / "github-meta.json")
@@ -225,6 +230,18 @@ class NetworkController:
     async def _step_dns(self, ctx: BootContext) -> str:
         net = self._ready()
         opts, plan = net.opts, net.plan
+        try:
+            self.services.get("dns")
+        except UnknownService as exc:
+            raise StepError(exc.message, "add [program:dns] (command=<run_dir>/dns/exec) to the "
+                            "services file") from None
+        ctx.started_by_steps.append("dns")
+        # The server's own start (CoreDNS: ~30 ms) runs beside the hook's: nothing queries
+        # it before the hook listens (the first query is the start probe, below).
+        svc = self.services.start("dns")
+        if self._dns_import is not None:  # started by network-config
+            with contextlib.suppress(Exception):  # the import below raises it
+                await self._dns_import
         if opts.hook is not None and self.hook is None:
             from codetainer.network.dnshook import DnsHook, SetRoutes  # dnspython: the hook's
             writer = self._writer()
@@ -235,17 +252,12 @@ class NetworkController:
             try:
                 await hook.start()
             except OSError as exc:
+                await svc.stop_and_wait()  # not left forwarding to nothing
                 raise StepError(f"cannot start the DNS hook on {opts.hook}: {exc}",
                                 "set CODETAINER_DNS_HOOK to a free loopback address:port") from None
             self.hook = hook
             self._spawn("set-helper", writer.prestart())  # beside the DNS server's start
-        try:
-            self.services.get("dns")
-        except UnknownService as exc:
-            raise StepError(exc.message, "add [program:dns] (command=<run_dir>/dns/exec) to the "
-                            "services file") from None
-        ctx.started_by_steps.append("dns")
-        await self._start_dns()
+        await self._server_start.start(svc, self._start_probe(), opts.listen)
         health = await self._health(attempts=10)
         if not health.ok:
             raise StepError(f"the DNS server does not filter as it must: {health.reason}",
@@ -278,42 +290,14 @@ class NetworkController:
                 "log's dns_hook_* events")
 
     async def _start_dns(self) -> None:
-        """Start the ``dns`` service and return as soon as it serves.
-
-        A server that answers real queries is up, whatever ``startsecs`` says: the boot
-        goes on then (the supervisor still moves it to RUNNING at ``startsecs`` and
-        restarts it if it dies later). Until it answers, a process that exits is the
-        supervisor's to retry (BACKOFF); the step fails only at FATAL or the deadline.
-        The supervisor's verdicts are waited on (``Service.wait_state`` is signalled by
-        the state change); only the "does it answer" probe is repeated, while STARTING.
-        """
-        net = self._ready()
-        opts, plan = net.opts, net.plan
+        """Start the ``dns`` service and return as soon as it serves (:mod:`.dnsstart`)."""
         svc = self.services.start("dns")
-        probe = plan.allowlist.names[0] if plan.allowlist.names else dnscheck.DENIED_PROBE
-        deadline = time.monotonic() + svc.config.startsecs + DNS_START_TIMEOUT
-        settled = {ProcessState.RUNNING, ProcessState.FATAL}
-        while (left := deadline - time.monotonic()) > 0:
-            state = svc.state
-            if state is ProcessState.RUNNING:
-                return
-            if state is ProcessState.FATAL:
-                break
-            if state is ProcessState.STARTING:
-                answer = await dnscheck.query(probe, "A", opts.listen, 53, timeout=0.1)
-                if answer.rcode not in ("TIMEOUT", "ERROR"):  # it answered: it serves
-                    return
-                # the next probe, or at once when the supervisor settles it
-                await svc.wait_state(settled, min(DNS_PROBE_INTERVAL, left))
-            else:  # BACKOFF between tries: nothing answers until it is STARTING again
-                await svc.wait_state(settled | {ProcessState.STARTING}, left)
-        if svc.state is ProcessState.RUNNING:  # settled as the deadline came
-            return
-        tail = " | ".join(list(svc.tail)[-3:])
-        err = f" ({svc.fsm.spawnerr})" if svc.fsm.spawnerr else ""
-        raise StepError(f"the DNS server did not start: {svc.state.name}{err}"
-                        + (f"; output: {tail}" if tail else ""),
-                        "see the dns service in `codetainer status`")
+        await self._server_start.start(svc, self._start_probe(), self._ready().opts.listen)
+
+    def _start_probe(self) -> str:
+        """The name a starting DNS server is asked for: the first exact name allowed."""
+        names = self._ready().plan.allowlist.names
+        return names[0] if names else dnscheck.DENIED_PROBE
 
     async def _restart_dns(self) -> None:
         svc = self.services.get("dns")
@@ -435,6 +419,7 @@ class NetworkController:
         return self.denied
 
     def _on_dns_output(self, stream: str, line: str) -> None:
+        self._server_start.heard()
         if self.net is not None and self.net.opts.engine is Engine.COREDNS:
             q = parse_coredns_log_line(line)
         else:
@@ -578,6 +563,7 @@ class NetworkController:
             with contextlib.suppress(BaseException):
                 await t
         self._tasks.clear()
+        nftprobe.discard()
         if self.hook is not None:
             await self.hook.close()
             self.hook = None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import structlog
 
 from codetainer.boot.seccomp import loader_argv
+from codetainer.network import nftprobe
 from codetainer.network.firewall_base import (
     BACKENDS,
     Denied,
@@ -87,37 +88,17 @@ log = structlog.get_logger("codetainer.network")
 
 # -- choosing a backend --------------------------------------------------------------------
 
-_PROBE_TABLE = "codetainer_probe"
-_PROBE_RULES = f"""\
-add table inet {_PROBE_TABLE}
-add set inet {_PROBE_TABLE} s {{ type ipv4_addr; flags interval; }}
-add set inet {_PROBE_TABLE} d {{ type ipv4_addr; flags timeout; timeout 60s; }}
-add set inet {_PROBE_TABLE} n {{ type ipv6_addr . inet_proto . inet_service; \
-flags dynamic,timeout; timeout 60s; counter; size 16; }}
-add chain inet {_PROBE_TABLE} c {{ type filter hook output priority filter; policy accept; }}
-add rule inet {_PROBE_TABLE} c ct direction original ct state established,related accept
-add rule inet {_PROBE_TABLE} c meta skuid 0 ip daddr @s accept
-add rule inet {_PROBE_TABLE} c ip6 daddr . meta l4proto . th dport @n counter
-add rule inet {_PROBE_TABLE} c meta l4proto tcp update @n {{ ip6 daddr . meta l4proto . th dport }}
-add rule inet {_PROBE_TABLE} c meta l4proto tcp ip6 daddr ::2 reject with tcp reset
-add rule inet {_PROBE_TABLE} c ip6 daddr ::2 reject with icmpx type admin-prohibited
-add rule inet {_PROBE_TABLE} c meta skuid 0 ip6 daddr ::2 udp dport 53 meta length > 99 drop
-add rule inet {_PROBE_TABLE} c meta skuid 0 th dport 53 limit rate over 9/second burst 9 packets drop
-"""
-#: the policy proxy's redirect (nat): nf_nat and nft_redir
-_PROBE_NAT = f"""\
-add chain inet {_PROBE_TABLE} r {{ type nat hook output priority -100; policy accept; }}
-add rule inet {_PROBE_TABLE} r meta skuid 0 tcp dport {{ 80, 443 }} ip daddr @s redirect to :3129
-"""
-
 
 async def _probe_nftables(runner: Runner, nat: bool) -> str:
     """Empty string when nf_tables supports everything we use, else the reason."""
     if shutil.which("nft") is None and not runner.wrap:
         return "nft is not installed"
-    # Everything in one transaction that deletes what it created: nothing is left behind.
-    rules = _PROBE_RULES + (_PROBE_NAT if nat else "") + f"delete table inet {_PROBE_TABLE}\n"
-    rc, _out, err = await runner.run(["nft", "-f", "-"], rules, check=False)
+    # codetainerd's entrypoint may have started it already (the same transaction)
+    early = None if runner.wrap else await nftprobe.collect(nat, runner.timeout)
+    if early is not None:
+        rc, err = early
+    else:
+        rc, _out, err = await runner.run(["nft", "-f", "-"], nftprobe.script(nat), check=False)
     return "" if rc == 0 else (err.strip() or f"nft exited {rc}")
 
 

@@ -350,6 +350,26 @@ def render_update(policy: FirewallPolicy) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_additions(old: FirewallPolicy, new: FirewallPolicy) -> str | None:
+    """The refresh transaction from ``old``'s static sets (what the kernel holds) to
+    ``new``'s when they only gain elements: the additions alone, no flush (an interval
+    set flushed of its elements costs the kernel an RCU grace period, ~10-20 ms). None
+    when an element would go or the groups differ: :func:`render_update` then."""
+    if [g.ports for g in old.groups] != [g.ports for g in new.groups]:
+        return None
+    lines: list[str] = []
+    for before, after in zip(old.groups, new.groups, strict=True):
+        s4, _d4, s6, _d6 = after.set_names()
+        for name, had, has in ((s4, before.v4, after.v4), (s6, before.v6, after.v6)):
+            kept: set[IPNetwork] = set(had)
+            if not kept <= set(has):
+                return None
+            added = [n for n in has if n not in kept]
+            if added:
+                lines.append(f"add element {T} {name} {{ {_elements(added)} }}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 # -- reading the kernel's view -------------------------------------------------------------
 
 
@@ -410,6 +430,9 @@ def parse_denied(set_json: dict[str, Any], timeout: float) -> list[Denied]:
 
 class NftablesBackend(FirewallBackend):
     name = "nftables"
+    #: the static sets hold exactly ``applied``'s: true from an apply to the next refresh
+    #: (which may then only add), so every later refresh still rewrites them whole
+    _sets_as_applied = False
 
     async def _nft(self, script: str, what: str) -> None:
         await self.runner.run(["nft", "-f", "-"], script, what=what)
@@ -440,6 +463,7 @@ class NftablesBackend(FirewallBackend):
             )
             mode = "replace"
         self.applied = policy
+        self._sets_as_applied = True
         log.info(
             "firewall_applied",
             backend=self.name,
@@ -467,8 +491,28 @@ class NftablesBackend(FirewallBackend):
         return carry
 
     async def _replace_static(self, policy: FirewallPolicy) -> None:
+        first, self._sets_as_applied = self._sets_as_applied, False
+        if first and self.applied is not None and await self._add_static(self.applied, policy):
+            return
         await self._nft(render_update(policy), "refresh the allowed sets")
         log.debug("firewall_sets_replaced", backend=self.name, groups=len(policy.groups))
+
+    async def _add_static(self, old: FirewallPolicy, new: FirewallPolicy) -> bool:
+        """The first refresh after an apply (the boot's first fill): only what ``new``
+        adds to ``old``. False when it does not only add, or nft refused it (one
+        transaction: nothing changed), and the sets are to be rewritten whole."""
+        script = render_additions(old, new)
+        if script is None:
+            return False
+        try:
+            if script:
+                await self._nft(script, "add to the allowed sets")
+        except FirewallError as exc:
+            log.debug("firewall_sets_add_failed", error=str(exc)[:300])
+            return False
+        log.debug("firewall_sets_replaced", backend=self.name, groups=len(new.groups),
+                  added_only=True)
+        return True
 
     async def read_denied(self) -> list[Denied]:
         timeout = float(self.applied.denied_timeout) if self.applied else 3600.0
