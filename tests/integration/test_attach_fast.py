@@ -94,10 +94,18 @@ async def test_the_session_keeps_the_attach_file(fast: World) -> None:
     assert not path.exists(), "the file outlived the session"
 
 
-async def test_fast_path_attaches_with_no_daemon_listening(fast: World) -> None:
-    """The control server is never started: an attach that asked the daemon would fail."""
+@pytest.mark.parametrize("form", ["--socket PATH attach", "--socket=PATH attach",
+                                  "CODETAINER_SOCKET"])
+async def test_fast_path_attaches_with_no_daemon_listening(fast: World, form: str) -> None:
+    """The control server is never started: an attach that asked the daemon would fail.
+    Each way of naming the socket that the CLI takes."""
     await fast.sm.start()
-    p = front(fast)
+    if form == "CODETAINER_SOCKET":
+        fast.env["CODETAINER_SOCKET"] = fast.ctl
+        p = front(fast, "attach")
+    else:
+        p = front(fast, *(["--socket", fast.ctl, "attach"] if form.startswith("--socket ")
+                          else [f"--socket={fast.ctl}", "attach"]))
     await until(lambda: p.tty in fast.clients(), what="the client attached")  # as uid 1000
     client = client_of(fast, p)
     links = []  # the processes between the operator's terminal and the client
