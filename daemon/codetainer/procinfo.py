@@ -9,6 +9,17 @@ it does not own (tmux, the agent's tree, the init) treats all of them as "gone".
 
 from __future__ import annotations
 
-import psutil
+#: ``(psutil.Error, IndexError, OSError)``; psutil (~10 ms, ~1 MiB) is imported the first
+#: time this is read (``procinfo.PROCESS_GONE`` at the point of use), not by the daemon's
+#: boot, which reads no other process's /proc
+PROCESS_GONE: tuple[type[BaseException], ...]
 
-PROCESS_GONE: tuple[type[BaseException], ...] = (psutil.Error, IndexError, OSError)
+
+def __getattr__(name: str) -> object:
+    if name != "PROCESS_GONE":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import psutil
+
+    value = (psutil.Error, IndexError, OSError)
+    globals()[name] = value
+    return value

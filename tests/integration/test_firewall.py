@@ -22,6 +22,7 @@ from codetainer.network.firewall import (
     probe_backend,
     self_test,
 )
+from codetainer.network.setwriter import NftSetWriter
 from codetainer.sandbox.world import (
     ALLOWED_HOSTS,
     NEVER_HOSTS,
@@ -304,10 +305,16 @@ async def test_denied_destinations_recorded_with_counts(world: World, backend_na
         assert again[NEVER_HOSTS[1]].seen_ago < again[NEVER_HOSTS[2]].seen_ago
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
-async def test_set_updates_are_atomic(world: World, backend_name: str) -> None:
+@pytest.mark.parametrize(("backend_name", "via"), [*((b, "tool") for b in BACKENDS),
+                                                    ("nftables", "set helper")])
+async def test_set_updates_are_atomic(world: World, backend_name: str, via: str) -> None:
+    """Through the backend's one-shot tool, and (nftables) through the DNS hook's
+    persistent set helper, as the daemon does once the hook serves."""
     rounds = 500  # the issue asks for 500 refreshes
     backend = await applied(world, backend_name, policy())
+    writer = NftSetWriter(runner(world)) if via == "set helper" else None
+    if writer is not None and writer.helper is not None:
+        backend.set_scripts = writer.helper.apply
     prober = world.prober([(A, 443), (N, 443)], uid=AGENT, timeout=1.0)
     rng = random.Random(7)
     t0 = time.monotonic()
@@ -325,6 +332,11 @@ async def test_set_updates_are_atomic(world: World, backend_name: str) -> None:
     assert "connected" not in n and n.get("ECONNREFUSED") == result["rounds"], n
     # The last update really took effect.
     assert (await backend.contains(B)) == (["s4_8443"])
+    if writer is not None:
+        helper = writer.helper
+        await writer.close()
+        assert helper is not None and (helper.starts, helper.oneshots) == (1, 0)
+        assert helper.transactions >= rounds - 1  # an update that changes nothing: none
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

@@ -6,11 +6,13 @@ Boot steps (all fatal, in order; any failure leaves boot FAILED and the agent un
   ``@github`` ranges, pick the DNS engine and the firewall backend, write the DNS
   server's config and exec script, and install the firewall in its *safe* state:
   default deny, only the allowlisted networks, the dynamic sets empty but present (the
-  DNS server writes into them from its first answer);
-* ``dns``: start the supervised ``dns`` service (and, for CoreDNS, the forwarding hook
-  while it starts: it is queried only once the hook listens), prove it filters with real
-  queries, point resolv.conf at it, and put it under the guard that never lets it stay
-  down (:mod:`.dnsguard`);
+  DNS server writes into them from its first answer). CoreDNS's service is started
+  here, before that install, so that its start overlaps it: it serves loopback only and
+  nothing queries it before the ``dns`` step's hook listens;
+* ``dns``: start the supervised ``dns`` service (a no-op when network-config did) and,
+  for CoreDNS, the forwarding hook while it starts, prove it filters with real queries,
+  point resolv.conf at it, and put it under the guard that never lets it stay down
+  (:mod:`.dnsguard`);
 * ``firewall``: resolve every name through it, fill the static sets, start the refresh
   task;
 * ``network-selftest``: from the agent's uid, an allowlisted target connects, a denied
@@ -86,6 +88,7 @@ if TYPE_CHECKING:
     from codetainer.network.dnscheck import Resolution
     from codetainer.network.dnshook import DnsHook
     from codetainer.services.manager import ServiceManager
+    from codetainer.services.process import Service
     from codetainer.settings import Settings
     from codetainer.status import NetworkStatus
 
@@ -187,19 +190,38 @@ class NetworkController:
             raise StepError(str(exc), "the kernel needs nf_tables or ip_tables with ipset") from None
         plan = self._make_plan(allow, opts, backend.name, github)
         self._write_dns(opts, plan)
+        if not self._listening:  # before the server's start: its first lines wake the probe
+            self.services.add_output_listener("dns", self._on_dns_output)
+            self._listening = True
+        early = None
+        if opts.hook is not None and "dns" in self.services.services:
+            # CoreDNS's own start (~30 ms, a Go runtime) runs beside the firewall's apply:
+            # it serves only loopback, and nothing queries it (nor it its upstreams)
+            # before the dns step's hook listens and probes it
+            early = self._dns_service(ctx)
         try:
             # Safe state first: default deny, networks only, dynamic sets present and empty.
             await backend.apply(build_policy(plan, plan.fixed, opts), fresh=True)
         except (FirewallError, ValueError) as exc:
+            if early is not None:
+                await early.stop_and_wait()  # the boot stops here: not left running
             raise StepError(f"cannot install the firewall: {exc}") from None
         self.net = NetworkSetup(opts, backend, allow, plan, github)
-        if not self._listening:
-            self.services.add_output_listener("dns", self._on_dns_output)
-            self._listening = True
         nets = sum(len(v) for v in plan.fixed.values())
         return (f"{len(plan.names)} names, {len(allow.wildcards)} wildcards, {nets} networks; "
                 f"DNS {opts.engine.value}, firewall {backend.name} (default deny), "
                 f"IPv6 {opts.ipv6}")
+
+    def _dns_service(self, ctx: BootContext) -> Service:
+        """Start the ``dns`` service (starting one that starts or runs is a no-op)."""
+        try:
+            self.services.get("dns")
+        except UnknownService as exc:
+            raise StepError(exc.message, "add [program:dns] (command=<run_dir>/dns/exec) to the "
+                            "services file") from None
+        if "dns" not in ctx.started_by_steps:
+            ctx.started_by_steps.append("dns")
+        return self.services.start("dns")
 
     def _make_plan(self, allow: Allowlist, opts: NetOptions, backend: str,
                    github: GithubRanges | None) -> NetworkPlan:
@@ -230,15 +252,10 @@ class NetworkController:
     async def _step_dns(self, ctx: BootContext) -> str:
         net = self._ready()
         opts, plan = net.opts, net.plan
-        try:
-            self.services.get("dns")
-        except UnknownService as exc:
-            raise StepError(exc.message, "add [program:dns] (command=<run_dir>/dns/exec) to the "
-                            "services file") from None
-        ctx.started_by_steps.append("dns")
-        # The server's own start (CoreDNS: ~30 ms) runs beside the hook's: nothing queries
-        # it before the hook listens (the first query is the start probe, below).
-        svc = self.services.start("dns")
+        # Started by network-config already for CoreDNS (a no-op then); either way its start
+        # runs beside the hook's: nothing queries it before the hook listens (the first
+        # query is the start probe, below).
+        svc = self._dns_service(ctx)
         if self._dns_import is not None:  # started by network-config
             with contextlib.suppress(Exception):  # the import below raises it
                 await self._dns_import
@@ -257,6 +274,8 @@ class NetworkController:
                                 "set CODETAINER_DNS_HOOK to a free loopback address:port") from None
             self.hook = hook
             self._spawn("set-helper", writer.prestart())  # beside the DNS server's start
+            if isinstance(writer, NftSetWriter) and writer.helper is not None:
+                net.backend.set_scripts = writer.helper.apply  # the refreshes' set fills too
         await self._server_start.start(svc, self._start_probe(), opts.listen)
         health = await self._health(attempts=10)
         if not health.ok:

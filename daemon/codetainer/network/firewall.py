@@ -18,7 +18,7 @@ explicit exceptions the policy carries (:class:`InboundPort`, Fly's stateless SS
 
 from __future__ import annotations
 
-import json
+import ast
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -157,40 +157,56 @@ def make_backend(name: str, runner: Runner | None = None) -> FirewallBackend:
 # -- self-test -----------------------------------------------------------------------------
 
 # Runs as the agent's uid; stdlib only; prints one JSON object.
+#: The self-test's probe, run as the agent by ``python3 -I -S``: ``_socket``, not
+#: ``socket`` (whose enums cost 10 ms of an interpreter that lives 20), and no ``json``:
+#: its arguments are plain argv (ALLOWED_HOST PORT DENIED_HOST PORT TIMEOUT UDP_WAIT
+#: REDIRECT_PORT|0 UPSTREAM...), its answer one Python literal on stdout.
 _SELFTEST_CHILD = r"""
-import errno, json, socket, sys, time
-a = json.loads(sys.argv[1])
+import _socket as S, errno, sys, time
+ah, ap, dh, dp, tmo, uw, rd, *ups = sys.argv[1:]
+udp_wait, redirect = float(uw), int(rd)
+def gone(e):
+    return errno.errorcode.get(e.errno or 0, type(e).__name__)
+def connect(host, port, timeout):
+    err = None
+    for fam, typ, proto, _, sa in S.getaddrinfo(host, port, 0, S.SOCK_STREAM):
+        s = S.socket(fam, typ, proto)
+        try:
+            s.settimeout(timeout)
+            s.connect(sa)
+            return s
+        except OSError as e:
+            err = e
+            s.close()
+    raise err or OSError("getaddrinfo returned nothing")
 def tcp(host, port, timeout):
     t = time.monotonic()
     try:
-        s = socket.create_connection((host, port), timeout=timeout)
+        connect(host, port, timeout).close()
     except TimeoutError:
         return ["timeout", (time.monotonic() - t) * 1000]
     except OSError as e:
-        name = errno.errorcode.get(e.errno or 0, type(e).__name__)
-        return [name, (time.monotonic() - t) * 1000]
-    s.close()
+        return [gone(e), (time.monotonic() - t) * 1000]
     return ["connected", (time.monotonic() - t) * 1000]
 QUERY = bytes.fromhex("abcd01000001000000000000076578616d706c6503636f6d0000010001")
 def udp(host):
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    s.settimeout(a["udp_wait"])
+    s = S.socket(S.AF_INET6 if ":" in host else S.AF_INET, S.SOCK_DGRAM)
+    s.settimeout(udp_wait)
     try:
         s.sendto(QUERY, (host, 53))
         s.recv(512)
     except TimeoutError:
         return "timeout"
     except OSError as e:
-        return errno.errorcode.get(e.errno or 0, type(e).__name__)
+        return gone(e)
     finally:
         s.close()
     return "answered"
 def listener(host, port):
     # The proxy's transparent port, held for the probe: where the redirect must land.
     v6 = ":" in host
-    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s = S.socket(S.AF_INET6 if v6 else S.AF_INET, S.SOCK_STREAM)
+    s.setsockopt(S.SOL_SOCKET, S.SO_REUSEADDR, 1)
     try:
         s.bind(("::1" if v6 else "127.0.0.1", port))
         s.listen(4)
@@ -198,19 +214,20 @@ def listener(host, port):
         s.close()
         return None
     return s
-def original(s, v6):
+def original(c, v6):
     # SO_ORIGINAL_DST (80): sockaddr_in, or sockaddr_in6 for IPv6 (level IPPROTO_IPV6)
-    raw = s.getsockopt(41 if v6 else 0, 80, 28 if v6 else 16)
-    addr = socket.inet_ntop(socket.AF_INET6, raw[8:24]) if v6 else socket.inet_ntoa(raw[4:8])
+    raw = c.getsockopt(41 if v6 else 0, 80, 28 if v6 else 16)
+    addr = S.inet_ntop(S.AF_INET6, raw[8:24]) if v6 else S.inet_ntop(S.AF_INET, raw[4:8])
     return f"{addr}:{int.from_bytes(raw[2:4], 'big')}"
 def redirected(lst, v6):
     if lst is None:
         return "in use"
     lst.settimeout(1.0)
     try:
-        c, _ = lst.accept()
+        fd, _ = lst._accept()
     except TimeoutError:
         return ""
+    c = S.socket(S.AF_INET6 if v6 else S.AF_INET, S.SOCK_STREAM, 0, fd)
     try:
         return original(c, v6)
     except OSError as e:
@@ -218,14 +235,13 @@ def redirected(lst, v6):
     finally:
         c.close()
         lst.close()
-host, port = a["allowed"]
-lst = listener(host, a["redirect"]) if a["redirect"] else None
-out = {"allowed": tcp(host, port, a["timeout"]),
-       "denied": tcp(a["denied"][0], a["denied"][1], a["timeout"]),
-       "dns": {u: [udp(u), tcp(u, 53, a["udp_wait"])[0]] for u in a["upstreams"]}}
-if a["redirect"]:
-    out["redirected"] = redirected(lst, ":" in host)
-print(json.dumps(out))
+lst = listener(ah, redirect) if redirect else None
+out = {"allowed": tcp(ah, int(ap), float(tmo)),
+       "denied": tcp(dh, int(dp), float(tmo)),
+       "dns": {u: [udp(u), tcp(u, 53, udp_wait)[0]] for u in ups}}
+if redirect:
+    out["redirected"] = redirected(lst, ":" in ah)
+print(repr(out))
 """
 
 _REFUSED = ("ECONNREFUSED", "ECONNRESET", "EPERM", "EACCES", "EHOSTUNREACH", "ENETUNREACH")
@@ -303,22 +319,16 @@ async def self_test(
     later) and checks that its connection arrives there, for the allowed destination."""
     runner = runner or Runner(timeout=timeout * 3 + 10)
     redirect = check_port(redirect_port) if redirect_port and allowed[1] in PROXIED_PORTS else None
-    args = {
-        "allowed": _hostport(allowed),
-        "denied": _hostport(denied),
-        "upstreams": [rendered(parse_address(u)) for u in upstreams],
-        "timeout": timeout,
-        "udp_wait": 1.0,
-        "redirect": redirect,
-    }
+    args = [*_hostport(allowed), *_hostport(denied), timeout, 1.0, redirect or 0,
+            *(rendered(parse_address(u)) for u in upstreams)]
     argv = [
         "setpriv", f"--reuid={int(uid)}", f"--regid={int(gid)}", "--clear-groups",
         *loader_argv(),  # the agent's seccomp filter: no uid-1000 process goes without it
-        "/usr/bin/python3", "-I", "-S", "-c", _SELFTEST_CHILD, json.dumps(args),
+        "/usr/bin/python3", "-I", "-S", "-c", _SELFTEST_CHILD, *(str(a) for a in args),
     ]
     _rc, out, _err = await runner.run(argv, what="firewall self-test")
     try:
-        data = json.loads(out)
+        data = ast.literal_eval(out.strip())
         result = SelfTestResult(
             allowed=str(data["allowed"][0]),
             allowed_ms=float(data["allowed"][1]),
@@ -330,7 +340,8 @@ async def self_test(
             denied_target=f"{denied[0]}:{denied[1]}",
             redirected=str(data["redirected"]) if redirect else None,
         )
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
+    except (ValueError, KeyError, IndexError, TypeError, SyntaxError, MemoryError,
+            RecursionError) as exc:
         raise FirewallError(f"firewall self-test printed garbage ({exc}): {out[:300]!r}") from None
     log.info(
         "firewall_selftest",

@@ -494,8 +494,12 @@ class NftablesBackend(FirewallBackend):
         first, self._sets_as_applied = self._sets_as_applied, False
         if first and self.applied is not None and await self._add_static(self.applied, policy):
             return
-        await self._nft(render_update(policy), "refresh the allowed sets")
+        await self._sets(render_update(policy), "refresh the allowed sets")
         log.debug("firewall_sets_replaced", backend=self.name, groups=len(policy.groups))
+
+    async def _sets(self, script: str, what: str) -> None:
+        """A script that only changes set elements: through ``set_scripts`` when given."""
+        await (self.set_scripts or self._nft)(script, what)
 
     async def _add_static(self, old: FirewallPolicy, new: FirewallPolicy) -> bool:
         """The first refresh after an apply (the boot's first fill): only what ``new``
@@ -506,7 +510,7 @@ class NftablesBackend(FirewallBackend):
             return False
         try:
             if script:
-                await self._nft(script, "add to the allowed sets")
+                await self._sets(script, "add to the allowed sets")
         except FirewallError as exc:
             log.debug("firewall_sets_add_failed", error=str(exc)[:300])
             return False

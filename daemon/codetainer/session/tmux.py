@@ -46,15 +46,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
 import structlog
 
-from codetainer import backoff
+from codetainer import backoff, procinfo
 from codetainer.boot.privileges import AgentProxy, AgentUser, ExecLimits, agent_env, setpriv_argv
 from codetainer.boot.seccomp import SeccompUnavailable, filter_hex
 from codetainer.lifecycle import InvalidTransition, transition
 from codetainer.limits.plan import settings_exec_limits
-from codetainer.procinfo import PROCESS_GONE
 from codetainer.session import attachfile
 from codetainer.session import prompt as prompt_mod
 from codetainer.session.panepolicy import AgentExit, PanePolicy, pane_config
@@ -207,7 +205,7 @@ class SessionManager:
                 await self._tmux("kill-server")
             survivors = await wait_gone(pids, timeout)
             for proc in survivors:
-                with contextlib.suppress(*PROCESS_GONE):
+                with contextlib.suppress(*procinfo.PROCESS_GONE):
                     proc.kill()
             if survivors:
                 log.warning("session_stop_killed", pids=[p.pid for p in survivors])
@@ -380,7 +378,7 @@ class SessionManager:
             if self._timeouts >= 3 and self.server_pid:
                 server = agent_process(self.server_pid, self._resolve_user().uid)
                 if server is not None:
-                    with contextlib.suppress(*PROCESS_GONE):
+                    with contextlib.suppress(*procinfo.PROCESS_GONE):
                         server.kill()
             return
         self.snapshot = snap
@@ -509,7 +507,7 @@ class SessionManager:
         if self.server_pid and self.user is not None:
             root = agent_process(self.server_pid, self.user.uid)
             if root is not None:
-                with contextlib.suppress(*PROCESS_GONE):
+                with contextlib.suppress(*procinfo.PROCESS_GONE):
                     pids = [root.pid, *(c.pid for c in root.children(recursive=True))]
         return pids
 
@@ -540,8 +538,10 @@ class SessionManager:
         tmux client (an agent exec chain costs ~25 ms)."""
         if self.server_pid is None or self.user is None:
             return None
+        import psutil  # at first use, as agent_process's
+
         proc = agent_process(self.server_pid, self.user.uid)
-        with contextlib.suppress(*PROCESS_GONE):
+        with contextlib.suppress(*procinfo.PROCESS_GONE):
             if proc is not None and proc.status() != psutil.STATUS_ZOMBIE:
                 return None if os.path.exists(self.socket) else "its socket is gone"
         return f"its server (pid {self.server_pid}) exited"

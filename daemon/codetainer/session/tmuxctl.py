@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import psutil
-
-from codetainer import runner
-from codetainer.procinfo import PROCESS_GONE
+from codetainer import procinfo, runner
 
 if TYPE_CHECKING:
+    import psutil
+
     from codetainer.boot.privileges import AgentUser
     from codetainer.status import ClientStatus, PaneStatus
 
@@ -129,7 +128,9 @@ def agent_process(pid: int, uid: int) -> psutil.Process | None:
     on the socket can name the init or the DNS server): the daemon signals or samples it
     only when it really belongs to the agent.
     """
-    with contextlib.suppress(*PROCESS_GONE):
+    import psutil  # at first use: the boot reads no other process's /proc
+
+    with contextlib.suppress(*procinfo.PROCESS_GONE):
         proc = psutil.Process(pid)
         if proc.uids().real == uid:
             return proc
@@ -140,10 +141,12 @@ async def wait_gone(pids: list[int], timeout: float) -> list[psutil.Process]:
     """Wait until ``pids`` exited (zombies count as gone); return the survivors.
 
     Woken by each process's pidfd as it exits, not by polling."""
+    import psutil
+
     watches: list[tuple[psutil.Process, runner.ExitWatch]] = []
     try:
         for pid in pids:
-            with contextlib.suppress(*PROCESS_GONE):
+            with contextlib.suppress(*procinfo.PROCESS_GONE):
                 proc = psutil.Process(pid)
                 watch = runner.ExitWatch(pid)
                 if proc.is_running():  # the pidfd is that process's, not a reused pid's
