@@ -231,26 +231,30 @@ DAEMON_IMPORTS = ("structlog", "codetainer.settings", "codetainer.services.manag
 
 
 def import_rss() -> None:
-    """What the daemon keeps: the RSS each import adds, one after the other, in one fresh
+    """What the daemon keeps: the RSS each import adds (and the time it takes, the start-up
+    before the boot's first step), one after the other, in one fresh
     interpreter of this checkout, in the daemon's order: first the init's lean imports
     (asyncio without ``ssl``, tenacity without tornado, hashlib without OpenSSL's), then the
     daemon's modules, then what is imported at first use. supervisor's parser runs in a
     forked child and is never kept."""
-    code = ("def r():\n    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
-            "prev = r()\nprint(f'  (interpreter) {prev:.1f} MiB')\n"
-            "from codetainer.init.pid1 import _lean_imports\n_lean_imports()\nnow = r()\n"
-            "print(f'  {\"lean asyncio, tenacity, hashlib\":<36} +{now - prev:4.1f} MiB'); prev = now\n")
+    code = ("import time\n"
+            "def r():\n    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+            "def line(name, mib, ms):\n    print(f'  {name:<36} +{mib:4.1f} MiB {ms:6.1f} ms')\n"
+            "prev = r()\nprint(f'  (interpreter) {prev:.1f} MiB')\nt = time.perf_counter()\n"
+            "from codetainer.init.pid1 import _lean_imports\n_lean_imports()\n"
+            "now = r(); tn = time.perf_counter()\n"
+            "line('lean asyncio, tenacity, hashlib', now - prev, (tn - t) * 1000); prev, t = now, tn\n")
     for mod in DAEMON_IMPORTS:
-        code += (f"import {mod}\nnow = r()\n"
-                 f"print(f'  {mod:<36} +{{now - prev:4.1f}} MiB'); prev = now\n")
+        code += (f"import {mod}\nnow = r(); tn = time.perf_counter()\n"
+                 f"line({mod!r}, now - prev, (tn - t) * 1000); prev, t = now, tn\n")
     # what the daemon leaves to children (the services parse, httpget's HTTPS): never kept
     for mod in ("ssl", "supervisor.options"):
-        code += (f"import {mod}\nnow = r()\n"
-                 f"print(f'  ({mod}: never kept) {{\"\":<{20 - len(mod)}}} +{{now - prev:4.1f}} MiB'); "
-                 "prev = now\n")
+        code += (f"import {mod}\nnow = r(); tn = time.perf_counter()\n"
+                 f"line('({mod}: never kept)', now - prev, (tn - t) * 1000); prev, t = now, tn\n")
     r = subprocess.run([str(VENV_BIN / "python"), "-c", code], capture_output=True, text=True,
                        check=False)
-    print("\nwhat the daemon keeps: RSS each import adds, in the daemon's order:")
+    print("\nwhat the daemon keeps: RSS (and start-up time) each import adds, in the daemon's "
+          "order:")
     print(r.stdout.rstrip() or r.stderr[-500:])
 
 

@@ -94,18 +94,9 @@ class FullBoot:
         return st
 
     def wait_boot(self, timeout: float = 60.0) -> dict[str, Any]:
-        def finished() -> dict[str, Any] | None:
-            if self.proc.popen.poll() is not None:
-                raise AssertionError(f"codetainerd exited {self.proc.popen.returncode}:\n"
-                                     f"{self.log()[-4000:]}")
-            with contextlib.suppress(DaemonUnreachable, OSError):
-                st = self.status()
-                return dict(st) if st["state"] != "BOOTING" else None
-            return None
-
-        st: dict[str, Any] = wait_for(finished, timeout, "boot to finish", interval=0.01,
-                                      context=lambda: self.log()[-4000:])
-        return st
+        """The full status once the boot has finished (:meth:`wait_finished`)."""
+        self.wait_finished(timeout)
+        return self.status()
 
     def wait_finished(self, timeout: float = 60.0) -> str:
         """The boot's end state, polled as the HEALTHCHECK asks (``status`` with ``brief``,
