@@ -30,7 +30,6 @@ connections for reload tests).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -41,9 +40,9 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,17 +206,37 @@ def _plumb(inner: _End, world: _End) -> None:
                            " (run as root; see `ip netns list` for leftovers)") from exc
 
 
-def _off_loop(fn: Callable[[], None]) -> None:
-    """Run ``fn`` here, or in a worker thread when this thread runs an event loop:
-    pyroute2's sync API runs a loop of its own, which cannot start inside a running one
-    (a benchmark may enter a World from a coroutine)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        fn()
-        return
-    with ThreadPoolExecutor(1, thread_name_prefix="world-netlink") as pool:
-        pool.submit(fn).result()
+#: seconds the world's netlink setup may take (it takes ~0.1 s)
+NETLINK_DEADLINE_S = 30.0
+
+
+def _off_loop(fn: Callable[[], None], deadline: float = NETLINK_DEADLINE_S) -> None:
+    """Run ``fn`` in a worker thread and wait for it at most ``deadline`` seconds.
+
+    A thread because pyroute2's sync API runs a loop of its own, which cannot start
+    inside a running one (a benchmark may enter a World from a coroutine). A deadline
+    because pyroute2 waits for a netlink answer without one: once, ``./dev sandbox`` hung
+    in ``link add`` of the veth pair (pyroute2 0.9.7; not reproduced in 25 worlds after),
+    and a world that cannot be built must fail, naming what, not hang. The thread is a
+    daemon's: a hung one does not keep the process alive; the world's namespaces, where
+    its socket lives, are removed by ``close``."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # handed to the caller
+            failed.append(exc)
+
+    worker = threading.Thread(target=run, name="world-netlink", daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if worker.is_alive():
+        raise RuntimeError(f"building the test world over netlink: no answer within "
+                           f"{deadline:g} s (pyroute2); run it again, and see `ip netns list` "
+                           "for leftovers")
+    if failed:
+        raise failed[0]
 
 
 def _read_line(proc: subprocess.Popen[str], deadline: float, what: str) -> str:
